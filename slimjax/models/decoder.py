@@ -1,0 +1,154 @@
+"""The decoder-only language model: GPT-2 and Llama families in one class.
+
+Family differences are config switches (positions, norm, MLP, biases, tied embeddings). Layers
+are either a list (unrolled) or one stacked block scanned with ``jax.lax.scan`` (fast compiles
+for deep models); both are initialised from the same per-layer keys, so they hold the same
+weights. Remat wraps the per-layer function in ``jax.checkpoint`` with the configured policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slimjax.config import ModelConfig
+from slimjax.models import layers
+from slimjax.models.attention import Attention
+from slimjax.sharding import constrain
+
+# Logical names the model uses on activations (parameters carry theirs as metadata).
+ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    # Keep the outputs of matmuls without batch dims (projections), recompute the cheap rest.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
+    """Resolves model.dtype; "auto" is bfloat16 on accelerators and float32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
+    return DTYPES[name]
+
+
+class Mlp(nnx.Module):
+    """GELU (GPT-2) or SwiGLU (Llama) feed-forward block."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        common = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate = layers.Dense((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **common)
+        self.up = layers.Dense((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **common)
+        self.down = layers.Dense((f,), (d,), ("mlp",), ("embed",),
+                                 std=layers.out_proj_std(cfg.init_std, cfg.n_layers), **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = layers.gelu(self.up(x))
+        return self.down(constrain(h, ("batch", "length", "act_mlp")))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, dtype=dtype)
+        self.attn_norm = layers.Norm(cfg.d_model, **norm)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = layers.Norm(cfg.d_model, **norm)
+        self.mlp = Mlp(cfg, dtype, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class Decoder(nnx.Module):
+    """Token ids -> next-token logits. Logical axis names only; never a mesh."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype | None = None):
+        self.cfg = cfg
+        self.dtype = compute_dtype(cfg.dtype) if dtype is None else dtype
+        self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=self.dtype, rngs=rngs)
+        if cfg.positions == "learned":
+            self.pos_embed = layers.normal_param(rngs, (cfg.max_seq_len, cfg.d_model),
+                                                 ("positions", "embed"), cfg.init_std)
+        else:
+            self.pos_embed = None
+        # One key per layer, so the scanned (stacked) and unrolled layouts get identical weights.
+        keys = jax.random.split(rngs.params(), cfg.n_layers)
+        make = lambda key: Block(cfg, self.dtype, nnx.Rngs(params=key))  # noqa: E731
+        if cfg.scan_layers:
+            self.blocks = nnx.vmap(make, in_axes=0, out_axes=0,
+                                   transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})(keys)
+        else:
+            self.blocks = nnx.List([make(keys[i]) for i in range(cfg.n_layers)])
+        self.final_norm = layers.Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps,
+                                      use_bias=cfg.use_bias, dtype=self.dtype)
+        if cfg.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = layers.Dense((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",),
+                                        use_bias=False, std=cfg.init_std, dtype=self.dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens ``[batch, length]`` -> logits ``[batch, length, vocab]`` in the compute dtype.
+
+        ``positions`` restart at 0 in each packed document; ``segment_ids`` tell documents
+        apart (0 marks padding). Both default to one unpacked sequence per row.
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x = self._run_blocks(x, positions, segment_ids)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        # Each layer runs as a pure function of (its state, x) so scan and remat see plain arrays.
+        def one_layer(graphdef, state, h):
+            return nnx.merge(graphdef, state)(h, positions, segment_ids)
+
+        policy = self.cfg.remat
+        if policy != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[policy], static_argnums=(0,))
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            x, _ = jax.lax.scan(lambda h, s: (one_layer(graphdef, s, h), None), x, state)
+            return x
+        for block in self.blocks:
+            graphdef, state = nnx.split(block)
+            x = one_layer(graphdef, state, x)
+        return x
+
+
+def param_axes(model: nnx.Module) -> dict:
+    """A pure dict mirroring the model's parameters, holding each one's logical-axes tuple."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(var.get_metadata()["axes"])
+    return out

@@ -1,0 +1,114 @@
+"""Building blocks with logical axis names on every parameter.
+
+Parameters are stored in float32 (``param_dtype``) and cast to the compute dtype at use, so
+mixed precision needs no second copy of the weights. Each ``nnx.Param`` carries an ``axes``
+metadata tuple naming its dimensions; ``slimjax.sharding`` maps those names onto the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PARAM_DTYPE = jnp.float32
+
+
+def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],
+                 std: float) -> nnx.Param:
+    """A float32 parameter drawn from N(0, std^2), tagged with its logical axes."""
+    value = std * jax.random.normal(rngs.params(), tuple(shape), PARAM_DTYPE)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+def const_param(shape: Sequence[int], axes: Sequence[str | None], value: float) -> nnx.Param:
+    """A float32 parameter filled with ``value`` (norm scales, biases)."""
+    return nnx.Param(jnp.full(tuple(shape), value, PARAM_DTYPE), axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """A linear map contracting the trailing input dims into output dims (an einsum).
+
+    ``kernel`` has shape ``in_shape + out_shape``: e.g. the query projection is
+    ``(embed, heads, head_dim)``, so heads stay a real axis that can be sharded by name.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+                 in_axes: Sequence[str], out_axes: Sequence[str], *, use_bias: bool,
+                 std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.kernel = normal_param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), std)
+        self.bias = const_param(out_shape, out_axes, 0.0) if use_bias else None
+        self.dtype = dtype
+        letters = iter(string.ascii_lowercase[1:])  # 'a' is reserved for leading dims
+        ins = "".join(next(letters) for _ in in_shape)
+        outs = "".join(next(letters) for _ in out_shape)
+        self.equation = f"...{ins},{ins}{outs}->...{outs}"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``(vocab, embed)``; ``attend`` reuses it as the output layer."""
+
+    def __init__(self, vocab: int, dim: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embedding = normal_param(rngs, (vocab, dim), ("vocab", "embed"), std)
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale and optional bias) or RMSNorm (scale only), computed in float32."""
+
+    def __init__(self, dim: int, *, kind: str, eps: float, use_bias: bool, dtype: jnp.dtype):
+        self.scale = const_param((dim,), ("norm",), 1.0)
+        self.bias = const_param((dim,), ("norm",), 0.0) if use_bias and kind == "layernorm" else None
+        self.kind, self.eps, self.dtype = kind, eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the half-split layout of Hugging Face Llama checkpoints.
+
+    x: ``[batch, length, heads, head_dim]``; positions: ``[batch, length]`` (restart at 0 in
+    each packed document). Angles are computed in float32 for accuracy at long positions.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
+    cos = jnp.cos(angles)[..., None, :]
+    sin = jnp.sin(angles)[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GPT-2's tanh approximation of GELU."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def out_proj_std(std: float, n_layers: int) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return std / math.sqrt(2 * n_layers)

@@ -1,0 +1,185 @@
+"""Device mesh from config and the logical-axis rules that map model names onto it.
+
+The model only ever names axes logically (``embed``, ``heads``, ``batch`` ...). This module owns
+the one translation from those names to mesh axes (``data``, ``fsdp``, ``tensor``): partition
+specs for parameters, and sharding constraints for activations while a rules context is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from slimjax.config import MeshConfig
+from slimjax.errors import SlimjaxError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes that split the batch: a global batch must divide by their product.
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Resolves the config's axis sizes (one may be -1) against the device count."""
+    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise SlimjaxError(f"only one mesh axis may be -1, got {', '.join('mesh.' + a for a in fill)}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if n_devices % known:
+            raise SlimjaxError(
+                f"mesh {_fmt(sizes)} does not divide the {n_devices} available devices; "
+                f"the fixed axes multiply to {known}")
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise SlimjaxError(
+            f"mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices but {n_devices} are "
+            "available; set the sizes so they multiply to the device count (or use -1 on one axis)")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh, ordering devices by the platform's topology."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    dims = tuple(shape[a] for a in MESH_AXES)
+    try:
+        # mesh_utils knows TPU torus and GPU NVLink layouts; it puts `tensor` on the fastest links.
+        grid = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(dims)
+    return Mesh(grid, MESH_AXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The logical-name -> mesh-axes table, with the checks that make it safe to use."""
+
+    table: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def from_config(cls, cfg: MeshConfig) -> "Rules":
+        for name, axes in cfg.rules:
+            for axis in axes:
+                if axis not in MESH_AXES:
+                    raise SlimjaxError(
+                        f"mesh.rules maps '{name}' to unknown mesh axis '{axis}'; mesh axes are "
+                        f"{', '.join(MESH_AXES)}")
+        return cls(dict(cfg.rules))
+
+    def require(self, names: Sequence[str]) -> None:
+        """Fails with the missing names unless every logical name has a rule."""
+        missing = sorted({n for n in names if n is not None and n not in self.table})
+        if missing:
+            raise SlimjaxError(
+                f"logical axis name(s) {', '.join(repr(m) for m in missing)} used by the model are "
+                "not covered by mesh.rules; add a rule for each (map to None to replicate)")
+
+    def spec(self, axes: Sequence[str | None], shape: Sequence[int] | None = None,
+             mesh: Mesh | None = None, what: str = "array") -> PartitionSpec:
+        """The PartitionSpec for an array whose dimensions carry these logical names.
+
+        With ``shape`` and ``mesh`` it also checks that each sharded dimension divides evenly,
+        so a bad combination fails here, by name, rather than deep inside XLA.
+        """
+        self.require([a for a in axes if a is not None])
+        parts, used = [], {}
+        for dim, name in enumerate(axes):
+            mesh_axes = () if name is None else self.table[name]
+            for axis in mesh_axes:
+                if axis in used:
+                    raise SlimjaxError(
+                        f"mesh.rules maps both '{used[axis]}' and '{name}' of {what} onto mesh axis "
+                        f"'{axis}'; one array cannot use a mesh axis twice")
+                used[axis] = name
+            if mesh is not None and shape is not None and mesh_axes:
+                ways = math.prod(mesh.shape[a] for a in mesh_axes)
+                if shape[dim] % ways:
+                    raise SlimjaxError(
+                        f"{what} dimension {dim} ('{name}', size {shape[dim]}) cannot be split "
+                        f"{ways} ways over mesh axes {mesh_axes}; change the model size or the mesh")
+            parts.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        while parts and parts[-1] is None:  # canonical form: no trailing Nones
+            parts.pop()
+        return PartitionSpec(*parts)
+
+    def tree_shardings(self, axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
+        """NamedShardings for a tree of logical-axes tuples and the matching shapes."""
+        paths_axes = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)[0]
+        shapes = jax.tree_util.tree_leaves(shapes_tree)
+        treedef = jax.tree_util.tree_structure(axes_tree, is_leaf=_is_axes)
+        out = []
+        for (path, axes), leaf in zip(paths_axes, shapes, strict=True):
+            what = f"parameter '{path_str(path)}'"
+            out.append(NamedSharding(mesh, self.spec(axes, leaf.shape, mesh, what)))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'blocks/attn/wq/kernel' for a jax key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def explain(axes_tree: Any, shapes_tree: Any, rules: Rules, mesh: Mesh) -> str:
+    """A table of every parameter: shape, logical axes and the resulting partition spec."""
+    shardings = rules.tree_shardings(axes_tree, shapes_tree, mesh)
+    rows = [("parameter", "shape", "logical axes", "partition spec")]
+    flat_axes = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)[0]
+    for (path, axes), leaf, sh in zip(flat_axes, jax.tree_util.tree_leaves(shapes_tree),
+                                      jax.tree_util.tree_leaves(shardings)):
+        rows.append((path_str(path), str(tuple(leaf.shape)), str(axes), str(sh.spec)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+# --- activation constraints -------------------------------------------------------------------
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "slimjax_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While active (around tracing), :func:`constrain` pins activations to the mesh."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside :func:`activation_rules`.
+
+    Models call this with names only; which mesh (if any) applies is decided by the caller.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = rules.spec(axes, x.shape, mesh, what=f"activation {tuple(axes)}")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _fmt(sizes: Mapping[str, int]) -> str:
+    return "(" + ", ".join(f"{a}={s}" for a, s in sizes.items()) + ")"

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, pure steps, the loop and its outputs."""

@@ -1,0 +1,191 @@
+"""The training loop: a readable function that steps and runs periodic work.
+
+Periodic work (log, evaluate, checkpoint) is a list of plain callables with a cadence. Metrics
+stay on device between log points; fetching them is the only host sync, so the step time
+reported is honest wall time per step over each logging interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from slimjax.config import Config, validate
+from slimjax.data import pipeline
+from slimjax.train import flops
+from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
+                                   read_metrics, write_json)
+from slimjax.train.run import Run, build_run, prepare_workdir
+from slimjax.train.step import tree_bytes
+
+
+@dataclasses.dataclass
+class Periodic:
+    """Calls ``fn(step)`` every ``every`` steps and at the last step."""
+
+    every: int
+    fn: Callable[[int], None]
+
+    def __call__(self, step: int, last: bool) -> None:
+        if step % self.every == 0 or last:
+            self.fn(step)
+
+
+@dataclasses.dataclass
+class Tracker:
+    """Host-side bookkeeping between log points."""
+
+    pending: list = dataclasses.field(default_factory=list)  # (step, device metrics)
+    interval_start: float = 0.0
+    data_wait: float = 0.0
+    step_times: list = dataclasses.field(default_factory=list)
+    throughput: list = dataclasses.field(default_factory=list)
+    data_wait_fracs: list = dataclasses.field(default_factory=list)
+    last_train_loss: float = float("nan")
+    last_eval_loss: float = float("nan")
+
+
+def train(config: ml_collections.ConfigDict | Config, workdir: str) -> dict[str, Any]:
+    """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary."""
+    cfg = config if isinstance(config, Config) else validate(config)
+    workdir = prepare_workdir(workdir)
+    run = build_run(cfg, workdir)
+    try:
+        return _loop(run)
+    finally:
+        run.checkpointer.close()
+
+
+def _loop(run: Run) -> dict[str, Any]:
+    cfg, t = run.cfg, run.cfg.train
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(run.workdir, enabled=is_main)
+    peak, peak_source = flops.system_peak(jax.devices())
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    flops_per_step = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    tr = Tracker()
+    bar = _progress(run, enabled=is_main and t.progress)
+
+    def log(step: int) -> None:
+        fetched = jax.device_get([m for _, m in tr.pending])
+        elapsed = time.perf_counter() - tr.interval_start
+        n = len(fetched)
+        timing = {"step_time_s": elapsed / n, "tokens_per_s": n * tokens_per_step / elapsed,
+                  "mfu": n * flops_per_step / elapsed / peak, "data_wait_frac": tr.data_wait / elapsed}
+        for (s, _), m in zip(tr.pending, fetched):
+            writer.write(s, {k: float(v) for k, v in m.items()} | (timing if s == step else {}), "train")
+        tr.step_times.append(timing["step_time_s"])
+        tr.throughput.append(timing["tokens_per_s"])
+        tr.data_wait_fracs.append(timing["data_wait_frac"])
+        tr.last_train_loss = float(np.mean([float(m["loss"]) for m in fetched]))
+        bar.set_postfix(loss=f"{tr.last_train_loss:.3f}", tok_s=f"{timing['tokens_per_s']:,.0f}",
+                        mfu=f"{timing['mfu']:.1%}", refresh=False)
+        tr.pending.clear()
+        tr.data_wait = 0.0
+        tr.interval_start = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        tr.last_eval_loss = evaluate_loss(run)
+        writer.write(step, {"loss": tr.last_eval_loss, "perplexity": math.exp(min(tr.last_eval_loss, 50))}, "eval")
+        if is_main:
+            bar.write(f"step {step}: eval loss {tr.last_eval_loss:.4f}")
+
+    def checkpoint(step: int) -> None:
+        run.checkpointer.save(step, run.state.as_dict(), {"config": cfg.to_dict(), "step": step})
+
+    # Log first: it closes the timing interval, so evaluation and checkpoint time stay out of it.
+    hooks = [Periodic(t.log_every, log), Periodic(t.eval_every, _excluding_time(tr, evaluate)),
+             Periodic(cfg.checkpoint.every_steps, _excluding_time(tr, checkpoint))]
+
+    t_start = time.perf_counter()
+    batches = pipeline.iterate(run.train_data, run.start_step)
+    tr.interval_start = time.perf_counter()
+    for step in range(run.start_step + 1, t.steps + 1):
+        t0 = time.perf_counter()
+        batch = pipeline.to_global(next(batches), run.batch_sharding)
+        tr.data_wait += time.perf_counter() - t0
+        run.state, metrics = run.train_step(run.state, batch)
+        tr.pending.append((step, metrics))
+        bar.update(1)
+        for hook in hooks:
+            hook(step, last=step == t.steps)
+    bar.close()
+    if run.start_step >= t.steps:  # already complete: report the restored model's eval loss
+        evaluate(run.start_step)
+    run.checkpointer.wait()
+    wall = time.perf_counter() - t_start
+    summary = _summary(run, tr, peak, peak_source, wall)
+    if is_main:
+        write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
+        plot_loss_curve(read_metrics(os.path.join(run.workdir, METRICS_FILE)),
+                        os.path.join(run.workdir, CURVE_FILE), title=f"slimjax: {run.workdir}")
+    writer.close()
+    return summary
+
+
+def evaluate_loss(run: Run) -> float:
+    """Mean NLL per target token over the held-out batches."""
+    nll = tokens = 0.0
+    for batch in run.eval_data:
+        out = jax.device_get(run.eval_step(run.state.params, pipeline.to_global(batch, run.batch_sharding)))
+        nll += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+    return nll / max(tokens, 1.0)
+
+
+def _excluding_time(tr: Tracker, fn: Callable[[int], None]) -> Callable[[int], None]:
+    """Wraps periodic work so its wall time does not count as training step time."""
+
+    def wrapped(step: int) -> None:
+        t0 = time.perf_counter()
+        fn(step)
+        tr.interval_start += time.perf_counter() - t0
+
+    return wrapped
+
+
+def _summary(run: Run, tr: Tracker, peak: float, peak_source: str, wall: float) -> dict[str, Any]:
+    # The first interval includes warm-up (allocation, caches); report the median of the rest.
+    steady = tr.throughput[1:] or tr.throughput
+    tokens_per_s = statistics.median(steady) if steady else float("nan")
+    fpt = flops.flops_per_token(run.cfg.model, run.cfg.data.seq_len)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.setup.abstract.params))
+    return {
+        "config": run.cfg.to_dict(),
+        "mesh": dict(run.mesh.shape),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
+        "compute_dtype": str(np.dtype(run.dtype)),
+        "n_params": n_params,
+        "state_bytes": tree_bytes(run.setup.abstract),
+        "start_step": run.start_step,
+        "final_step": int(jax.device_get(run.state.step)),
+        "resumed": run.start_step > 0,
+        "compile_time_s": run.compile_seconds,
+        "wall_time_s": wall,
+        "tokens_per_s": tokens_per_s,
+        "step_time_s": statistics.median(tr.step_times[1:] or tr.step_times) if tr.step_times else float("nan"),
+        "flops_per_token": fpt,
+        "mfu": fpt * tokens_per_s / peak if peak else float("nan"),
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "data_wait_frac": statistics.median(tr.data_wait_fracs) if tr.data_wait_fracs else float("nan"),
+        "final_train_loss": tr.last_train_loss,
+        "final_eval_loss": tr.last_eval_loss,
+        "tokenizer": run.tok.path,
+    }
+
+
+def _progress(run: Run, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.cfg.train.steps, initial=run.start_step, disable=not enabled,
+                desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,89 @@
+"""Run outputs: TensorBoard events, ``metrics.jsonl``, the summary JSON and the loss-curve PNG.
+
+Only process 0 writes; other processes get a writer that does nothing, so the loop needs no
+``if`` around each call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CURVE_FILE = "loss_curve.png"
+TB_DIR = "tensorboard"
+
+
+class MetricsWriter:
+    """Appends scalars to TensorBoard and ``metrics.jsonl`` (one JSON object per line)."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # no TensorFlow needed
+
+            self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: Mapping[str, float], prefix: str) -> None:
+        """One record: ``{"step": s, "<prefix>/<name>": value, ...}``."""
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        for name, value in scalars.items():
+            value = float(value)
+            record[f"{prefix}/{name}"] = value
+            self._tb.add_scalar(f"{prefix}/{name}", value, int(step))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._file.close()
+
+
+def read_metrics(path: str) -> list[dict[str, float]]:
+    """All records of a ``metrics.jsonl`` (a resumed run appends to the same file)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(records: list[dict[str, float]], out_path: str, title: str) -> None:
+    """Train loss per step and eval loss at each evaluation, on one log-scaled plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for key, style in (("train/loss", "-"), ("eval/loss", "o-")):
+        pts = sorted((r["step"], r[key]) for r in records if key in r and math.isfinite(r[key]))
+        if pts:
+            ax.plot(*zip(*pts), style, label=key, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+    """Atomic JSON write (temporary name, then rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

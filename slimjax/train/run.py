@@ -1,0 +1,158 @@
+"""Assembles a run from a validated config: mesh, data, state (fresh or restored), compiled steps.
+
+Everything here happens once, before the first step; ``slimjax.train.loop`` then only steps,
+logs, evaluates and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from slimjax.checkpoint import Checkpointer
+from slimjax.config import Config
+from slimjax.data import pipeline, shakespeare, tokenizer
+from slimjax.errors import SlimjaxError
+from slimjax.models import compute_dtype
+from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
+from slimjax.train import optimizer as optim
+from slimjax.train.state import Setup, TrainState, init_state, make_setup
+from slimjax.train.step import StepOptions, make_eval_step, make_train_step
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class Run:
+    """A ready-to-step run. Mutable only in ``state`` (replaced each step)."""
+
+    cfg: Config
+    workdir: str
+    mesh: Mesh
+    rules: Rules
+    tok: tokenizer.SentencePieceTokenizer
+    train_data: Any  # grain.MapDataset of this process's local batches
+    eval_data: list[dict[str, np.ndarray]]
+    batch_sharding: NamedSharding
+    setup: Setup
+    state: TrainState
+    start_step: int
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[dict, dict], dict]
+    compile_seconds: float
+    checkpointer: Checkpointer
+    dtype: Any
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Creates the workdir (or accepts an existing one); a file or unwritable path is an error."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SlimjaxError(f"--workdir '{workdir}' is a file; give a directory (new or from an earlier run)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SlimjaxError(f"cannot create --workdir '{workdir}': {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise SlimjaxError(f"--workdir '{workdir}' is not writable; choose another directory")
+    return path
+
+
+def check_batch(cfg: Config, mesh: Mesh) -> None:
+    """The global batch must split evenly over microbatches and batch-sharding devices."""
+    t = cfg.train
+    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if t.global_batch_size % (ways * t.microbatches):
+        raise SlimjaxError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by data x fsdp "
+            f"({ways}) x train.microbatches ({t.microbatches}); pick a multiple of {ways * t.microbatches}")
+    if t.global_batch_size % jax.process_count():
+        raise SlimjaxError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
+                           f"{jax.process_count()} processes")
+
+
+def build_run(cfg: Config, workdir: str) -> Run:
+    """Everything before the first step. Raises SlimjaxError before touching the workdir's files."""
+    mesh = make_mesh(cfg.mesh)
+    rules = Rules.from_config(cfg.mesh)
+    check_batch(cfg, mesh)
+    dtype = compute_dtype(cfg.model.dtype)
+    tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
+    setup = make_setup(cfg.model, dtype, tx, rules, mesh)  # validates rules against every name
+
+    train_docs, eval_docs = shakespeare.load(cfg.data.eval_plays)
+    tok = tokenizer.get_tokenizer(cfg.data.tokenizer, workdir, cfg.model.vocab_size,
+                                  cfg.data.tokenizer_type, train_docs)
+    seq = cfg.data.seq_len
+    train_rows = pipeline.pack_concat_split(tokenizer.encode_documents(tok, train_docs), seq)
+    eval_rows = pipeline.pack_concat_split(tokenizer.encode_documents(tok, eval_docs), seq, pad_last=True)
+    if len(train_rows) < cfg.train.global_batch_size:
+        raise SlimjaxError(f"the corpus gives {len(train_rows)} rows of data.seq_len={seq}, fewer than "
+                           f"train.global_batch_size={cfg.train.global_batch_size}")
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_data = pipeline.train_dataset(train_rows, cfg.train.global_batch_size, cfg.train.seed, pidx, pcount)
+    eval_data = pipeline.eval_batches(eval_rows, cfg.train.global_batch_size, cfg.train.eval_batches, pidx, pcount)
+
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
+    state, start = restore_or_init(checkpointer, setup, cfg, dtype)
+
+    batch_sharding = pipeline.batch_sharding(mesh, rules)
+    train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+    return Run(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules, tok=tok, train_data=train_data,
+               eval_data=eval_data, batch_sharding=batch_sharding, setup=setup, state=state,
+               start_step=start, train_step=train_step, eval_step=eval_step, compile_seconds=compile_s,
+               checkpointer=checkpointer, dtype=dtype)
+
+
+def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, dtype) -> tuple[TrainState, int]:
+    """The latest checkpoint if the workdir has one (checked against the config), else a fresh init."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return init_state(setup, cfg.model, dtype, cfg.train.seed), 0
+    abstract = setup.abstract.as_dict()
+    try:
+        restored, meta = checkpointer.restore(step, abstract)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SlimjaxError(f"checkpoint {checkpointer.directory}/{step} does not match this model "
+                           f"({str(e).splitlines()[0][:200]}); use a new --workdir") from None
+    saved_model = meta.get("config", {}).get("model", {})
+    now = cfg.to_dict()["model"]
+    changed = sorted(k for k in now if k in saved_model and saved_model[k] != now[k]
+                     and k not in RESUMABLE_MODEL_KEYS)
+    if changed:
+        k = changed[0]
+        raise SlimjaxError(f"checkpoint {checkpointer.directory}/{step} was written with model.{k}="
+                           f"{saved_model[k]!r}, the config now says {now[k]!r}; use a new --workdir")
+    return TrainState(**restored), step
+
+
+# Model keys that change how the step runs but not what the parameters mean.
+RESUMABLE_MODEL_KEYS = frozenset({"dtype", "remat", "attention"})
+
+
+def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: NamedSharding):
+    """AOT-compiles the train step (state donated) and the eval step; returns them and the seconds taken."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    local_rows = cfg.train.global_batch_size
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((local_rows, cfg.data.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                sharding=batch_sharding)
+        for k in pipeline.BATCH_KEYS
+    }
+    lr = optim.schedule(cfg.optimizer, cfg.train.steps)
+    step_fn = make_train_step(setup.graphdef, setup.tx, lr, StepOptions(cfg.train.microbatches, cfg.train.z_loss))
+    t0 = time.perf_counter()
+    with activation_rules(mesh, rules):  # constraints are resolved while tracing
+        train_step = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
+                             out_shardings=(setup.shardings, replicated), donate_argnums=0,
+                             ).lower(setup.abstract, abstract_batch).compile()
+        eval_step = jax.jit(make_eval_step(setup.graphdef), in_shardings=(setup.shardings.params, batch_sharding),
+                            out_shardings=replicated).lower(setup.abstract.params, abstract_batch).compile()
+    return train_step, eval_step, time.perf_counter() - t0

@@ -1,0 +1,116 @@
+"""Pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
+
+The loss is normalised by the number of target tokens in the whole global batch, so splitting
+the batch into k microbatches (gradient accumulation) computes the same gradient as one big
+batch. Microbatches take strided rows so each device's shard splits evenly into them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from slimjax.sharding import constrain
+from slimjax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The step's slice of the config."""
+
+    microbatches: int
+    z_loss: float
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition, in float32."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> jax.Array:
+    """Logits for a batch, from a pure parameter dict."""
+    model = nnx.merge(graphdef, params)
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"])
+
+
+def summed_loss(graphdef: nnx.GraphDef, params: dict, batch: Batch, z_loss: float):
+    """(nll + z_loss * log(Z)^2) summed over target tokens, plus the two parts separately."""
+    nll, log_z = token_losses(forward(graphdef, params, batch), batch["targets"])
+    mask = batch["loss_mask"]
+    nll_sum = jnp.sum(nll * mask)
+    z_sum = jnp.sum(jnp.square(log_z) * mask)
+    return nll_sum + z_loss * z_sum, (nll_sum, z_sum)
+
+
+def split_microbatches(batch: Batch, k: int) -> Batch:
+    """``[B, ...] -> [k, B/k, ...]`` taking rows i, i+k, i+2k... for microbatch i.
+
+    Strided rows keep every microbatch spread over all batch shards (a contiguous split would
+    put a microbatch on a fraction of the devices).
+    """
+    def split(x):
+        y = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(y, (None, "batch", "length")[: y.ndim])
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, opts: StepOptions) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure step; jit it with the state donated."""
+    grad_fn = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b, opts.z_loss), has_aux=True)
+
+    def sums_and_grads(params: dict, batch: Batch):
+        (_, (nll, z)), grads = grad_fn(params, batch)
+        return grads, nll, z
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        n_tokens = jnp.sum(batch["loss_mask"])
+        if opts.microbatches == 1:
+            grads, nll, z = sums_and_grads(state.params, batch)
+        else:
+            def accumulate(carry, micro):
+                g, n, zz = sums_and_grads(state.params, micro)
+                return jax.tree.map(jnp.add, carry, (g, n, zz)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+            (grads, nll, z), _ = jax.lax.scan(accumulate, zeros, split_microbatches(batch, opts.microbatches))
+        denom = jnp.maximum(n_tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": nll / denom,
+            "z_loss": z / denom,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
+            "tokens": n_tokens,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], Metrics]:
+    """Summed NLL and token count for one batch (callers average over batches)."""
+
+    def eval_step(params: dict, batch: Batch) -> Metrics:
+        _, (nll, _) = summed_loss(graphdef, params, batch, 0.0)
+        return {"nll_sum": nll, "tokens": jnp.sum(batch["loss_mask"])}
+
+    return eval_step
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of a tree of arrays or ShapeDtypeStructs."""
+    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -1,0 +1,92 @@
+"""Small builders shared by tests: configs, synthetic packed batches, a state + compiled step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from slimjax import config as C
+from slimjax.configs import base
+from slimjax.data import pipeline
+from slimjax.models import compute_dtype
+from slimjax.sharding import Rules, make_mesh
+from slimjax.train import optimizer as optim
+from slimjax.train.run import compile_steps
+from slimjax.train.state import init_state, make_setup
+
+
+def small_config(family: str = "llama", **model_overrides) -> C.Config:
+    """A 2-layer model small enough to compile quickly, shaped to divide every test mesh."""
+    c = base.get_config()
+    m = c.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = 256, 64, 2, 8, 4
+    m.head_dim, m.d_ff, m.max_seq_len = 8, 128, 64
+    m.dtype = "float32"
+    if family == "gpt2":
+        m.positions, m.norm, m.mlp, m.use_bias, m.tie_embeddings = "learned", "layernorm", "gelu", True, True
+        m.n_kv_heads = m.n_heads
+    else:
+        m.tie_embeddings = False
+    for k, v in model_overrides.items():
+        setattr(m, k, v)
+    c.data.seq_len = 32
+    c.train.global_batch_size = 16
+    c.optimizer.warmup_steps = 1
+    c.train.steps = 10
+    return C.validate(c)
+
+
+def with_mesh(cfg: C.Config, data: int, fsdp: int, tensor: int) -> C.Config:
+    return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=data, fsdp=fsdp, tensor=tensor))
+
+
+def with_train(cfg: C.Config, **kw) -> C.Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
+
+
+def synthetic_rows(cfg: C.Config, n_rows: int, seed: int = 0) -> pipeline.PackedRows:
+    """Random documents of random lengths packed like real data (several segments per row)."""
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < n_rows * cfg.data.seq_len + 1:
+        n = int(rng.integers(3, cfg.data.seq_len))
+        docs.append(rng.integers(4, cfg.model.vocab_size, size=n).astype(np.int32))
+        total += n
+    return pipeline.pack_concat_split(docs, cfg.data.seq_len)
+
+
+def synthetic_batch(cfg: C.Config, seed: int = 0) -> dict[str, np.ndarray]:
+    rows = synthetic_rows(cfg, cfg.train.global_batch_size, seed)
+    idx = np.arange(cfg.train.global_batch_size)
+    return pipeline.to_example({k: v[idx] for k, v in dataclasses.asdict(rows).items()})
+
+
+def build_state(cfg: C.Config, devices=None):
+    """(mesh, rules, setup, state): the sharded train state for ``cfg``, nothing compiled but init."""
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = Rules.from_config(cfg.mesh)
+    dtype = compute_dtype(cfg.model.dtype)
+    tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
+    setup = make_setup(cfg.model, dtype, tx, rules, mesh)
+    return mesh, rules, setup, init_state(setup, cfg.model, dtype, cfg.train.seed)
+
+
+def build(cfg: C.Config, devices=None):
+    """(mesh, setup, state, compiled train step, compiled eval step, batch sharding) for ``cfg``."""
+    mesh, rules, setup, state = build_state(cfg, devices)
+    sharding = pipeline.batch_sharding(mesh, rules)
+    train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, sharding)
+    return mesh, setup, state, train_step, eval_step, sharding
+
+
+def run_steps(cfg: C.Config, n: int, devices=None, seed: int = 0) -> list[float]:
+    """Losses of ``n`` train steps on fixed synthetic batches."""
+    _, _, state, train_step, _, sharding = build(cfg, devices)
+    losses = []
+    for i in range(n):
+        batch = pipeline.to_global(synthetic_batch(cfg, seed + i), sharding)
+        state, metrics = train_step(state, batch)
+        losses.append(float(jax.device_get(metrics["loss"])))
+    return losses
