@@ -8,13 +8,13 @@ import sys
 from absl import app
 
 import slimjax
-from slimjax import cli
+from slimjax.cli import flags
 from slimjax.errors import SlimjaxError, one_line
 
 
 def parse_flags(argv):
     try:
-        return cli.parse_train_args(argv[1:])
+        return flags.parse_train_args(argv[1:])
     except SlimjaxError as e:
         print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)

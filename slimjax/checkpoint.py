@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state (as a plain dict) plus JSON metadata.
+"""Orbax checkpoints: the train state (a plain dict of arrays), the data iterator's state and
+JSON metadata (step, resolved config).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 checkpoint is either whole or invisible. Restores take an abstract target whose leaves carry
@@ -31,19 +32,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> bool:
-        """Starts writing ``state`` (arrays) and ``meta`` (JSON) for ``step``; returns at once.
+    def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any]) -> bool:
+        """Starts writing ``state`` (arrays), ``data_state`` and ``meta`` (JSON) for ``step``.
 
         Device arrays are copied to host before this returns, so the caller may donate them.
+        ``data_state`` is this process's data-iterator state (each process saves its own).
         """
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                  **{_data_item(): ocp.args.JsonSave(data_state)})
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Reads ``step`` into the shapes and shardings of ``abstract_state``."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    def restore(self, step: int, abstract_state: dict[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(state, data_state, meta) of ``step``, the state in the shapes and shardings of ``abstract_state``."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
+                                  **{_data_item(): ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
-        return restored.state, restored.meta
+        return restored.state, restored[_data_item()], restored.meta
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""
@@ -51,3 +56,10 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _data_item() -> str:
+    """Each process keeps its own iterator state (its position in its own shard of the data)."""
+    import jax
+
+    return f"data_{jax.process_index()}"

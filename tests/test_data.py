@@ -69,8 +69,12 @@ def test_process_slices_assemble_the_single_process_batch_and_resume_by_index():
         for key in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(np.concatenate([two[0][step][key], two[1][step][key]]), one[step][key])
     assert not np.array_equal(one[0]["inputs"], one[1]["inputs"])
-    resumed = pipeline.iterate(one, start=5)
+    it = pipeline.iterate(one)
+    for _ in range(5):
+        next(it)
+    resumed = pipeline.iterate(one, state=it.get_state())  # what a checkpoint stores
     np.testing.assert_array_equal(next(resumed)["inputs"], one[5]["inputs"])
+    np.testing.assert_array_equal(next(it)["inputs"], one[5]["inputs"])
     # Epochs are reshuffled: the first batch of epoch 2 differs from the first of epoch 1.
     per_epoch = len(rows) // 8
     assert not np.array_equal(one[0]["inputs"], one[per_epoch]["inputs"])

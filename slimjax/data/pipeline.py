@@ -9,13 +9,14 @@ each other, and the loss ignores targets that cross a document boundary.
 Sharding rule: global batch ``s`` holds shuffled rows ``[s*B, (s+1)*B)``. Process ``p`` of ``P``
 reads only its contiguous ``B/P`` slice of them - exactly the rows its devices hold in the
 batch-sharded global array - so the global batch is identical for any process count, and the
-batch for step ``s`` is a pure function of ``(seed, s)``: resuming at step ``s`` needs no state.
+batch for step ``s`` is a pure function of ``(seed, s)``. Checkpoints still save the Grain
+iterator's state, so pipelines without random access resume exactly too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import grain
 import jax
@@ -114,10 +115,16 @@ def eval_batches(rows: PackedRows, global_batch: int, max_batches: int, process_
     return out
 
 
-def iterate(ds: grain.MapDataset, start: int, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates from element ``start`` with background prefetch threads."""
+def iterate(ds: grain.MapDataset, state: dict | None = None, prefetch: int = 4) -> grain.DatasetIterator:
+    """A checkpointable iterator with background prefetch threads, positioned at ``state``.
+
+    ``state`` is what ``iterator.get_state()`` returned earlier (saved with each checkpoint).
+    """
     options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
-    return iter(ds[start:].to_iter_dataset(options))
+    iterator = iter(ds.to_iter_dataset(options))
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

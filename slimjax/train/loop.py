@@ -99,14 +99,15 @@ def _loop(run: Run) -> dict[str, Any]:
             bar.write(f"step {step}: eval loss {tr.last_eval_loss:.4f}")
 
     def checkpoint(step: int) -> None:
-        run.checkpointer.save(step, run.state.as_dict(), {"config": cfg.to_dict(), "step": step})
+        run.checkpointer.save(step, run.state.as_dict(), batches.get_state(),
+                              {"config": cfg.to_dict(), "step": step})
 
     # Log first: it closes the timing interval, so evaluation and checkpoint time stay out of it.
     hooks = [Periodic(t.log_every, log), Periodic(t.eval_every, _excluding_time(tr, evaluate)),
              Periodic(cfg.checkpoint.every_steps, _excluding_time(tr, checkpoint))]
 
     t_start = time.perf_counter()
-    batches = pipeline.iterate(run.train_data, run.start_step)
+    batches = pipeline.iterate(run.train_data, run.data_state)
     tr.interval_start = time.perf_counter()
     for step in range(run.start_step + 1, t.steps + 1):
         t0 = time.perf_counter()

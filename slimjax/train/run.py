@@ -44,6 +44,7 @@ class Run:
     setup: Setup
     state: TrainState
     start_step: int
+    data_state: dict | None  # the data iterator's state at start_step (None: from the beginning)
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_step: Callable[[dict, dict], dict]
     compile_seconds: float
@@ -101,24 +102,30 @@ def build_run(cfg: Config, workdir: str) -> Run:
     eval_data = pipeline.eval_batches(eval_rows, cfg.train.global_batch_size, cfg.train.eval_batches, pidx, pcount)
 
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
-    state, start = restore_or_init(checkpointer, setup, cfg, dtype)
+    state, start, data_state = restore_or_init(checkpointer, setup, cfg, dtype)
 
     batch_sharding = pipeline.batch_sharding(mesh, rules)
     train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules, tok=tok, train_data=train_data,
                eval_data=eval_data, batch_sharding=batch_sharding, setup=setup, state=state,
-               start_step=start, train_step=train_step, eval_step=eval_step, compile_seconds=compile_s,
+               start_step=start, data_state=data_state, train_step=train_step, eval_step=eval_step, compile_seconds=compile_s,
                checkpointer=checkpointer, dtype=dtype)
 
 
-def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, dtype) -> tuple[TrainState, int]:
-    """The latest checkpoint if the workdir has one (checked against the config), else a fresh init."""
+# Model keys that change how the step runs but not what the parameters mean.
+RESUMABLE_MODEL_KEYS = frozenset({"dtype", "remat", "attention"})
+
+
+def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, dtype
+                    ) -> tuple[TrainState, int, dict | None]:
+    """(state, step, data iterator state): the latest checkpoint if the workdir has one (checked
+    against the config), else a fresh init at step 0."""
     step = checkpointer.latest_step()
     if step is None:
-        return init_state(setup, cfg.model, dtype, cfg.train.seed), 0
+        return init_state(setup, cfg.model, dtype, cfg.train.seed), 0, None
     abstract = setup.abstract.as_dict()
     try:
-        restored, meta = checkpointer.restore(step, abstract)
+        restored, data_state, meta = checkpointer.restore(step, abstract)
     except (ValueError, KeyError, TypeError) as e:
         raise SlimjaxError(f"checkpoint {checkpointer.directory}/{step} does not match this model "
                            f"({str(e).splitlines()[0][:200]}); use a new --workdir") from None
@@ -130,11 +137,7 @@ def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, dtype
         k = changed[0]
         raise SlimjaxError(f"checkpoint {checkpointer.directory}/{step} was written with model.{k}="
                            f"{saved_model[k]!r}, the config now says {now[k]!r}; use a new --workdir")
-    return TrainState(**restored), step
-
-
-# Model keys that change how the step runs but not what the parameters mean.
-RESUMABLE_MODEL_KEYS = frozenset({"dtype", "remat", "attention"})
+    return TrainState(**restored), step, data_state
 
 
 def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: NamedSharding):

@@ -1,11 +1,9 @@
-"""The ``slimjax`` command. It parses flags and calls library functions; nothing more.
-
-    slimjax train [--config=configs/tiny.py] [--config.train.steps=100 ...] [--workdir=runs/tiny]
+"""Config flags shared by every command that takes a config.
 
 Flags follow the absl + ml_collections conventions: ``--config`` names a Python file whose
 ``get_config()`` returns a ConfigDict (or the name of a bundled config, e.g. ``gpt2_small``) and
-``--config.a.b=value`` overrides one key, typed like the value it replaces. Mistakes print one
-line on stderr and exit with status 2.
+``--config.a.b=value`` (or ``--config.a.b value``) overrides one key, typed like the value it
+replaces.
 """
 
 from __future__ import annotations
@@ -13,18 +11,14 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-import sys
 from typing import Any, Sequence
 
 import ml_collections
 
 from slimjax.config import suggest
-from slimjax.errors import SlimjaxError, one_line
+from slimjax.errors import SlimjaxError
 
-COMMANDS = ("train",)
 DEFAULT_CONFIG = "tiny"
-USAGE = ("usage: slimjax train [--config=FILE_OR_NAME] [--config.KEY=VALUE ...] [--workdir=DIR]\n"
-         "  default config: tiny; default workdir: runs/<config name>")
 
 
 def bundled_config_path(name: str) -> str:
@@ -95,9 +89,13 @@ def parse_value(text: str, current: Any) -> Any:
     return ast.literal_eval(text)
 
 
-def parse_train_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """``--config``, ``--config.a.b=v`` (or ``--config.a.b v``) and ``--workdir`` -> (config, workdir)."""
-    ref, workdir, overrides = DEFAULT_CONFIG, None, []
+def parse_config_args(argv: Sequence[str], extra: Sequence[str] = ("workdir",)
+                      ) -> tuple[ml_collections.ConfigDict, str, dict[str, str]]:
+    """``--config``, ``--config.a.b=v`` and the ``extra`` flags -> (config, config ref, extras).
+
+    Any other flag is an error naming the nearest known flag.
+    """
+    ref, values, overrides = DEFAULT_CONFIG, {}, []
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -110,43 +108,20 @@ def parse_train_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, st
             value = args.pop(0)
         if name == "config":
             ref = value
-        elif name == "workdir":
-            workdir = value
+        elif name in extra:
+            values[name] = value
         elif name.startswith("config."):
             overrides.append((name[len("config."):], value))
         else:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, ['config', 'workdir'])}")
+            raise SlimjaxError(f"unknown flag --{name}{suggest(name, ['config', *extra])}")
     config = load_config_file(ref)
     for dotted, value in overrides:
         apply_override(config, dotted, value)
-    if workdir is None:
-        workdir = os.path.join("runs", os.path.splitext(os.path.basename(ref))[0])
+    return config, ref, values
+
+
+def parse_train_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """Flags of ``slimjax train`` -> (config, workdir); the workdir defaults to runs/<config name>."""
+    config, ref, values = parse_config_args(argv)
+    workdir = values.get("workdir") or os.path.join("runs", os.path.splitext(os.path.basename(ref))[0])
     return config, workdir
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``slimjax`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    try:
-        if command not in COMMANDS:
-            raise SlimjaxError(f"unknown command '{command}'{suggest(command, COMMANDS)}; commands: "
-                               f"{', '.join(COMMANDS)}")
-        config, workdir = parse_train_args(rest)
-        import slimjax
-
-        summary = slimjax.train(config, workdir)
-    except SlimjaxError as e:
-        print(f"slimjax: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    print(f"done: step {summary['final_step']}, train loss {summary['final_train_loss']:.4f}, "
-          f"eval loss {summary['final_eval_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
-          f"MFU {summary['mfu']:.1%} -> {os.path.abspath(workdir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

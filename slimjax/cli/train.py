@@ -1,0 +1,22 @@
+"""``slimjax train``: parse config flags, call ``slimjax.train``, print a one-line result."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from slimjax.cli.flags import parse_train_args
+
+USAGE = ("slimjax train [--config=FILE_OR_NAME] [--config.KEY=VALUE ...] [--workdir=DIR]"
+         "   (default config: tiny; default workdir: runs/<config name>)")
+
+
+def run(argv: Sequence[str]) -> int:
+    config, workdir = parse_train_args(argv)
+    import slimjax
+
+    summary = slimjax.train(config, workdir)
+    print(f"done: step {summary['final_step']}, train loss {summary['final_train_loss']:.4f}, "
+          f"eval loss {summary['final_eval_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
+          f"MFU {summary['mfu']:.1%} -> {os.path.abspath(workdir)}")
+    return 0
