@@ -10,11 +10,8 @@ import numpy as np
 from slimjax import config as C
 from slimjax.configs import base
 from slimjax.data import pipeline
-from slimjax.models import compute_dtype
-from slimjax.sharding import Rules, make_mesh
-from slimjax.train import optimizer as optim
-from slimjax.train.run import compile_steps
-from slimjax.train.state import init_state, make_setup
+from slimjax.sharding import make_mesh
+from slimjax.train.run import build_fresh, fresh_state
 
 
 def small_config(family: str = "llama", **model_overrides) -> C.Config:
@@ -66,19 +63,13 @@ def synthetic_batch(cfg: C.Config, seed: int = 0) -> dict[str, np.ndarray]:
 def build_state(cfg: C.Config, devices=None):
     """(mesh, rules, setup, state): the sharded train state for ``cfg``, nothing compiled but init."""
     mesh = make_mesh(cfg.mesh, devices)
-    rules = Rules.from_config(cfg.mesh)
-    dtype = compute_dtype(cfg.model.dtype)
-    tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
-    setup = make_setup(cfg.model, dtype, tx, rules, mesh)
-    return mesh, rules, setup, init_state(setup, cfg.model, dtype, cfg.train.seed)
+    return (mesh, *fresh_state(cfg, mesh))
 
 
 def build(cfg: C.Config, devices=None):
     """(mesh, setup, state, compiled train step, compiled eval step, batch sharding) for ``cfg``."""
-    mesh, rules, setup, state = build_state(cfg, devices)
-    sharding = pipeline.batch_sharding(mesh, rules)
-    train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, sharding)
-    return mesh, setup, state, train_step, eval_step, sharding
+    mesh = make_mesh(cfg.mesh, devices)
+    return (mesh, *build_fresh(cfg, mesh))
 
 
 def run_steps(cfg: C.Config, n: int, devices=None, seed: int = 0) -> list[float]:

@@ -159,3 +159,20 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
         eval_step = jax.jit(make_eval_step(setup.graphdef), in_shardings=(setup.shardings.params, batch_sharding),
                             out_shardings=replicated).lower(setup.abstract.params, abstract_batch).compile()
     return train_step, eval_step, time.perf_counter() - t0
+
+
+def fresh_state(cfg: Config, mesh: Mesh) -> tuple[Rules, Setup, TrainState]:
+    """(rules, setup, freshly initialised sharded state) for ``cfg`` on ``mesh``."""
+    rules = Rules.from_config(cfg.mesh)
+    dtype = compute_dtype(cfg.model.dtype)
+    setup = make_setup(cfg.model, dtype, optim.make_optimizer(cfg.optimizer, cfg.train.steps), rules, mesh)
+    return rules, setup, init_state(setup, cfg.model, dtype, cfg.train.seed)
+
+
+def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, Callable, NamedSharding]:
+    """(setup, fresh state, compiled train step, compiled eval step, batch sharding) without data
+    or checkpoints: what benchmarks and tests need to drive steps on batches of their own."""
+    rules, setup, state = fresh_state(cfg, mesh)
+    batch_sharding = pipeline.batch_sharding(mesh, rules)
+    train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+    return setup, state, train_step, eval_step, batch_sharding
