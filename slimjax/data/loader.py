@@ -90,6 +90,13 @@ def documents(cfg: DataConfig, src: SourceConfig, split: str, want: Callable[[so
             yield record.key, doc
 
 
+def training_documents(cfg: DataConfig) -> Iterator[str]:
+    """Every training document of every source (all shards): what a tokenizer is trained on."""
+    for src in expand(cfg.sources):
+        for _, doc in documents(cfg, src, "train", lambda key: True, sources.ReadStats()):
+            yield doc
+
+
 def pack(cfg: DataConfig, tok: tokenizer.Tokenizer, docs: list[str], pad_last: bool = False) -> PackedRows:
     """Tokenized (BOS ... EOS) documents packed by the configured packer."""
     encoded = tokenizer.encode_documents(tok, docs)
@@ -112,16 +119,11 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
             docs[layout.shard_of(key) - layout.owned.start][k].append(doc)
     eval_docs = [doc for src in srcs for _, doc in documents(cfg, src, "eval", lambda key: True, stats)]
 
-    def all_train_docs() -> Iterator[str]:  # only read when a tokenizer must be trained
-        for src in srcs:
-            for _, doc in documents(cfg, src, "train", lambda key: True, sources.ReadStats()):
-                yield doc
-
     if not eval_docs:
         raise SlimjaxError("no held-out documents to evaluate on: set data.eval_fraction > 0 or give a "
                            "source an eval_path")
     tok = tokenizer.get_tokenizer(cfg.tokenizer_kind, cfg.tokenizer, workdir, vocab_size, cfg.tokenizer_type,
-                                  all_train_docs)
+                                  lambda: training_documents(cfg))
     shards = []
     for i, per_source in enumerate(docs):
         shard_rows = []

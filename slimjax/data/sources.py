@@ -74,6 +74,15 @@ def stdlib_dir() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
+def stdlib_files() -> list[str]:
+    """Every ``.py`` file of the standard library, sorted (installed packages left out)."""
+    found = []
+    for folder, subdirs, files in os.walk(stdlib_dir()):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        found.extend(os.path.join(folder, f) for f in files if f.endswith(".py"))
+    return sorted(found)
+
+
 def units(src: SourceConfig, split: str = "train", eval_plays: tuple[str, ...] = ()) -> list[str]:
     """The ordered units of ``src`` for ``split`` ("train" or "eval").
 
@@ -86,8 +95,7 @@ def units(src: SourceConfig, split: str = "train", eval_plays: tuple[str, ...] =
         shakespeare.check_plays(eval_plays, plays)
         return [str(p) for name, p in plays.items() if (name in eval_plays) == (split == "eval")]
     if src.kind == "stdlib":
-        root = stdlib_dir()
-        return sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+        return stdlib_files()
     if src.kind == "tfds":
         return [src.eval_path if split == "eval" and src.eval_path else "train"]
     files = _expand(path)

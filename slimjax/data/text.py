@@ -8,12 +8,10 @@ and MinHash shingles and exact-duplicate hashes are taken over it.
 from __future__ import annotations
 
 import hashlib
-import re
 import string
 import unicodedata
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
-_SPACES = re.compile(r"\s+")
 
 
 def nfc(text: str) -> str:
@@ -23,7 +21,8 @@ def nfc(text: str) -> str:
 
 def normal_form(text: str) -> str:
     """Lower-cased, punctuation stripped, whitespace collapsed: the text SlimPajama compared."""
-    return _SPACES.sub(" ", text.lower().translate(_PUNCTUATION)).strip()
+    # str.split() splits on runs of the same Unicode whitespace as re's \s, several times faster.
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
 
 
 def too_short(text: str, min_chars: int) -> bool:
