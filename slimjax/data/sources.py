@@ -57,9 +57,10 @@ class ReadStats:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     first: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> first file:line
 
-    def skip(self, reason: str, where: str, strict: bool) -> None:
+    def skip(self, reason: str, where: str, strict: bool, detail: str = "") -> None:
         if strict:
-            raise SlimjaxError(f"{where}: {reason} (drop --strict / data.strict to skip and count such records)")
+            raise SlimjaxError(f"{where}: {reason}{f' ({detail})' if detail else ''}; drop --strict / "
+                               "data.strict to skip and count such records")
         self.skipped[reason] += 1
         self.first.setdefault(reason, where)
 
@@ -146,7 +147,7 @@ def _read_text_file(path: str, strict: bool, stats: ReadStats) -> str | None:
         with open(path, "rb") as f:
             return f.read().decode("utf-8")
     except UnicodeDecodeError as e:
-        stats.skip("non-UTF-8 bytes", f"{path}: byte {e.start}", strict)
+        stats.skip("non-UTF-8 bytes", path, strict, f"byte {e.start}")
     except OSError as e:
         raise SlimjaxError(f"cannot read '{path}': {e.strerror}") from None
     return None
@@ -180,7 +181,7 @@ def _read_jsonl(src: SourceConfig, u: int, path: str, want: Callable[[Key], bool
                     continue
                 yield Record((u, j), text, meta, f"{path}:{j + 1}")
     except zstandard.ZstdError as e:
-        stats.skip("broken zstd data (rest of file skipped)", f"{path}: after line {j + 1}: {e}", strict)
+        stats.skip("broken zstd data (rest of file skipped)", f"{path}: after line {j + 1}", strict, str(e))
     except OSError as e:
         raise SlimjaxError(f"cannot read '{path}': {e.strerror or e}") from None
 
@@ -193,7 +194,7 @@ def _parse_line(line: bytes, where: str, text_key: str, strict: bool, stats: Rea
         stats.skip("non-UTF-8 bytes", where, strict)
         return None
     except json.JSONDecodeError as e:
-        stats.skip("malformed JSON", f"{where}: {e.msg}", strict)
+        stats.skip("malformed JSON", where, strict, e.msg)
         return None
     text = obj.get(text_key) if isinstance(obj, dict) else None
     if not isinstance(text, str):
