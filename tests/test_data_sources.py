@@ -206,3 +206,18 @@ def test_loader_errors_for_an_empty_or_too_small_corpus(tmp_path):
     c.data.sources = ({"kind": "text", "path": f"{tmp_path}/*.txt", "eval_path": f"{tmp_path}/*.txt"},)
     with pytest.raises(SlimjaxError, match="gives no rows of data.seq_len=128 in shard 0 of 16"):
         loader.build(C.validate(c).data, 16, 0, 1, 1024, str(tmp_path / "w"))
+
+
+def test_loader_normalises_filters_and_holds_out_by_key(tmp_path):
+    for i in range(60):
+        (tmp_path / f"{i:02d}.txt").write_text(("cafe\u0301 " * (i + 1)) if i % 3 else "short")
+    c = base.get_config()
+    c.data.sources = (f"text:{tmp_path}/*.txt",)
+    c.data.min_doc_chars, c.data.eval_fraction = 6, 0.25
+    cfg = C.validate(c).data
+    train = dict(loader.documents(cfg, cfg.sources[0], "train", lambda key: True, sources.ReadStats()))
+    held = dict(loader.documents(cfg, cfg.sources[0], "eval", lambda key: True, sources.ReadStats()))
+    assert not set(train) & set(held) and len(train) + len(held) == 40  # 20 "short" files dropped
+    assert 3 <= len(held) <= 20
+    assert all(doc.startswith("caf\u00e9 ") for doc in train.values())  # NFC composed the accent
+    assert held == dict(loader.documents(cfg, cfg.sources[0], "eval", lambda key: True, sources.ReadStats()))

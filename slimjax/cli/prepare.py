@@ -8,6 +8,7 @@ import os
 import typing
 from typing import Any, Sequence
 
+from slimjax.cli.flags import iter_flags
 from slimjax.config import parse_source, suggest
 from slimjax.errors import SlimjaxError
 
@@ -23,25 +24,14 @@ def parse(argv: Sequence[str]):
     hints = typing.get_type_hints(PrepareOptions)
     fields = [f.name for f in dataclasses.fields(PrepareOptions)]
     values: dict[str, Any] = {"sources": []}
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise SlimjaxError(f"unexpected argument '{arg}'; usage: {USAGE}")
-        name, has_value, value = arg[2:].partition("=")
+    switches = frozenset(n for f in fields if hints[f] is bool for n in (f, f"no_{f}", f"no-{f}"))
+    for name, value in iter_flags(argv, switches, example="--source=stdlib"):
         name = name.replace("-", "_")
-        if name.startswith("no_") and not has_value and hints.get(name[3:]) is bool:
-            values[name[3:]] = False
+        if value is None:  # --verify, --no_dedup
+            values[name.removeprefix("no_")] = not name.startswith("no_")
             continue
         if name != "source" and (name not in fields or name == "sources"):
             raise SlimjaxError(f"unknown flag --{name}{suggest(name, ['source', *fields[1:]])}")
-        if not has_value:
-            if name != "source" and hints[name] is bool:
-                values[name] = True
-                continue
-            if not args:
-                raise SlimjaxError(f"flag --{name} needs a value")
-            value = args.pop(0)
         if name == "source":
             values["sources"].append(parse_source(f"--source[{len(values['sources'])}]", value))
         else:
