@@ -2,7 +2,6 @@
 one-line errors or counted skips for bad input."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from slimjax.data.packing import PackedRows, pack_concat_split, to_example  # noqa: F401 (re-exported)
+# pack_concat_split is re-exported: the spine's callers use pipeline.pack_concat_split.
+from slimjax.data.packing import PackedRows, pack_concat_split, to_example  # noqa: F401
 from slimjax.sharding import Rules
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")

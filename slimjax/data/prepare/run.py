@@ -15,7 +15,6 @@ import hashlib
 import multiprocessing
 import os
 import shutil
-import time
 from typing import Any
 
 import numpy as np

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import resource
-import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -66,7 +65,6 @@ class Scan:
     short: collections.Counter  # label -> documents dropped by the short-document filter
     short_bytes: collections.Counter
     read_stats: sources.ReadStats
-    seconds: float
     peak_rss_mb: float  # of the worker process that scanned the task, when it finished
 
 
@@ -103,7 +101,6 @@ def label_of(record: sources.Record, src: SourceConfig) -> str:
 
 def scan(task: Task, opts: Options) -> Scan:
     """Stage 1: read, NFC, filter short documents, MinHash the rest."""
-    t0 = time.perf_counter()
     src = opts.sources[task.source]
     stats = sources.ReadStats()
     keys, labels, nbytes, exact, sigs, shingles = [], [], [], [], [], []
@@ -126,7 +123,7 @@ def scan(task: Task, opts: Options) -> Scan:
     sigs.append(minhash.signatures(shingles, opts.num_perm))
     return Scan(task.index, np.asarray(keys, np.int64).reshape(-1, 2), labels, np.asarray(nbytes, np.int64),
                 np.asarray(exact, np.uint8).reshape(-1, 16), np.concatenate(sigs), short, short_bytes, stats,
-                time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def shingle_sets(task: Task, opts: Options, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
