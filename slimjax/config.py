@@ -57,15 +57,44 @@ class MeshConfig:
     rules: tuple[Rule, ...]
 
 
+SourceKind = Literal["shakespeare", "stdlib", "text", "jsonl", "slimpajama", "tfds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One corpus of the training mixture: a ``data.sources`` entry (see configs/base.py)."""
+
+    kind: SourceKind
+    path: str = ""  # glob (text, jsonl, slimpajama) or TFDS dataset name ("name" or "name:version")
+    weight: float = 1.0  # share of training rows drawn from this source (normalised over sources)
+    eval_path: str = ""  # glob (or TFDS split) of held-out documents; "" holds out data.eval_fraction
+    set_name: str = ""  # jsonl: keep only documents whose meta.redpajama_set_name is this
+    text_key: str = "text"  # jsonl / TFDS field holding the document text
+    data_dir: str = ""  # TFDS data_dir ("" = TFDS's default)
+
+    @property
+    def name(self) -> str:
+        """A short label for reports: the kind plus the set or path."""
+        return self.set_name or (f"{self.kind}:{self.path}" if self.path else self.kind)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What to read and how to cut it into rows."""
+    """What to read, how to tokenize it and how to cut it into rows."""
 
-    corpus: Literal["shakespeare"]
+    sources: tuple[SourceConfig, ...]
     eval_plays: tuple[str, ...]
+    eval_fraction: float
     seq_len: int
+    tokenizer_kind: Literal["sentencepiece", "huggingface", "byte"]
     tokenizer: str
     tokenizer_type: Literal["unigram", "bpe"]
+    packing: Literal["concat_split", "first_fit"]
+    shards: int
+    nfc: bool
+    min_doc_chars: int
+    strict: bool
+    prefetch: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +230,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return tuple(value)
     elif hint == tuple[Rule, ...]:
         return _coerce_rules(key, value)
+    elif hint == tuple[SourceConfig, ...]:
+        return _coerce_sources(key, value)
     else:  # pragma: no cover - a new annotation without a coercion is a programming error
         raise TypeError(f"no coercion for {key}: {hint}")
     want = getattr(hint, "__name__", str(hint))
@@ -227,6 +258,34 @@ def _coerce_rules(key: str, value: Any) -> tuple[Rule, ...]:
         seen.add(name)
         rules.append((name, tuple(axes)))
     return tuple(rules)
+
+
+def parse_source(key: str, entry: Any) -> SourceConfig:
+    """A ``data.sources`` entry: ``"kind"``, ``"kind:path"`` or a mapping of SourceConfig fields."""
+    if isinstance(entry, str):
+        kind, _, path = entry.partition(":")
+        entry = {"kind": kind, "path": path}
+    if not isinstance(entry, Mapping):
+        raise SlimjaxError(f"config key '{key}' must be 'kind', 'kind:path' or a dict of source fields, "
+                           f"got {entry!r}")
+    hints = typing.get_type_hints(SourceConfig)
+    _reject_unknown(entry.keys(), hints, prefix=f"{key}.")
+    if "kind" not in entry:
+        raise SlimjaxError(f"config key '{key}' needs a 'kind' ({', '.join(typing.get_args(SourceKind))})")
+    source = SourceConfig(**{f: _coerce(f"{key}.{f}", v, hints[f]) for f, v in entry.items()})
+    if not source.weight > 0:
+        raise SlimjaxError(f"config key '{key}.weight' must be > 0, got {source.weight}")
+    if source.kind in ("text", "jsonl", "slimpajama", "tfds") and not source.path:
+        raise SlimjaxError(f"config key '{key}' (kind '{source.kind}') needs a path")
+    return source
+
+
+def _coerce_sources(key: str, value: Any) -> tuple[SourceConfig, ...]:
+    if isinstance(value, (str, Mapping)):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SlimjaxError(f"config key '{key}' must be a non-empty tuple of sources")
+    return tuple(parse_source(f"{key}[{i}]", entry) for i, entry in enumerate(value))
 
 
 def _check_cross_fields(cfg: Config) -> None:
@@ -256,6 +315,13 @@ def _check_cross_fields(cfg: Config) -> None:
         raise SlimjaxError(
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
             "shorten data.seq_len or raise model.max_seq_len")
+    if d.shards < 0 or d.min_doc_chars < 0 or d.prefetch < 0 or not 0.0 <= d.eval_fraction < 1.0:
+        raise SlimjaxError("data.shards, data.min_doc_chars and data.prefetch must be >= 0 and "
+                           f"data.eval_fraction in [0, 1); got {d.shards}, {d.min_doc_chars}, {d.prefetch}, "
+                           f"{d.eval_fraction}")
+    if d.shards and t.global_batch_size % d.shards:
+        raise SlimjaxError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                           f"data.shards={d.shards}; each step takes the same number of rows from every shard")
     if t.global_batch_size % t.microbatches:
         raise SlimjaxError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "

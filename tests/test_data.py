@@ -60,12 +60,15 @@ def test_packing_keeps_every_token_once_and_labels_segments():
     assert (example["loss_mask"][:-1][crossing] == 0).all()
 
 
-def test_process_slices_assemble_the_single_process_batch_and_resume_by_index():
-    docs = [np.arange(4, 4 + n, dtype=np.int32) for n in range(5, 60)]
-    rows = pipeline.pack_concat_split(docs, 8)
-    one = pipeline.train_dataset(rows, 8, seed=3)
-    two = [pipeline.train_dataset(rows, 8, seed=3, process_index=p, process_count=2) for p in (0, 1)]
-    for step in (0, 1, 7, 40):  # 40 crosses an epoch boundary
+def test_process_shards_assemble_the_single_process_batch_and_resume_by_index():
+    rng = np.random.default_rng(0)
+    # 4 logical shards, 2 sources each (weights 3:1), 2 rows per shard per step -> global batch 8.
+    shards = [[pipeline.pack_concat_split([rng.integers(4, 99, size=int(n)).astype(np.int32)
+                                           for n in rng.integers(5, 60, size=20)], 8) for _ in range(2)]
+              for _ in range(4)]
+    one = pipeline.train_dataset(shards, [3.0, 1.0], rows_per_shard=2, seed=3)
+    two = [pipeline.train_dataset(shards[2 * p: 2 * p + 2], [3.0, 1.0], 2, seed=3, first_shard=2 * p) for p in (0, 1)]
+    for step in (0, 1, 7, 40):  # 40 crosses epoch boundaries
         for key in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(np.concatenate([two[0][step][key], two[1][step][key]]), one[step][key])
     assert not np.array_equal(one[0]["inputs"], one[1]["inputs"])
@@ -75,9 +78,17 @@ def test_process_slices_assemble_the_single_process_batch_and_resume_by_index():
     resumed = pipeline.iterate(one, state=it.get_state())  # what a checkpoint stores
     np.testing.assert_array_equal(next(resumed)["inputs"], one[5]["inputs"])
     np.testing.assert_array_equal(next(it)["inputs"], one[5]["inputs"])
-    # Epochs are reshuffled: the first batch of epoch 2 differs from the first of epoch 1.
-    per_epoch = len(rows) // 8
-    assert not np.array_equal(one[0]["inputs"], one[per_epoch]["inputs"])
+    # Epochs are reshuffled: the first rows of source 0 in epoch 2 are not those of epoch 1.
+    stream = pipeline.shard_stream(shards[0], [3.0, 1.0], seed=3, shard=0)
+    first = [stream[i]["tokens"] for i in range(4)]
+    n0 = len(shards[0][0])
+    source0 = [i for i in range(8 * n0) if i % 4 != 3]  # weights 3:1 interleave 0,0,0,1
+    second = [stream[i]["tokens"] for i in source0[n0: n0 + 3]]
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second))
+    # Each source's share of rows follows its weight.
+    seen = [stream[i]["tokens"].tobytes() for i in range(400)]
+    from_1 = {r.tobytes() for r in shards[0][1].tokens}
+    assert sum(s in from_1 for s in seen) == 100
 
 
 def test_eval_batches_cover_every_row_once():

@@ -8,22 +8,8 @@ import pytest
 from flax import nnx
 
 import reference
-from helpers import small_config, synthetic_batch
+from helpers import assert_segments_isolated, random_model, small_config, synthetic_batch
 from slimjax.train.state import build_model, params_of
-
-
-def _random_model(cfg, seed=0):
-    """A model with every parameter random (norm scales and biases too), so all terms are tested."""
-    model = build_model(cfg.model, jax.random.key(seed), np.float32)
-    params = params_of(model)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(flat))
-    # Norm scales around 1 (a realistic regime), everything else N(0, 0.3^2).
-    leaves = [np.asarray(0.3 * jax.random.normal(k, x.shape), np.float32)
-              + (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
-              for k, (path, x) in zip(keys, flat)]
-    params = jax.tree.unflatten(treedef, leaves)
-    return nnx.graphdef(model), params
 
 
 def _rel_err(a, b):
@@ -43,7 +29,7 @@ FAMILIES = {
 def test_forward_matches_float64_reference(name):
     kw = dict(FAMILIES[name])
     cfg = small_config(kw.pop("family"), **kw)
-    graphdef, params = _random_model(cfg)
+    graphdef, params = random_model(cfg)
     batch = synthetic_batch(cfg)
     assert batch["segment_ids"].max() > 1  # several packed documents per row
     logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
@@ -55,22 +41,7 @@ def test_forward_matches_float64_reference(name):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_packed_segments_are_isolated(family):
     cfg = small_config(family)
-    graphdef, params = _random_model(cfg)
-    model = nnx.merge(graphdef, params)
-    batch = synthetic_batch(cfg)
-    seg = batch["segment_ids"]
-    row = int(np.argmax(seg.max(axis=1)))  # a row with several documents
-    target = 2
-    assert (seg[row] == target).any() and seg[row].max() > target
-    perturbed = batch["inputs"].copy()
-    where = seg[row] == target
-    perturbed[row, where] = (perturbed[row, where] + 7) % cfg.model.vocab_size
-    base = np.asarray(model(batch["inputs"], batch["positions"], seg))
-    moved = np.asarray(model(perturbed, batch["positions"], seg))
-    others = seg[row] != target
-    np.testing.assert_array_equal(base[row, others], moved[row, others])  # bit-identical elsewhere
-    assert np.abs(base[row, where] - moved[row, where]).max() > 1e-3  # the segment itself changed
-    np.testing.assert_array_equal(np.delete(base, row, 0), np.delete(moved, row, 0))
+    assert_segments_isolated(cfg, synthetic_batch(cfg))
 
 
 def test_unrolled_and_scanned_models_hold_the_same_weights():

@@ -8,13 +8,15 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from slimjax.cli import train
+from slimjax.cli import prepare, tokenizer, train
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError, one_line
 
 # name -> (handler(argv) -> exit status, one-line usage)
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (train.run, train.USAGE),
+    "prepare": (prepare.run, prepare.USAGE),
+    "tokenizer": (tokenizer.run, tokenizer.USAGE),
 }
 
 

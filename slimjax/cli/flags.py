@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 
@@ -89,6 +89,26 @@ def parse_value(text: str, current: Any) -> Any:
     return ast.literal_eval(text)
 
 
+def iter_flags(argv: Sequence[str], switches: frozenset[str] = frozenset(), example: str = "--name=value"
+               ) -> Iterator[tuple[str, str | None]]:
+    """``(name, value)`` per flag given as ``--name=value`` or ``--name value``; a bare ``--name``
+    in ``switches`` yields ``(name, None)``."""
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise SlimjaxError(f"unexpected argument '{arg}'; flags look like {example}")
+        name, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if name in switches:
+                yield name, None
+                continue
+            if not args:
+                raise SlimjaxError(f"flag --{name} needs a value")
+            value = args.pop(0)
+        yield name, value
+
+
 def parse_config_args(argv: Sequence[str], extra: Sequence[str] = ("workdir",)
                       ) -> tuple[ml_collections.ConfigDict, str, dict[str, str]]:
     """``--config``, ``--config.a.b=v`` and the ``extra`` flags -> (config, config ref, extras).
@@ -96,16 +116,7 @@ def parse_config_args(argv: Sequence[str], extra: Sequence[str] = ("workdir",)
     Any other flag is an error naming the nearest known flag.
     """
     ref, values, overrides = DEFAULT_CONFIG, {}, []
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise SlimjaxError(f"unexpected argument '{arg}'; flags look like --config.train.steps=10")
-        name, has_value, value = arg[2:].partition("=")
-        if not has_value:
-            if not args:
-                raise SlimjaxError(f"flag --{name} needs a value")
-            value = args.pop(0)
+    for name, value in iter_flags(argv, example="--config.train.steps=10"):
         if name == "config":
             ref = value
         elif name in extra:

@@ -59,16 +59,21 @@ def scenes(path: pathlib.Path) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
-def load(eval_plays: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(train documents, eval documents); ``eval_plays`` are held out whole."""
-    plays = list_plays()
+def check_plays(eval_plays: tuple[str, ...], plays: dict[str, pathlib.Path]) -> None:
+    """Every held-out play must exist, and at least one play must remain for training."""
     for name in eval_plays:
         if name not in plays:
             raise SlimjaxError(f"data.eval_plays names unknown play '{name}'{suggest(name, plays)}; "
                                f"plays are: {', '.join(plays)}")
+    if set(plays) <= set(eval_plays):
+        raise SlimjaxError("data.eval_plays holds out every play; leave some for training")
+
+
+def load(eval_plays: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(train documents, eval documents); ``eval_plays`` are held out whole."""
+    plays = list_plays()
+    check_plays(eval_plays, plays)
     train, held = [], []
     for name, path in plays.items():
         (held if name in eval_plays else train).extend(scenes(path))
-    if not train:
-        raise SlimjaxError("data.eval_plays holds out every play; leave some for training")
     return train, held

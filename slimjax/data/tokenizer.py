@@ -1,8 +1,9 @@
-"""SentencePiece tokenizers: train one on a corpus (cached in the workdir) or load a ``.model``.
+"""Tokenizers: SentencePiece (train one on a corpus, cached in the workdir, or load a ``.model``),
+a Hugging Face ``tokenizer.json`` (see ``hf_tokenizer``) and a byte-level fallback.
 
-Newlines matter for scripts and code, so the trainer keeps whitespace as written (identity
-normalisation, no whitespace folding) and makes ``\\n`` a symbol of its own; byte fallback means
-no character is ever unknown. Ids 0..3 are pad, unk, bos, eos.
+Newlines matter for scripts and code, so the SentencePiece trainer keeps whitespace as written
+(identity normalisation, no whitespace folding) and makes ``\\n`` a symbol of its own; byte
+fallback means no character is ever unknown. Ids 0..3 are pad, unk, bos, eos.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -19,6 +20,37 @@ from slimjax.errors import SlimjaxError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_NAME = "spm.model"
+
+
+class Tokenizer(Protocol):
+    """What the pipeline needs from a tokenizer."""
+
+    path: str
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 4..259 after pad, unk, bos, eos: needs no file and never fails."""
+
+    path = "byte"
+    vocab_size = 256 + 4
+    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+
+    def encode(self, text: str) -> list[int]:
+        return (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + 4).tolist()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i - 4 for i in ids if 4 <= i < 260).decode("utf-8", errors="replace")
 
 
 class SentencePieceTokenizer:
@@ -77,9 +109,21 @@ def train_sentencepiece(docs: Iterable[str], vocab_size: int, model_type: str,
     return SentencePieceTokenizer(out_path)
 
 
-def get_tokenizer(path: str, workdir: str | os.PathLike, vocab_size: int, model_type: str,
-                  docs: Iterable[str]) -> SentencePieceTokenizer:
-    """Loads ``path`` if given, else the workdir's cached model, else trains and caches one."""
+def get_tokenizer(kind: str, path: str, workdir: str | os.PathLike, vocab_size: int, model_type: str,
+                  docs: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The configured tokenizer. For SentencePiece: ``path`` if given, else the workdir's cached
+    model, else one trained on ``docs()`` and cached."""
+    if kind != "sentencepiece":
+        if kind == "byte":
+            tok: Tokenizer = ByteTokenizer()
+        else:
+            from slimjax.data.hf_tokenizer import HFTokenizer
+
+            tok = HFTokenizer(path)
+        if tok.vocab_size > vocab_size:
+            raise SlimjaxError(f"tokenizer '{tok.path}' has {tok.vocab_size} ids but model.vocab_size is "
+                               f"{vocab_size}; raise model.vocab_size to at least {tok.vocab_size}")
+        return tok
     if path:
         if not os.path.isfile(path):
             raise SlimjaxError(f"data.tokenizer '{path}' does not exist; give a SentencePiece .model "
@@ -88,13 +132,13 @@ def get_tokenizer(path: str, workdir: str | os.PathLike, vocab_size: int, model_
     else:
         cached = pathlib.Path(workdir) / "tokenizer" / MODEL_NAME
         tok = SentencePieceTokenizer(cached) if cached.exists() else train_sentencepiece(
-            docs, vocab_size, model_type, cached)
+            docs(), vocab_size, model_type, cached)
     if tok.vocab_size != vocab_size:
         raise SlimjaxError(f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is "
                            f"{vocab_size}; make them equal (or delete the cached tokenizer to retrain)")
     return tok
 
 
-def encode_documents(tok: SentencePieceTokenizer, docs: Sequence[str]) -> list[np.ndarray]:
+def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> list[np.ndarray]:
     """Each document as int32 ids wrapped in BOS ... EOS."""
     return [np.asarray([tok.bos_id, *ids, tok.eos_id], np.int32) for ids in tok.encode_batch(docs)]

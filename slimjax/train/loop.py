@@ -107,7 +107,7 @@ def _loop(run: Run) -> dict[str, Any]:
              Periodic(cfg.checkpoint.every_steps, _excluding_time(tr, checkpoint))]
 
     t_start = time.perf_counter()
-    batches = pipeline.iterate(run.train_data, run.data_state)
+    batches = pipeline.iterate(run.train_data, run.data_state, cfg.data.prefetch)
     tr.interval_start = time.perf_counter()
     for step in range(run.start_step + 1, t.steps + 1):
         t0 = time.perf_counter()
@@ -182,6 +182,7 @@ def _summary(run: Run, tr: Tracker, peak: float, peak_source: str, wall: float) 
         "final_train_loss": tr.last_train_loss,
         "final_eval_loss": tr.last_eval_loss,
         "tokenizer": run.tok.path,
+        "data": run.data_stats,
     }
 
 

@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.checkpoint import Checkpointer
 from slimjax.config import Config
-from slimjax.data import pipeline, shakespeare, tokenizer
+from slimjax.data import loader, pipeline
+from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.models import compute_dtype
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
@@ -37,9 +38,10 @@ class Run:
     workdir: str
     mesh: Mesh
     rules: Rules
-    tok: tokenizer.SentencePieceTokenizer
+    tok: Tokenizer
     train_data: Any  # grain.MapDataset of this process's local batches
     eval_data: list[dict[str, np.ndarray]]
+    data_stats: dict[str, Any]  # documents and rows per source (this process's shards), skipped records
     batch_sharding: NamedSharding
     setup: Setup
     state: TrainState
@@ -88,26 +90,16 @@ def build_run(cfg: Config, workdir: str) -> Run:
     tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
     setup = make_setup(cfg.model, dtype, tx, rules, mesh)  # validates rules against every name
 
-    train_docs, eval_docs = shakespeare.load(cfg.data.eval_plays)
-    tok = tokenizer.get_tokenizer(cfg.data.tokenizer, workdir, cfg.model.vocab_size,
-                                  cfg.data.tokenizer_type, train_docs)
-    seq = cfg.data.seq_len
-    train_rows = pipeline.pack_concat_split(tokenizer.encode_documents(tok, train_docs), seq)
-    eval_rows = pipeline.pack_concat_split(tokenizer.encode_documents(tok, eval_docs), seq, pad_last=True)
-    if len(train_rows) < cfg.train.global_batch_size:
-        raise SlimjaxError(f"the corpus gives {len(train_rows)} rows of data.seq_len={seq}, fewer than "
-                           f"train.global_batch_size={cfg.train.global_batch_size}")
-    pidx, pcount = jax.process_index(), jax.process_count()
-    train_data = pipeline.train_dataset(train_rows, cfg.train.global_batch_size, cfg.train.seed, pidx, pcount)
-    eval_data = pipeline.eval_batches(eval_rows, cfg.train.global_batch_size, cfg.train.eval_batches, pidx, pcount)
+    data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
+                        cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
 
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
     state, start, data_state = restore_or_init(checkpointer, setup, cfg, dtype)
 
     batch_sharding = pipeline.batch_sharding(mesh, rules)
     train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
-    return Run(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules, tok=tok, train_data=train_data,
-               eval_data=eval_data, batch_sharding=batch_sharding, setup=setup, state=state,
+    return Run(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules, tok=data.tokenizer, train_data=data.train,
+               eval_data=data.eval, data_stats=data.stats, batch_sharding=batch_sharding, setup=setup, state=state,
                start_step=start, data_state=data_state, train_step=train_step, eval_step=eval_step, compile_seconds=compile_s,
                checkpointer=checkpointer, dtype=dtype)
 
