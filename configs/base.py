@@ -96,6 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every = 100  # steps between evaluations on the held-out plays
     t.eval_batches = 8  # batches per evaluation (0: the whole held-out set)
     t.progress = True  # show a progress bar on process 0
+    t.sample_tokens = 48  # tokens of a greedy sample printed at the end of training (0 disables)
+    t.sample_prompt = "ROMEO:"  # the prompt of that sample
 
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every_steps = 100  # steps between Orbax checkpoints (one is always written at the end)

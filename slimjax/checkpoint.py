@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 
 from slimjax.config import CheckpointConfig
 
+CHECKPOINT_DIR = "checkpoints"  # a run's checkpoints live in <workdir>/checkpoints
+
 
 class Checkpointer:
     """A thin, typed face over ``ocp.CheckpointManager`` for slimjax's state layout."""
@@ -49,6 +51,18 @@ class Checkpointer:
                                   **{_data_item(): ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
         return restored.state, restored[_data_item()], restored.meta
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata (``step``, resolved ``config``) saved with ``step``; no arrays are read."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the model parameters of ``step`` (no optimizer state), in the shapes and shardings of
+        ``abstract_params``: what inference needs, read shard by shard like a full restore."""
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                      partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""

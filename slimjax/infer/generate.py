@@ -44,6 +44,19 @@ class Generated:
     stopped: list[bool]
 
 
+def abstract_model(cfg: ModelConfig, dtype: Any) -> Decoder:
+    """The model's structure without allocating its weights."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0), dtype=dtype))
+
+
+def abstract_params(cfg: ModelConfig, dtype: Any, mesh: Mesh, rules: Rules) -> dict:
+    """Shapes, dtypes and rule-table shardings of the parameters (a restore target)."""
+    model = abstract_model(cfg, dtype)
+    shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    shardings = rules.tree_shardings(param_axes(model), shapes, mesh)
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
+
+
 def bucket_length(n: int) -> int:
     """The padded prompt length for a longest prompt of ``n`` tokens: a power of two >= MIN_BUCKET."""
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
@@ -63,13 +76,12 @@ class Generator:
             raise ValueError("give both mesh and rules, or neither")
         self.cfg, self.mesh, self.rules = cfg, mesh, rules
         self.dtype = compute_dtype(cfg.dtype) if dtype is None else dtype
-        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0), dtype=self.dtype))
-        self.graphdef = nnx.graphdef(abstract)
+        self.graphdef = nnx.graphdef(abstract_model(cfg, self.dtype))
         if mesh is None:
             self.param_shardings = None
             self.params = params
         else:
-            self.param_shardings = rules.tree_shardings(param_axes(abstract), params, mesh)
+            self.param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params(cfg, self.dtype, mesh, rules))
             self.params = jax.device_put(params, self.param_shardings)
         self.compiled: dict[tuple, Any] = {}
 
@@ -185,3 +197,18 @@ def _generate(graphdef: nnx.GraphDef, cfg: ModelConfig, dtype: Any, max_new: int
 
     carry = (jnp.ones((), jnp.int32), tok, done, out, cache, seen, key)
     return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def complete(generator: Generator, tok: Any, prompts: Sequence[str], max_new_tokens: int,
+             sampling: Sampling = Sampling(), seed: int = 0) -> list[str]:
+    """Text continuations of text prompts: each encoded after BOS, generation stops at EOS.
+
+    ``max_new_tokens`` is capped so the longest prompt still fits the model's context.
+    """
+    ids = [[tok.bos_id, *tok.encode_batch([p])[0]] for p in prompts]
+    room = generator.cfg.max_seq_len - max(len(i) for i in ids)
+    if room < 1:
+        raise SlimjaxError(f"the longest prompt is {max(len(i) for i in ids)} tokens, which leaves no room in "
+                           f"model.max_seq_len={generator.cfg.max_seq_len}; shorten it")
+    out = generator.generate(ids, min(max_new_tokens, room), sampling, stop_tokens=(tok.eos_id,), seed=seed)
+    return [tok.decode(t) for t in out.tokens]

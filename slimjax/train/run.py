@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slimjax.checkpoint import Checkpointer
+from slimjax.checkpoint import CHECKPOINT_DIR, Checkpointer
 from slimjax.config import Config
 from slimjax.data import loader, pipeline
 from slimjax.data.tokenizer import Tokenizer
@@ -26,8 +26,6 @@ from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
 from slimjax.train import optimizer as optim
 from slimjax.train.state import Setup, TrainState, init_state, make_setup
 from slimjax.train.step import StepOptions, make_eval_step, make_train_step
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
