@@ -57,6 +57,13 @@ def abstract_params(cfg: ModelConfig, dtype: Any, mesh: Mesh, rules: Rules) -> d
     return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
 
 
+def unstacked(cfg: ModelConfig, dtype: Any, params: dict) -> tuple[nnx.GraphDef, dict]:
+    """The unrolled model (``scan_layers=False``) holding the same weights as a scanned one."""
+    graphdef = nnx.graphdef(abstract_model(dataclasses.replace(cfg, scan_layers=False), dtype))
+    blocks = {i: jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(cfg.n_layers)}
+    return graphdef, {**params, "blocks": blocks}
+
+
 def bucket_length(n: int) -> int:
     """The padded prompt length for a longest prompt of ``n`` tokens: a power of two >= MIN_BUCKET."""
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
@@ -162,6 +169,10 @@ class Generator:
 def _generate(graphdef: nnx.GraphDef, cfg: ModelConfig, dtype: Any, max_new: int, s: Sampling,
               params: dict, tokens: jax.Array, lengths: jax.Array, stops: jax.Array, key: jax.Array) -> jax.Array:
     """Prefill + decode loop: ``[batch, max_new]`` new tokens (``PAD_ID`` after a row stops)."""
+    if cfg.scan_layers:
+        # Inside the decode loop XLA copies every slice of a stacked weight at every step (it does
+        # not hoist them); unstacking once here, before the loop, leaves only reads in the loop.
+        graphdef, params = unstacked(cfg, dtype, params)
     model = nnx.merge(graphdef, params)
     batch, bucket = tokens.shape
     slot = jnp.arange(bucket)[None, :]

@@ -177,26 +177,21 @@ class Decoder(nnx.Module):
 
     def _run_blocks_cached(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                            cache: KVCache) -> tuple[jax.Array, KVCache]:
-        # The same blocks as training. The full cache arrays travel through the layers (as the
-        # scan carry) and each layer writes only its own new slice, so nothing is copied per layer.
+        # The same blocks as training. The full cache arrays travel through the layers and each
+        # layer writes only its own new slice, so nothing is copied per layer. The layers are
+        # unrolled even when stacked for scanning: a scan would slice each layer's weights with a
+        # dynamic index, which XLA materialises as a copy of every weight at every decode step;
+        # constant slices of loop-invariant weights are hoisted out of the decode loop instead.
         cache = cache.claim(segment_ids)
-
-        def one_layer(graphdef, state, h, k, v, i):
-            h, lc = nnx.merge(graphdef, state)(h, positions, segment_ids, cache.layer(i).with_kv(k, v))
-            return h, lc.k, lc.v
-
         k, v = cache.k, cache.v
         if self.cfg.scan_layers:
-            graphdef, state = nnx.split(self.blocks)
-
-            def body(carry, xs):
-                return one_layer(graphdef, xs[0], *carry, xs[1]), None
-
-            (x, k, v), _ = jax.lax.scan(body, (x, k, v), (state, jnp.arange(self.cfg.n_layers)))
+            graphdef, stacked = nnx.split(self.blocks)
+            layers = [(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.cfg.n_layers)]
         else:
-            for i, block in enumerate(self.blocks):
-                graphdef, state = nnx.split(block)
-                x, k, v = one_layer(graphdef, state, x, k, v, i)
+            layers = [nnx.split(block) for block in self.blocks]
+        for i, (graphdef, state) in enumerate(layers):
+            x, lc = nnx.merge(graphdef, state)(x, positions, segment_ids, cache.layer(i).with_kv(k, v))
+            k, v = lc.k, lc.v
         return x, cache.with_kv(k, v).advance(segment_ids.shape[1])
 
 
