@@ -29,12 +29,16 @@ def prompts_of(lengths, vocab, seed=0):
     return [rng.integers(4, vocab, size=n).tolist() for n in lengths]
 
 
-def greedy_by_recompute(model, prompt, n):
-    """The reference: the full forward pass over the whole sequence at every step, argmax."""
+def greedy_by_recompute(model, prompt, n, width=32):
+    """The reference: the full forward pass over the whole sequence at every step, argmax. The
+    sequence is right-padded to a fixed width so one compiled forward serves every step; under
+    the causal mask tokens to the right of a position cannot change its logits."""
+    forward = jax.jit(lambda t: model(t))
     seq = list(prompt)
     for _ in range(n):
-        logits = np.asarray(model(jnp.asarray([seq])))[0, -1]
-        seq.append(int(np.argmax(logits)))
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(seq)] = seq
+        seq.append(int(np.argmax(np.asarray(forward(padded))[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
