@@ -1,14 +1,19 @@
 """The key/value cache used by ``Decoder.prefill`` and ``Decoder.decode``.
 
-One cache holds every layer: keys and values are ``[layers, batch, max_len, kv_heads, head_dim]``
-with logical axes ``CACHE_AXES``, so ``constrain`` shards them like activations (batch over
-data/fsdp, kv heads over tensor). Grouped-query models store ``kv_heads``, not ``heads``.
+Each layer has its own key and value arrays ``[batch, kv_heads, max_len, head_dim]`` with logical
+axes ``CACHE_AXES``, so ``constrain`` shards them like activations (batch over data/fsdp, kv
+heads over tensor). Grouped-query models store ``kv_heads``, not ``heads``.
+
+The layout is chosen for the decode step, measured on CPU with XLA: heads come before length
+because that is what the attention matmuls consume (batch and head as batch dimensions,
+head_dim contracted), and layers are separate arrays rather than one stacked array because XLA
+copies a slice of a stacked array before a matmul reads it. With a stacked, length-major cache
+every layer's whole cache was copied (and transposed) at every step, which cost more than the
+weights' matmuls at long contexts; now a step writes only the new entries, in place.
 
 All rows write the same slot at each step (``index``); a row's own positions are carried
 separately, so prompts of different lengths are left-padded and the padding slots are masked by
-``segment_ids`` (0 marks an empty or padding slot). A layer writes only its new entries, with one
-``dynamic_update_slice`` into the full array, so inside a compiled loop XLA updates the cache in
-place instead of copying it every step.
+``segment_ids`` (0 marks an empty or padding slot).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax.numpy as jnp
 from slimjax.config import ModelConfig
 from slimjax.sharding import constrain
 
-CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", "head_dim")
+CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")
 SLOT_AXES = ("batch", "length")
 
 
@@ -30,66 +35,57 @@ SLOT_AXES = ("batch", "length")
 class KVCache:
     """Keys, values and slot bookkeeping for all layers; a pytree, so it can be a loop carry."""
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    k: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, max_len, head_dim]
+    v: tuple[jax.Array, ...]  # per layer: [batch, kv_heads, max_len, head_dim]
     segment_ids: jax.Array  # [batch, max_len] int32: 1 for a written token, 0 for empty/padding
     index: jax.Array  # scalar int32: the slot the next token(s) go to
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> "KVCache":
         """An empty cache (zeros) for ``batch`` rows of up to ``max_len`` tokens."""
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        k = constrain(jnp.zeros(shape, dtype), CACHE_AXES)
-        v = constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)  # noqa: E731
         seg = constrain(jnp.zeros((batch, max_len), jnp.int32), SLOT_AXES)
-        return cls(k=k, v=v, segment_ids=seg, index=jnp.zeros((), jnp.int32))
+        return cls(k=tuple(zeros() for _ in range(cfg.n_layers)), v=tuple(zeros() for _ in range(cfg.n_layers)),
+                   segment_ids=seg, index=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.segment_ids.shape[1]
 
     def claim(self, segment_ids: jax.Array) -> "KVCache":
         """Marks the next ``segment_ids.shape[1]`` slots with the new tokens' segments."""
         seg = jax.lax.dynamic_update_slice(self.segment_ids, segment_ids.astype(jnp.int32), (0, self.index))
         return dataclasses.replace(self, segment_ids=constrain(seg, SLOT_AXES))
 
-    def advance(self, n: int) -> "KVCache":
-        """The cache after ``n`` new tokens have been written by every layer."""
-        return dataclasses.replace(self, index=self.index + n)
+    def layer(self, i: int) -> "LayerCache":
+        """The view attention layer ``i`` reads and writes."""
+        return LayerCache(k=self.k[i], v=self.v[i], index=self.index, segment_ids=self.segment_ids)
 
-    def layer(self, i: jax.Array | int) -> "LayerCache":
-        """The view one attention layer reads and writes."""
-        return LayerCache(k=self.k, v=self.v, layer=jnp.asarray(i, jnp.int32), index=self.index,
-                          segment_ids=self.segment_ids)
-
-    def with_kv(self, k: jax.Array, v: jax.Array) -> "KVCache":
-        return dataclasses.replace(self, k=k, v=v)
+    def updated(self, layers: list["LayerCache"], n_new: int) -> "KVCache":
+        """The cache after every layer has written its ``n_new`` tokens."""
+        return dataclasses.replace(self, k=tuple(lc.k for lc in layers), v=tuple(lc.v for lc in layers),
+                                   index=self.index + n_new)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    """One layer's window onto the shared cache arrays (which it updates in place)."""
+    """One layer's keys and values plus the slot bookkeeping its mask needs."""
 
-    k: jax.Array
+    k: jax.Array  # [batch, kv_heads, max_len, head_dim]
     v: jax.Array
-    layer: jax.Array  # scalar int32
     index: jax.Array  # scalar int32
     segment_ids: jax.Array  # [batch, max_len], already including the new tokens
 
     def update(self, k_new: jax.Array, v_new: jax.Array) -> tuple["LayerCache", jax.Array, jax.Array]:
-        """Writes ``[batch, new, kv_heads, head_dim]`` keys/values at ``index``; returns the
-        updated view and this layer's full keys and values ``[batch, max_len, kv_heads, head_dim]``."""
-        start = (self.layer, 0, self.index, 0, 0)
-        k = jax.lax.dynamic_update_slice(self.k, k_new[None].astype(self.k.dtype), start)
-        v = jax.lax.dynamic_update_slice(self.v, v_new[None].astype(self.v.dtype), start)
-        k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
-        k_l = constrain(jax.lax.dynamic_index_in_dim(k, self.layer, 0, keepdims=False), CACHE_AXES[1:])
-        v_l = constrain(jax.lax.dynamic_index_in_dim(v, self.layer, 0, keepdims=False), CACHE_AXES[1:])
-        return dataclasses.replace(self, k=k, v=v), k_l, v_l
-
-    def with_kv(self, k: jax.Array, v: jax.Array) -> "LayerCache":
-        return dataclasses.replace(self, k=k, v=v)
+        """Writes ``[batch, new, kv_heads, head_dim]`` keys/values at ``index``; returns the updated
+        view and the layer's full keys and values as ``[batch, max_len, kv_heads, head_dim]`` (a
+        transposed view of the stored layout, which XLA folds into the attention matmuls)."""
+        start = (0, 0, self.index, 0)
+        k = constrain(jax.lax.dynamic_update_slice(self.k, _stored(k_new, self.k.dtype), start), CACHE_AXES)
+        v = constrain(jax.lax.dynamic_update_slice(self.v, _stored(v_new, self.v.dtype), start), CACHE_AXES)
+        return dataclasses.replace(self, k=k, v=v), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
     def mask(self, query_segments: jax.Array) -> jax.Array:
         """``[batch, 1, new, max_len]``: a query sees written slots of its own segment up to itself."""
@@ -99,3 +95,8 @@ class LayerCache:
         causal = k_slot[None, :] <= q_slot[:, None]
         same = query_segments[:, :, None] == self.segment_ids[:, None, :]
         return (same & causal[None])[:, None]
+
+
+def _stored(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``[batch, new, kv_heads, head_dim]`` -> ``[batch, kv_heads, new, head_dim]`` (cache layout)."""
+    return jnp.swapaxes(x, 1, 2).astype(dtype)

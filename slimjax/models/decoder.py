@@ -177,22 +177,20 @@ class Decoder(nnx.Module):
 
     def _run_blocks_cached(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                            cache: KVCache) -> tuple[jax.Array, KVCache]:
-        # The same blocks as training. The full cache arrays travel through the layers and each
-        # layer writes only its own new slice, so nothing is copied per layer. The layers are
-        # unrolled even when stacked for scanning: a scan would slice each layer's weights with a
-        # dynamic index, which XLA materialises as a copy of every weight at every decode step;
-        # constant slices of loop-invariant weights are hoisted out of the decode loop instead.
+        # The same blocks as training, unrolled even when stacked for scanning: a scan slices each
+        # layer's weights with a dynamic index, which XLA materialises as a copy of every weight
+        # at every decode step; a constant slice is a view.
         cache = cache.claim(segment_ids)
-        k, v = cache.k, cache.v
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
             layers = [(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.cfg.n_layers)]
         else:
             layers = [nnx.split(block) for block in self.blocks]
+        written = []
         for i, (graphdef, state) in enumerate(layers):
-            x, lc = nnx.merge(graphdef, state)(x, positions, segment_ids, cache.layer(i).with_kv(k, v))
-            k, v = lc.k, lc.v
-        return x, cache.with_kv(k, v).advance(segment_ids.shape[1])
+            x, lc = nnx.merge(graphdef, state)(x, positions, segment_ids, cache.layer(i))
+            written.append(lc)
+        return x, cache.updated(written, segment_ids.shape[1])
 
 
 def param_axes(model: nnx.Module) -> dict:
