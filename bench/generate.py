@@ -18,6 +18,7 @@ turn, slimjax and transformers interleaved, ``repeats`` times; medians are repor
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -25,12 +26,12 @@ import time
 import jax
 import numpy as np
 import torch
+from flax import nnx
 
 from slimjax import config as C
 from slimjax.configs import base
 from slimjax.infer.generate import Generator
 from slimjax.models import Decoder
-from flax import nnx
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from table import print_table, write_result  # noqa: E402
@@ -55,7 +56,7 @@ def hf_model(cfg: C.ModelConfig, params: dict):
                          rope_theta=cfg.rope_theta, tie_word_embeddings=False, attention_bias=False,
                          mlp_bias=False, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     model = LlamaForCausalLM(hf_cfg).eval()
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731  (a writable copy)
     b = params["blocks"]
     sd = {"model.embed_tokens.weight": t(params["embed"]["embedding"]),
           "model.norm.weight": t(params["final_norm"]["scale"]),
@@ -130,25 +131,30 @@ def main() -> None:
             times["sj_n"].append(timed(sj_generate, gen, prompts, args.new))
             times["hf_n"].append(timed(hf_generate, hf, prompts, args.new))
         med = {k: statistics.median(v) for k, v in times.items()}
+        best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on shared cores
         out = {}
         for fw in ("sj", "hf"):
             decode = batch * (args.new - 1) / max(med[f"{fw}_n"] - med[f"{fw}_1"], 1e-9)
             out[fw] = {"ttft_ms": 1000 * med[f"{fw}_1"], "decode_tokens_per_s": decode,
-                       "total_s": med[f"{fw}_n"], "times_s": times[f"{fw}_1"] + times[f"{fw}_n"]}
+                       "decode_tokens_per_s_best": batch * (args.new - 1) / max(best[f"{fw}_n"] - best[f"{fw}_1"], 1e-9),
+                       "total_s": med[f"{fw}_n"], "times_1_s": times[f"{fw}_1"], "times_new_s": times[f"{fw}_n"]}
             rows.append({"batch": batch, "framework": {"sj": "slimjax", "hf": "transformers"}[fw],
                          "ttft ms": out[fw]["ttft_ms"], "decode tok/s": decode,
-                         f"{args.new} tokens s": med[f"{fw}_n"]})
+                         f"{args.new} tokens s": med[f"{fw}_n"], "best-of decode": out[fw]["decode_tokens_per_s_best"]})
         ratio = out["sj"]["decode_tokens_per_s"] / out["hf"]["decode_tokens_per_s"]
         ttft_ratio = out["hf"]["ttft_ms"] / out["sj"]["ttft_ms"]
         rows.append({"batch": batch, "framework": "ratio slimjax/transformers",
-                     "ttft ms": f"{ttft_ratio:.2f}x faster", "decode tok/s": f"{ratio:.2f}x"})
+                     "ttft ms": f"{ttft_ratio:.2f}x faster", "decode tok/s": f"{ratio:.2f}x",
+                     "best-of decode": f"{best_ratio:.2f}x"})
+        best_ratio = out["sj"]["decode_tokens_per_s_best"] / out["hf"]["decode_tokens_per_s_best"]
         results[f"batch_{batch}"] = {"slimjax": out["sj"], "transformers": out["hf"], "decode_ratio": ratio,
+                                     "decode_ratio_best": best_ratio,
                                      "ttft_speedup": ttft_ratio, "first_tokens_agree": agree}
-    print_table(rows, ["batch", "framework", "ttft ms", "decode tok/s", f"{args.new} tokens s"])
+    print_table(rows, ["batch", "framework", "ttft ms", "decode tok/s", f"{args.new} tokens s", "best-of decode"])
     path = write_result("generate", {
         "command": "python " + " ".join(sys.argv), "n_params": n_params, "prompt_len": args.prompt_len,
         "new_tokens": args.new, "repeats": args.repeats, "jax": jax.__version__, "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "results": results})
+        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(), "results": results})
     print(f"wrote {path}")
 
 

@@ -57,11 +57,11 @@ def abstract_params(cfg: ModelConfig, dtype: Any, mesh: Mesh, rules: Rules) -> d
     return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
 
 
-def unstacked(cfg: ModelConfig, dtype: Any, params: dict) -> tuple[nnx.GraphDef, dict]:
-    """The unrolled model (``scan_layers=False``) holding the same weights as a scanned one."""
-    graphdef = nnx.graphdef(abstract_model(dataclasses.replace(cfg, scan_layers=False), dtype))
+def unstacked(cfg: ModelConfig, params: dict) -> dict:
+    """A scanned model's parameters in the layout of the unrolled one (``scan_layers=False``):
+    the same weights, one subtree per layer."""
     blocks = {i: jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(cfg.n_layers)}
-    return graphdef, {**params, "blocks": blocks}
+    return {**params, "blocks": blocks}
 
 
 def bucket_length(n: int) -> int:
@@ -81,8 +81,14 @@ class Generator:
                  dtype: Any = None):
         if (mesh is None) != (rules is None):
             raise ValueError("give both mesh and rules, or neither")
-        self.cfg, self.mesh, self.rules = cfg, mesh, rules
+        self.mesh, self.rules = mesh, rules
         self.dtype = compute_dtype(cfg.dtype) if dtype is None else dtype
+        if cfg.scan_layers:
+            # Decoding runs the layers unrolled with the weights unstacked once, here: sliced inside
+            # the decode loop, XLA would copy every layer's weights at every step.
+            params = unstacked(cfg, params)
+            cfg = dataclasses.replace(cfg, scan_layers=False)
+        self.cfg = cfg
         self.graphdef = nnx.graphdef(abstract_model(cfg, self.dtype))
         if mesh is None:
             self.param_shardings = None
@@ -169,10 +175,6 @@ class Generator:
 def _generate(graphdef: nnx.GraphDef, cfg: ModelConfig, dtype: Any, max_new: int, s: Sampling,
               params: dict, tokens: jax.Array, lengths: jax.Array, stops: jax.Array, key: jax.Array) -> jax.Array:
     """Prefill + decode loop: ``[batch, max_new]`` new tokens (``PAD_ID`` after a row stops)."""
-    if cfg.scan_layers:
-        # Inside the decode loop XLA copies every slice of a stacked weight at every step (it does
-        # not hoist them); unstacking once here, before the loop, leaves only reads in the loop.
-        graphdef, params = unstacked(cfg, dtype, params)
     model = nnx.merge(graphdef, params)
     batch, bucket = tokens.shape
     slot = jnp.arange(bucket)[None, :]
