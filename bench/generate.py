@@ -143,10 +143,10 @@ def main() -> None:
                          f"{args.new} tokens s": med[f"{fw}_n"], "best-of decode": out[fw]["decode_tokens_per_s_best"]})
         ratio = out["sj"]["decode_tokens_per_s"] / out["hf"]["decode_tokens_per_s"]
         ttft_ratio = out["hf"]["ttft_ms"] / out["sj"]["ttft_ms"]
+        best_ratio = out["sj"]["decode_tokens_per_s_best"] / out["hf"]["decode_tokens_per_s_best"]
         rows.append({"batch": batch, "framework": "ratio slimjax/transformers",
                      "ttft ms": f"{ttft_ratio:.2f}x faster", "decode tok/s": f"{ratio:.2f}x",
                      "best-of decode": f"{best_ratio:.2f}x"})
-        best_ratio = out["sj"]["decode_tokens_per_s_best"] / out["hf"]["decode_tokens_per_s_best"]
         results[f"batch_{batch}"] = {"slimjax": out["sj"], "transformers": out["hf"], "decode_ratio": ratio,
                                      "decode_ratio_best": best_ratio,
                                      "ttft_speedup": ttft_ratio, "first_tokens_agree": agree}
