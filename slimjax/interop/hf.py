@@ -1,0 +1,178 @@
+"""Hugging Face model directories in and out: ``import_hf`` and ``export_hf``.
+
+Import checks every tensor name and shape against what ``config.json`` implies before reading
+any data, then builds each parameter with ``jax.make_array_from_callback`` on its
+``NamedSharding`` from the rules: each device's callback reads only its shard's slice of the
+memory-mapped tensors (layer by layer when layers are stacked), so no host ever holds the whole
+model. Export streams the other way, one Hugging Face tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from slimjax.config import ModelConfig, validate
+from slimjax.configs import base
+from slimjax.errors import SlimjaxError
+from slimjax.interop import hf_config, mapping
+from slimjax.interop.safetensors_io import TensorIndex, write_model
+from slimjax.models import abstract_params
+from slimjax.sharding import Rules
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def base_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
+    """configs/base.py with the model section taken from a Hugging Face config (and rows no longer
+    than the model accepts)."""
+    c = base.get_config()
+    c.model.update(hf_config.model_keys(hf))
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+    return c
+
+
+def _get(tree: dict, path: mapping.Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: mapping.Path, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _hf_shape(link: mapping.Link, slim_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Hugging Face shape a parameter of ``slim_shape`` maps to (computed without data)."""
+    return tuple(jax.eval_shape(link.to_hf, jax.ShapeDtypeStruct(slim_shape, np.float32)).shape)
+
+
+def expected_tensors(cfg: ModelConfig, links: list[mapping.Link]) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape, for every tensor the model reads (fused tensors whole)."""
+    _, _, shapes = abstract_params(cfg)
+    by_template: dict[str, tuple[int, ...]] = {}
+    for link in links:
+        shape = tuple(_get(shapes, link.path).shape)
+        hf_shape = _hf_shape(link, shape[1:] if link.per_layer and cfg.scan_layers else shape)
+        if link.part:  # a slice of a fused tensor: the whole runs to the furthest part's end
+            axis, _, stop = link.part
+            prev = by_template[link.hf][axis] if link.hf in by_template else 0
+            hf_shape = hf_shape[:axis] + (max(stop, prev),) + hf_shape[axis + 1:]
+        by_template[link.hf] = hf_shape
+    return {link.hf_name(layer): by_template[link.hf] for link in links
+            for layer in (range(cfg.n_layers) if link.per_layer else [None])}
+
+
+def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list[mapping.Link]) -> None:
+    """Every expected tensor present with its shape, and nothing unexplained left over."""
+    fam = hf_config.ARCHITECTURES[arch]
+    expected = expected_tensors(cfg, links)
+    present = tensors.names()
+    where = tensors.directory
+    for name, shape in expected.items():
+        if name not in present:
+            raise SlimjaxError(f"tensor '{name}' is missing from '{where}'; a {arch} with this config.json needs it")
+        if tensors.shape(name) != shape:
+            raise SlimjaxError(f"tensor '{name}' in '{where}' has shape {tensors.shape(name)} but config.json "
+                               f"implies {shape}")
+    for name in sorted(present - set(expected)):
+        if not mapping.ignorable(name, fam, cfg.tie_embeddings):
+            raise SlimjaxError(f"tensor '{name}' in '{where}' has no place in a {arch} with this config.json "
+                               "(wrong architecture or layer count?)")
+
+
+def _reader(tensors: TensorIndex, link: mapping.Link):
+    def read(layer: int | None) -> np.ndarray:
+        src = tensors.array(link.hf_name(layer))
+        if link.part:
+            axis, start, stop = link.part
+            src = src[(slice(None),) * axis + (slice(start, stop),)]
+        return link.to_slim(src)
+
+    return read
+
+
+def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True,
+              **model_overrides: Any) -> tuple[ModelConfig, dict]:
+    """(model config, parameters sharded by ``rules`` on ``mesh``) from a Hugging Face directory.
+
+    ``model_overrides`` set other model keys that do not change the parameters (dtype, remat...).
+    """
+    hf = hf_config.read_config(hf_dir)
+    arch = hf_config.architecture(hf)
+    c = base_config(hf)
+    c.model.scan_layers = scan_layers
+    c.model.update(model_overrides)
+    cfg = validate(c).model
+    tensors = TensorIndex(hf_dir)
+    prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.names()) else ""
+    fam = hf_config.ARCHITECTURES[arch]
+    links = mapping.links_for(cfg, fam, prefix)
+    check_tensors(tensors, cfg, arch, links)
+
+    _, axes, shapes = abstract_params(cfg)
+    shardings = rules.tree_shardings(axes, shapes, mesh)
+    params: dict = {}
+    for link in links:
+        read = _reader(tensors, link)
+        stacked = link.per_layer and cfg.scan_layers
+        for layer in ([None] if stacked or not link.per_layer else range(cfg.n_layers)):
+            path = mapping.slim_path(link, layer, cfg.scan_layers)
+            shape, sharding = _get(shapes, path).shape, _get(shardings, path)
+
+            def shard(index, read=read, layer=layer, stacked=stacked):
+                if stacked:  # [layers, ...]: read each layer's tensor, only this shard's slice of it
+                    rows = range(cfg.n_layers)[index[0]]
+                    return np.stack([np.asarray(read(i)[index[1:]], np.float32) for i in rows])
+                return np.asarray(read(layer)[index], np.float32)
+
+            _set(params, path, jax.make_array_from_callback(shape, sharding, shard))
+    return cfg, params
+
+
+def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str | None = None,
+              tokenizer: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes ``config.json`` and safetensors (plus ``tokenizer.json`` when given) that
+    ``transformers`` loads; returns the file names. ``out_dir`` must be new or empty."""
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise SlimjaxError(f"--out '{out_dir}' exists and is not an empty directory; give a new one")
+    hf = hf_config.to_hf(cfg, architecture)
+    fam = hf_config.ARCHITECTURES[hf["architectures"][0]]
+    links = mapping.links_for(cfg, fam)
+    shapes = expected_tensors(cfg, links)
+    by_name: dict[str, list[tuple[mapping.Link, int | None]]] = {}
+    for link in links:
+        for layer in range(cfg.n_layers) if link.per_layer else [None]:
+            by_name.setdefault(link.hf_name(layer), []).append((link, layer))
+
+    def fetch(name: str) -> np.ndarray:
+        parts = []
+        for link, layer in by_name[name]:
+            value = _get(params, mapping.slim_path(link, layer, cfg.scan_layers))
+            if link.per_layer and cfg.scan_layers:
+                value = value[layer]
+            parts.append((link.part, link.to_hf(np.asarray(jax.device_get(value), np.float32))))
+        if len(parts) == 1:
+            return parts[0][1]
+        parts.sort(key=lambda p: p[0][1])
+        return np.concatenate([p for _, p in parts], axis=parts[0][0][0])
+
+    os.makedirs(out_dir, exist_ok=True)
+    specs = [(name, shapes[name], np.dtype(np.float32)) for name in mapping.hf_names(links, cfg.n_layers)]
+    files = write_model(out_dir, specs, fetch, max_shard_bytes)
+    with open(os.path.join(out_dir, hf_config.CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+    files.append(hf_config.CONFIG_FILE)
+    if tokenizer:
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
+        files.append(TOKENIZER_FILE)
+    return files
