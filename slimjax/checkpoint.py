@@ -50,6 +50,21 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored.state, restored[_data_item()], restored.meta
 
+    def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
+        """Writes only ``params`` and ``meta`` for ``step`` (an imported model has no optimizer
+        state); such a checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(step, args=args, force=True)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of ``step`` ("step", the resolved "config", ...)."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of ``step``, in the shapes and shardings of ``abstract_params``."""
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        return self._manager.restore(step, args=args).params
+
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""
         self._manager.wait_until_finished()

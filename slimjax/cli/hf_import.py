@@ -1,0 +1,76 @@
+"""``slimjax import``: a Hugging Face model directory -> a run workdir (checkpoint, config, tokenizer).
+
+The workdir serves ``slimjax eval``, ``slimjax export`` and fine-tuning by pointing a new run's
+``checkpoint.init_from`` at it. Parameters stream from the safetensors straight into their
+shardings on the mesh (``slimjax.interop.hf.import_hf``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Sequence
+
+from slimjax.cli.flags import iter_flags
+from slimjax.config import suggest
+from slimjax.errors import SlimjaxError
+
+USAGE = ("slimjax import --hf_dir=DIR --workdir=RUN   (DIR: config.json + *.safetensors [+ tokenizer.json], "
+         "Llama / Mistral / GPT-2)")
+FLAGS = ("hf_dir", "workdir")
+
+
+def run(argv: Sequence[str]) -> int:
+    values = {}
+    for name, value in iter_flags(argv, example="--hf_dir=DIR"):
+        if name not in FLAGS:
+            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
+        values[name] = value
+    missing = [f for f in FLAGS if not values.get(f)]
+    if missing:
+        raise SlimjaxError(f"slimjax import needs --{missing[0]}; usage: {USAGE}")
+    hf_dir, workdir = os.path.abspath(values["hf_dir"]), os.path.abspath(values["workdir"])
+    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+        raise SlimjaxError(f"--workdir '{values['workdir']}' exists and is not empty; give a new directory")
+
+    import jax
+
+    from slimjax.checkpoint import Checkpointer
+    from slimjax.cli.rundir import base_checkpoint_config
+    from slimjax.config import validate
+    from slimjax.data.hf_tokenizer import HFTokenizer
+    from slimjax.interop import hf, hf_config
+    from slimjax.sharding import Rules, make_mesh
+    from slimjax.train.run import CHECKPOINT_DIR
+
+    raw = hf_config.read_config(hf_dir)
+    arch = hf_config.architecture(raw)
+    c = hf.base_config(raw)
+    tok_src = os.path.join(hf_dir, hf.TOKENIZER_FILE)
+    tok_dst = os.path.join(workdir, "tokenizer", hf.TOKENIZER_FILE)
+    c.data.tokenizer_kind = "huggingface"
+    c.data.tokenizer = tok_dst if os.path.isfile(tok_src) else ""
+    cfg = validate(c)
+    if os.path.isfile(tok_src):
+        HFTokenizer(tok_src)  # fail now, before writing anything, if slimjax cannot use it
+    mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
+    model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
+
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        if os.path.isfile(tok_src):
+            os.makedirs(os.path.dirname(tok_dst), exist_ok=True)
+            shutil.copyfile(tok_src, tok_dst)
+        checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), base_checkpoint_config())
+        checkpointer.save_params(0, params, {"config": cfg.to_dict(), "step": 0,
+                                             "hf": {"architecture": arch, "source": hf_dir}})
+        checkpointer.wait()
+        checkpointer.close()
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)  # the directory was new: leave nothing half-written
+        raise
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    note = "" if os.path.isfile(tok_src) else " (no tokenizer.json: give eval --tokenizer=FILE)"
+    print(f"imported {arch} ({n_params:,} parameters, {model_cfg.n_layers} layers) from {hf_dir} -> "
+          f"{workdir}{note}")
+    return 0
