@@ -61,7 +61,7 @@ def expected_tensors(cfg: ModelConfig, links: list[mapping.Link]) -> dict[str, t
     _, _, shapes = abstract_params(cfg)
     by_template: dict[str, tuple[int, ...]] = {}
     for link in links:
-        shape = tuple(_get(shapes, link.path).shape)
+        shape = tuple(_get(shapes, mapping.slim_path(link, 0, cfg.scan_layers)).shape)
         hf_shape = _hf_shape(link, shape[1:] if link.per_layer and cfg.scan_layers else shape)
         if link.part:  # a slice of a fused tensor: the whole runs to the furthest part's end
             axis, _, stop = link.part

@@ -1,0 +1,187 @@
+"""Hugging Face import/export: logit parity with transformers, identical round trips, sharded
+import, and one-line errors for bad directories."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_models import VARIANTS, hf_logits, random_model, save
+from safetensors.numpy import load_file, save_file
+
+from slimjax import config as C
+from slimjax.cli import main
+from slimjax.configs import base
+from slimjax.interop.hf import export_hf, import_hf
+from slimjax.interop.safetensors_io import INDEX_FILE
+from slimjax.models import abstract_params
+from slimjax.sharding import Rules, activation_rules, make_mesh
+
+TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 40))
+
+
+def mesh_and_rules(data=1, fsdp=1, tensor=1):
+    c = base.get_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+    m = C.validate(c).mesh
+    n = data * fsdp * tensor
+    return make_mesh(m, jax.devices()[:n]), Rules.from_config(m)
+
+
+def slim_logits(cfg, params, tokens=TOKENS):
+    graphdef, _, _ = abstract_params(cfg)
+    return np.asarray(nnx.merge(graphdef, params)(tokens))
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """variant -> directory of a saved random model (built once per module)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {v: save(v, str(root / v)) for v in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(saved, variant):
+    mesh, rules = mesh_and_rules()
+    cfg, params = import_hf(saved[variant], mesh, rules, dtype="float32")
+    ref = hf_logits(random_model(variant), TOKENS)
+    assert rel_err(slim_logits(cfg, params), ref) <= 1e-4
+    if variant == "llama_tied_llama3":
+        assert (cfg.tie_embeddings, cfg.rope_scaling, cfg.head_dim) == (True, "llama3", 24)
+        # The scaling matters: without it the logits differ, so parity above really tests it.
+        plain = cfg.__class__(**{**cfg.__dict__, "rope_scaling": "none"})
+        assert rel_err(slim_logits(plain, params), ref) > 1e-3
+
+
+def test_unrolled_layers_give_the_same_logits(saved):
+    mesh, rules = mesh_and_rules()
+    cfg, params = import_hf(saved["mistral"], mesh, rules, scan_layers=False, dtype="float32")
+    assert set(params["blocks"]) == {0, 1}
+    assert rel_err(slim_logits(cfg, params), hf_logits(random_model("mistral"), TOKENS)) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied_llama3", "mistral", "gpt2"])
+def test_round_trip_gives_identical_tensors_and_transformers_loads_it(saved, variant, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    mesh, rules = mesh_and_rules()
+    cfg, params = import_hf(saved[variant], mesh, rules, dtype="float32")
+    arch = json.load(open(os.path.join(saved[variant], "config.json")))["architectures"][0]
+    out = str(tmp_path / "out")
+    export_hf(cfg, params, out, architecture=arch)
+    before, after = load_file(os.path.join(saved[variant], "model.safetensors")), load_file(
+        os.path.join(out, "model.safetensors"))
+    assert sorted(before) == sorted(after)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded).__name__ == arch
+    np.testing.assert_array_equal(hf_logits(reloaded, TOKENS), hf_logits(random_model(variant), TOKENS))
+
+
+def test_import_onto_a_mesh_shards_each_leaf_by_the_rules(saved):
+    ref_cfg, ref_params = import_hf(saved["llama_gqa"], *mesh_and_rules(), dtype="float32")
+    mesh, rules = mesh_and_rules(1, 2, 4)
+    cfg, params = import_hf(saved["llama_gqa"], mesh, rules, dtype="float32")
+    _, axes, shapes = abstract_params(cfg)
+    want = rules.tree_shardings(axes, shapes, mesh)
+    flat_params = jax.tree_util.tree_leaves_with_path(params)
+    flat_want = jax.tree.leaves(want)
+    assert len(flat_params) == len(flat_want) == 12
+    sharded = 0
+    for (path, leaf), sharding in zip(flat_params, flat_want):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), jax.tree_util.keystr(path)
+        sharded += leaf.addressable_shards[0].data.size < leaf.size
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(_at(ref_params, path)))
+    assert sharded >= 8  # most leaves really are split over the devices
+    graphdef, _, _ = abstract_params(cfg)
+    with activation_rules(mesh, rules):
+        logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, TOKENS)
+    np.testing.assert_allclose(np.asarray(logits), slim_logits(ref_cfg, ref_params), rtol=1e-5, atol=1e-5)
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_sharded_checkpoints_in_and_out(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = save("llama_gqa", str(tmp_path / "src"), max_shard_size="100KB")
+    assert os.path.isfile(os.path.join(src, INDEX_FILE))
+    mesh, rules = mesh_and_rules()
+    cfg, params = import_hf(src, mesh, rules, dtype="float32")
+    ref = hf_logits(random_model("llama_gqa"), TOKENS)
+    assert rel_err(slim_logits(cfg, params), ref) <= 1e-4
+    out = str(tmp_path / "out")
+    files = export_hf(cfg, params, out, max_shard_bytes=100_000)
+    assert INDEX_FILE in files and len([f for f in files if f.endswith(".safetensors")]) >= 3
+    np.testing.assert_array_equal(hf_logits(AutoModelForCausalLM.from_pretrained(out), TOKENS), ref)
+
+
+def test_cli_import_then_export_round_trips_with_tokenizer(saved, tmp_path, capsys):
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    assert main(["import", f"--hf_dir={saved['gpt2']}", f"--workdir={run}"]) == 0
+    assert "imported GPT2LMHeadModel" in capsys.readouterr().out
+    assert main(["export", f"--workdir={run}", f"--out={out}"]) == 0
+    before, after = load_file(os.path.join(saved["gpt2"], "model.safetensors")), load_file(
+        os.path.join(out, "model.safetensors"))
+    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
+    assert open(os.path.join(out, "tokenizer.json")).read() == open(
+        os.path.join(saved["gpt2"], "tokenizer.json")).read()
+    # Exporting over an existing directory is refused and leaves it alone.
+    assert main(["export", f"--workdir={run}", f"--out={out}"]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+
+
+def _broken(tmp_path, saved, edit):
+    """A copy of the llama_gqa directory with its tensors (or config) changed by ``edit``."""
+    d = tmp_path / "broken"
+    d.mkdir()
+    tensors = load_file(os.path.join(saved["llama_gqa"], "model.safetensors"))
+    config = json.load(open(os.path.join(saved["llama_gqa"], "config.json")))
+    edit(tensors, config)
+    save_file(tensors, str(d / "model.safetensors"))
+    json.dump(config, open(d / "config.json", "w"))
+    return str(d)
+
+
+BAD = {
+    "missing tensor": (lambda t, c: t.pop("model.layers.1.mlp.up_proj.weight"),
+                       "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
+    "extra tensor": (lambda t, c: t.__setitem__("model.layers.2.mlp.up_proj.weight", np.zeros((96, 64), np.float32)),
+                     "tensor 'model.layers.2.mlp.up_proj.weight'"),
+    "shape mismatch": (lambda t, c: t.__setitem__("model.layers.0.self_attn.k_proj.weight",
+                                                  np.zeros((16, 64), np.float32)),
+                       "tensor 'model.layers.0.self_attn.k_proj.weight'"),
+    "unsupported architecture": (lambda t, c: c.__setitem__("architectures", ["BertForMaskedLM"]),
+                                 "architecture 'BertForMaskedLM' is not supported"),
+    "unsupported setting": (lambda t, c: c.__setitem__("attention_bias", True), "'attention_bias'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_directories_fail_in_one_line_naming_the_tensor_or_key(saved, tmp_path, capsys, case):
+    edit, expected = BAD[case]
+    src = _broken(tmp_path, saved, edit)
+    run = str(tmp_path / "run")
+    assert main(["import", f"--hf_dir={src}", f"--workdir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimjax: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not os.path.exists(run)  # nothing written
+
+
+def test_directory_without_config_json(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["import", f"--hf_dir={tmp_path / 'empty'}", f"--workdir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json" in err and err.count("\n") == 1
