@@ -185,3 +185,46 @@ def test_directory_without_config_json(tmp_path, capsys):
     assert main(["import", f"--hf_dir={tmp_path / 'empty'}", f"--workdir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "has no config.json" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear"])
+def test_rope_frequencies_equal_transformers_at_llama_31_scale(kind):
+    """Head dim 128, theta 5e5, 8192 original positions: all three llama3 bands are populated."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from slimjax.models.layers import rope_inv_freq
+
+    scaling = {"rope_type": kind, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                     rope_theta=500000.0, rope_scaling=scaling)
+    ref, attention_factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    ref = ref.numpy()
+    mine = np.asarray(rope_inv_freq(128, 500000.0, (kind, 8.0, 1.0, 4.0, 8192)))
+    assert attention_factor == 1.0
+    np.testing.assert_allclose(mine, ref, rtol=1e-6)
+    if kind == "llama3":
+        wavelen = 2 * np.pi / ref
+        assert min((wavelen < 2048).sum(), ((wavelen >= 2048) & (wavelen <= 8192)).sum(), (wavelen > 8192).sum()) >= 3
+
+
+@pytest.mark.parametrize("variant", ["llama_tied_llama3", "gpt2"])
+def test_greedy_tokens_equal_transformers_generate(saved, variant):
+    """Greedy continuation by full forward passes of the imported model equals transformers' generate."""
+    import torch
+
+    mesh, rules = mesh_and_rules()
+    cfg, params = import_hf(saved[variant], mesh, rules, dtype="float32")
+    graphdef, _, _ = abstract_params(cfg)
+    model = nnx.merge(graphdef, params)
+    prompt = TOKENS[:1, :8]
+    tokens = prompt
+    for _ in range(12):
+        nxt = np.asarray(model(tokens))[:, -1].argmax(-1)
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+    hf_model = random_model(variant)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor(prompt), attention_mask=torch.ones_like(torch.tensor(prompt)),
+                                max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(tokens, ref)
