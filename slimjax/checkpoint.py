@@ -42,14 +42,6 @@ class Checkpointer:
                                   **{_data_item(): ocp.args.JsonSave(data_state)})
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: dict[str, Any]
-                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(state, data_state, meta) of ``step``, the state in the shapes and shardings of ``abstract_state``."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
-                                  **{_data_item(): ocp.args.JsonRestore()})
-        restored = self._manager.restore(step, args=args)
-        return restored.state, restored[_data_item()], restored.meta
-
     def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
         """Writes only ``params`` and ``meta`` for ``step`` (an imported model has no optimizer
         state); such a checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
@@ -60,10 +52,24 @@ class Checkpointer:
         """The JSON metadata of ``step`` ("step", the resolved "config", ...)."""
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
+    def restore(self, step: int, abstract_state: dict[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(state, data_state, meta) of ``step``, the state in the shapes and shardings of ``abstract_state``."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
+                                  **{_data_item(): ocp.args.JsonRestore()})
+        restored = self._manager.restore(step, args=args)
+        return restored.state, restored[_data_item()], restored.meta
+
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the parameters of ``step``, in the shapes and shardings of ``abstract_params``."""
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        return self._manager.restore(step, args=args).params
+        """Only the parameters of ``step``, in the shapes and shardings of ``abstract_params``: the
+        ``params`` item of a params-only checkpoint, or the params subtree of a train state."""
+        if os.path.isdir(os.path.join(self.directory, str(step), "params")):
+            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            return self._manager.restore(step, args=args).params
+        item = {"params": abstract_params}
+        state = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                       partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=state)).state["params"]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""

@@ -32,12 +32,12 @@ def imported(tmp_path_factory):
     return run, str(corpus / "*.txt")
 
 
-def numpy_score(run, source, split, rows):
+def numpy_score(run, source, split, rows, tok=None):
     """Summed NLL from the unsharded model's logits with a float64 NumPy log-softmax, tokens, bytes."""
     rd = open_run(run)
     data = rd.cfg.data.__class__(**{**rd.cfg.data.__dict__, "sources": (source,)})
     docs = evaluate.split_documents(data, split)
-    tok = HFTokenizer(data.tokenizer)
+    tok = tok or HFTokenizer(data.tokenizer)
     graphdef, _, _ = abstract_params(rd.cfg.model)
     params = jax.device_get(rd.restore_params())
     model = nnx.merge(graphdef, params)
@@ -75,6 +75,33 @@ def test_eval_command_matches_numpy_on_the_logits(imported, capsys):
     records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["step"] for r in records if "evaluate/bits_per_byte" in r] == [0, 0]
     assert os.listdir(os.path.join(run, "tensorboard"))
+
+
+def test_eval_reads_a_training_checkpoint(imported, tmp_path, capsys):
+    """A `slimjax train` layout (full train state) is scored from its params alone."""
+    import dataclasses
+
+    from helpers import build_state, small_config
+
+    from slimjax.checkpoint import Checkpointer
+    from slimjax.config import parse_source
+    from slimjax.data.tokenizer import ByteTokenizer
+
+    _, pattern = imported
+    cfg = small_config(vocab_size=264)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_kind="byte"))
+    _, _, _, state = build_state(cfg)
+    run = str(tmp_path / "trained")
+    ck = Checkpointer(os.path.join(run, "checkpoints"), cfg.checkpoint)
+    ck.save(5, state.as_dict(), {}, {"config": cfg.to_dict(), "step": 5})
+    ck.wait()
+    ck.close()
+    out = str(tmp_path / "scores.json")
+    assert main(["eval", f"--workdir={run}", f"--source=text:{pattern}", "--split=train", f"--out={out}"]) == 0
+    got = json.load(open(out))
+    nll, tokens, n_bytes, _ = numpy_score(run, parse_source("s", f"text:{pattern}"), "train", 16, ByteTokenizer())
+    assert got["step"] == 5 and got["tokens"] == tokens and got["bytes"] == n_bytes
+    assert got["bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
 
 
 def test_eval_command_errors(imported, tmp_path, capsys):
