@@ -132,6 +132,13 @@ def test_cli_import_then_export_round_trips_with_tokenizer(saved, tmp_path, caps
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     assert main(["import", f"--hf_dir={saved['gpt2']}", f"--workdir={run}"]) == 0
     assert "imported GPT2LMHeadModel" in capsys.readouterr().out
+    # The run's config.py rebuilds the imported config (what fine-tuning with checkpoint.init_from uses).
+    from slimjax.cli.flags import load_config_file
+    from slimjax.cli.rundir import open_run
+
+    rd = open_run(run)
+    assert C.validate(load_config_file(os.path.join(run, "config.py"))) == rd.cfg
+    assert rd.cfg.model.positions == "learned" and rd.cfg.data.tokenizer == os.path.join(run, "tokenizer", "tokenizer.json")
     assert main(["export", f"--workdir={run}", f"--out={out}"]) == 0
     before, after = load_file(os.path.join(saved["gpt2"], "model.safetensors")), load_file(
         os.path.join(out, "model.safetensors"))

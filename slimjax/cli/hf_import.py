@@ -18,6 +18,7 @@ from slimjax.errors import SlimjaxError
 USAGE = ("slimjax import --hf_dir=DIR --workdir=RUN   (DIR: config.json + *.safetensors [+ tokenizer.json], "
          "Llama / Mistral / GPT-2)")
 FLAGS = ("hf_dir", "workdir")
+CONFIG_FILE = "config.py"  # the imported model as a --config file (for fine-tuning with checkpoint.init_from)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -66,6 +67,7 @@ def run(argv: Sequence[str]) -> int:
                                              "hf": {"architecture": arch, "source": hf_dir}})
         checkpointer.wait()
         checkpointer.close()
+        write_config_file(os.path.join(workdir, CONFIG_FILE), cfg, arch, hf_dir)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)  # the directory was new: leave nothing half-written
         raise
@@ -74,3 +76,27 @@ def run(argv: Sequence[str]) -> int:
     print(f"imported {arch} ({n_params:,} parameters, {model_cfg.n_layers} layers) from {hf_dir} -> "
           f"{workdir}{note}")
     return 0
+
+
+def write_config_file(path: str, cfg, arch: str, hf_dir: str) -> None:
+    """A ``get_config()`` file: configs/base.py with the imported model and tokenizer keys."""
+    keys = cfg.to_dict()
+    data = {k: keys["data"][k] for k in ("tokenizer_kind", "tokenizer", "seq_len")}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'''"""The {arch} imported from {hf_dir}, as a slimjax config.
+
+Fine-tune: slimjax train --config={path} --config.checkpoint.init_from={os.path.dirname(path)} --workdir=NEW_RUN
+"""
+
+from slimjax.configs import base
+
+MODEL = {keys["model"]!r}
+DATA = {data!r}
+
+
+def get_config():
+    c = base.get_config()
+    c.model.update(MODEL)
+    c.data.update(DATA)
+    return c
+''')
