@@ -235,3 +235,40 @@ def test_greedy_tokens_equal_transformers_generate(saved, variant):
         ref = hf_model.generate(torch.tensor(prompt), attention_mask=torch.ones_like(torch.tensor(prompt)),
                                 max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
     np.testing.assert_array_equal(tokens, ref)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "gpt2"])
+def test_layout_transforms_are_views_of_the_memory_map(saved, variant):
+    """Every parameter is a transpose/reshape/slice view of the mapped file, so a device's shard
+    callback reads only its own bytes (streaming, not a full tensor per device)."""
+    from slimjax.interop import hf_config, mapping
+    from slimjax.interop.hf import _reader
+    from slimjax.interop.safetensors_io import TensorIndex
+
+    mesh, rules = mesh_and_rules()
+    cfg, _ = import_hf(saved[variant], mesh, rules)
+    tensors = TensorIndex(saved[variant])
+    links = mapping.links_for(cfg, hf_config.family(cfg), "transformer." if variant == "gpt2" else "")
+    for link in links:
+        layer = 1 if link.per_layer else None
+        view = _reader(tensors, link)(layer)
+        assert np.shares_memory(view, tensors.array(link.hf_name(layer))), link.path
+        assert not view.flags.owndata, link.path
+
+
+def test_bfloat16_checkpoints_import_exactly(tmp_path):
+    """Released checkpoints are bf16: each value arrives exactly (bf16 -> f32 is lossless)."""
+    import torch
+
+    model = random_model("llama_gqa").to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "bf16"))
+    mesh, rules = mesh_and_rules()
+    cfg, params = import_hf(str(tmp_path / "bf16"), mesh, rules, dtype="float32")
+    want = model.model.layers[1].self_attn.k_proj.weight.detach().float().numpy()  # [kv*hd, D]
+    got = np.asarray(params["blocks"]["attn"]["wk"]["kernel"][1])  # [D, kv, hd]
+    np.testing.assert_array_equal(got.reshape(got.shape[0], -1).T, want)
+    from transformers import AutoModelForCausalLM
+
+    # The bf16 weights computed in f32 (a fresh load, so RoPE's buffer is f32 too).
+    ref = hf_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32), TOKENS)
+    assert rel_err(slim_logits(cfg, params), ref) <= 1e-4
