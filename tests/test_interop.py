@@ -242,7 +242,7 @@ def test_layout_transforms_are_views_of_the_memory_map(saved, variant):
     """Every parameter is a transpose/reshape/slice view of the mapped file, so a device's shard
     callback reads only its own bytes (streaming, not a full tensor per device)."""
     from slimjax.interop import hf_config, mapping
-    from slimjax.interop.hf import _reader
+    from slimjax.interop.hf import tensor_reader
     from slimjax.interop.safetensors_io import TensorIndex
 
     mesh, rules = mesh_and_rules()
@@ -251,7 +251,7 @@ def test_layout_transforms_are_views_of_the_memory_map(saved, variant):
     links = mapping.links_for(cfg, hf_config.family(cfg), "transformer." if variant == "gpt2" else "")
     for link in links:
         layer = 1 if link.per_layer else None
-        view = _reader(tensors, link)(layer)
+        view = tensor_reader(tensors, link)(layer)
         assert np.shares_memory(view, tensors.array(link.hf_name(layer))), link.path
         assert not view.flags.owndata, link.path
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -90,7 +90,10 @@ def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list
                                "(wrong architecture or layer count?)")
 
 
-def _reader(tensors: TensorIndex, link: mapping.Link):
+def tensor_reader(tensors: TensorIndex, link: mapping.Link) -> Callable[[int | None], np.ndarray]:
+    """``read(layer)``: the link's tensor for one layer in slimjax's layout, as a lazy view of the
+    memory-mapped file (slicing it reads only the slice)."""
+
     def read(layer: int | None) -> np.ndarray:
         src = tensors.array(link.hf_name(layer))
         if link.part:
@@ -123,7 +126,7 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
     shardings = rules.tree_shardings(axes, shapes, mesh)
     params: dict = {}
     for link in links:
-        read = _reader(tensors, link)
+        read = tensor_reader(tensors, link)
         stacked = link.per_layer and cfg.scan_layers
         for layer in ([None] if stacked or not link.per_layer else range(cfg.n_layers)):
             path = mapping.slim_path(link, layer, cfg.scan_layers)
