@@ -272,3 +272,36 @@ def test_bfloat16_checkpoints_import_exactly(tmp_path):
     # The bf16 weights computed in f32 (a fresh load, so RoPE's buffer is f32 too).
     ref = hf_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32), TOKENS)
     assert rel_err(slim_logits(cfg, params), ref) <= 1e-4
+
+
+def test_config_keys_old_and_new_rope_spellings_and_sliding_window():
+    from slimjax.interop.hf_config import model_keys
+
+    llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 8, "intermediate_size": 96, "max_position_embeddings": 64}
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    legacy = model_keys({**llama, "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **scaling}})
+    v5 = model_keys({**llama, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}})
+    assert legacy == v5
+    assert (v5["rope_scaling"], v5["rope_factor"], v5["rope_original_max_len"], v5["rope_theta"]) == (
+        "llama3", 32.0, 8192, 500000.0)
+    assert (v5["n_kv_heads"], v5["head_dim"], v5["tie_embeddings"]) == (8, 8, False)  # transformers' defaults
+    mistral = model_keys({**llama, "architectures": ["MistralForCausalLM"], "sliding_window": 16})
+    assert mistral["max_seq_len"] == 16  # full attention equals the window's up to its length
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' is not supported"),
+    ({"hidden_act": "gelu"}, "config.json 'hidden_act' is 'gelu'"),
+    ({"hidden_size": None}, "config.json has no 'hidden_size'"),
+    ({"architectures": [], "model_type": "t5"}, "architecture 't5' is not supported"),
+])
+def test_config_keys_refuse_what_slimjax_cannot_compute(edit, expected):
+    from slimjax.errors import SlimjaxError
+    from slimjax.interop.hf_config import model_keys
+
+    llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 8, "intermediate_size": 96, "max_position_embeddings": 64}
+    with pytest.raises(SlimjaxError, match=expected):
+        model_keys({**llama, **edit})
