@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
@@ -56,9 +57,11 @@ def _hf_shape(link: mapping.Link, slim_shape: tuple[int, ...]) -> tuple[int, ...
     return tuple(jax.eval_shape(link.to_hf, jax.ShapeDtypeStruct(slim_shape, np.float32)).shape)
 
 
-def expected_tensors(cfg: ModelConfig, links: list[mapping.Link]) -> dict[str, tuple[int, ...]]:
-    """Hugging Face name -> shape, for every tensor the model reads (fused tensors whole)."""
-    _, _, shapes = abstract_params(cfg)
+def expected_tensors(cfg: ModelConfig, links: list[mapping.Link], shapes: dict | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape, for every tensor the model reads (fused tensors whole);
+    ``shapes`` are the model's abstract parameters when the caller has them."""
+    shapes = abstract_params(cfg)[2] if shapes is None else shapes
     by_template: dict[str, tuple[int, ...]] = {}
     for link in links:
         shape = tuple(_get(shapes, mapping.slim_path(link, 0, cfg.scan_layers)).shape)
@@ -72,10 +75,11 @@ def expected_tensors(cfg: ModelConfig, links: list[mapping.Link]) -> dict[str, t
             for layer in (range(cfg.n_layers) if link.per_layer else [None])}
 
 
-def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list[mapping.Link]) -> None:
+def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list[mapping.Link],
+                  shapes: dict) -> None:
     """Every expected tensor present with its shape, and nothing unexplained left over."""
     fam = hf_config.ARCHITECTURES[arch]
-    expected = expected_tensors(cfg, links)
+    expected = expected_tensors(cfg, links, shapes)
     present = tensors.names()
     where = tensors.directory
     for name, shape in expected.items():
@@ -104,6 +108,15 @@ def tensor_reader(tensors: TensorIndex, link: mapping.Link) -> Callable[[int | N
     return read
 
 
+def fill_float32(dst: np.ndarray, src: np.ndarray) -> None:
+    """Writes ``src`` (any layout, any float dtype) into the float32 array ``dst`` in one pass;
+    bfloat16 (what released checkpoints hold) by a 16-bit shift, which is exact."""
+    if src.dtype == np.dtype(ml_dtypes.bfloat16):
+        np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(dst, src, casting="same_kind")
+
+
 def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True,
               **model_overrides: Any) -> tuple[ModelConfig, dict]:
     """(model config, parameters sharded by ``rules`` on ``mesh``) from a Hugging Face directory.
@@ -120,9 +133,8 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
     prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.names()) else ""
     fam = hf_config.ARCHITECTURES[arch]
     links = mapping.links_for(cfg, fam, prefix)
-    check_tensors(tensors, cfg, arch, links)
-
     _, axes, shapes = abstract_params(cfg)
+    check_tensors(tensors, cfg, arch, links, shapes)
     shardings = rules.tree_shardings(axes, shapes, mesh)
     params: dict = {}
     for link in links:
@@ -132,11 +144,15 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
             path = mapping.slim_path(link, layer, cfg.scan_layers)
             shape, sharding = _get(shapes, path).shape, _get(shardings, path)
 
-            def shard(index, read=read, layer=layer, stacked=stacked):
+            def shard(index, read=read, layer=layer, stacked=stacked, shape=shape):
+                dims = [len(range(n)[i]) for n, i in zip(shape, index)]
+                out = np.empty(dims, np.float32)
                 if stacked:  # [layers, ...]: read each layer's tensor, only this shard's slice of it
-                    rows = range(cfg.n_layers)[index[0]]
-                    return np.stack([np.asarray(read(i)[index[1:]], np.float32) for i in rows])
-                return np.asarray(read(layer)[index], np.float32)
+                    for j, i in enumerate(range(cfg.n_layers)[index[0]]):
+                        fill_float32(out[j], read(i)[index[1:]])
+                else:
+                    fill_float32(out, read(layer)[index])
+                return out
 
             _set(params, path, jax.make_array_from_callback(shape, sharding, shard))
     return cfg, params
@@ -157,13 +173,24 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str
         for layer in range(cfg.n_layers) if link.per_layer else [None]:
             by_name.setdefault(link.hf_name(layer), []).append((link, layer))
 
+    # Host copies of the parameters behind the tensor being written: a fused tensor needs three, and
+    # layers of a stacked parameter are written one after another, so each is fetched once.
+    host: dict[mapping.Path, np.ndarray] = {}
+
+    def param(path: mapping.Path) -> np.ndarray:
+        if path not in host:
+            if len(host) == 3:
+                host.pop(next(iter(host)))
+            host[path] = np.asarray(jax.device_get(_get(params, path)), np.float32)
+        return host[path]
+
     def fetch(name: str) -> np.ndarray:
         parts = []
         for link, layer in by_name[name]:
-            value = _get(params, mapping.slim_path(link, layer, cfg.scan_layers))
+            value = param(mapping.slim_path(link, layer, cfg.scan_layers))
             if link.per_layer and cfg.scan_layers:
                 value = value[layer]
-            parts.append((link.part, link.to_hf(np.asarray(jax.device_get(value), np.float32))))
+            parts.append((link.part, link.to_hf(value)))
         if len(parts) == 1:
             return parts[0][1]
         parts.sort(key=lambda p: p[0][1])

@@ -149,7 +149,7 @@ def write_file(path: str, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]]
             array = np.ascontiguousarray(fetch(name), dtype=dtype)
             if array.shape != tuple(shape):
                 raise ValueError(f"tensor '{name}' has shape {array.shape}, header says {tuple(shape)}")
-            f.write(array.tobytes())
+            array.tofile(f)  # the raw bytes, without another copy
     os.replace(tmp, path)
 
 
