@@ -305,3 +305,15 @@ def test_config_keys_refuse_what_slimjax_cannot_compute(edit, expected):
              "num_attention_heads": 8, "intermediate_size": 96, "max_position_embeddings": 64}
     with pytest.raises(SlimjaxError, match=expected):
         model_keys({**llama, **edit})
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(saved, tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    src = _broken(tmp_path, saved, lambda t, c: None)
+    vocab = {"</s>": 0, **{f"w{i}": i + 1 for i in range(200)}}
+    Tokenizer(models.WordLevel(vocab, unk_token="</s>")).save(os.path.join(src, "tokenizer.json"))
+    assert main(["import", f"--hf_dir={src}", f"--workdir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "has 201 ids but config.json's vocab_size is 128" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "run")

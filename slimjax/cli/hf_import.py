@@ -52,8 +52,11 @@ def run(argv: Sequence[str]) -> int:
     c.data.tokenizer_kind = "huggingface"
     c.data.tokenizer = tok_dst if os.path.isfile(tok_src) else ""
     cfg = validate(c)
-    if os.path.isfile(tok_src):
-        HFTokenizer(tok_src)  # fail now, before writing anything, if slimjax cannot use it
+    if os.path.isfile(tok_src):  # fail now, before writing anything, if slimjax cannot use it
+        n_ids = HFTokenizer(tok_src).vocab_size
+        if n_ids > cfg.model.vocab_size:
+            raise SlimjaxError(f"'{tok_src}' has {n_ids} ids but config.json's vocab_size is "
+                               f"{cfg.model.vocab_size}; the tokenizer does not belong to this model")
     mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
     model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
 
