@@ -170,6 +170,8 @@ BAD = {
     "shape mismatch": (lambda t, c: t.__setitem__("model.layers.0.self_attn.k_proj.weight",
                                                   np.zeros((16, 64), np.float32)),
                        "tensor 'model.layers.0.self_attn.k_proj.weight'"),
+    "integer tensor": (lambda t, c: t.__setitem__("model.norm.weight", np.ones(64, np.int8)),
+                       "tensor 'model.norm.weight'"),
     "unsupported architecture": (lambda t, c: c.__setitem__("architectures", ["BertForMaskedLM"]),
                                  "architecture 'BertForMaskedLM' is not supported"),
     "unsupported setting": (lambda t, c: c.__setitem__("attention_bias", True), "'attention_bias'"),

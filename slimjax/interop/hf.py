@@ -29,6 +29,7 @@ from slimjax.models import abstract_params
 from slimjax.sharding import Rules
 
 TOKENIZER_FILE = "tokenizer.json"
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
 def base_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -88,6 +89,9 @@ def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list
         if tensors.shape(name) != shape:
             raise SlimjaxError(f"tensor '{name}' in '{where}' has shape {tensors.shape(name)} but config.json "
                                f"implies {shape}")
+        if tensors.dtype(name) not in FLOAT_DTYPES:
+            raise SlimjaxError(f"tensor '{name}' in '{where}' is {tensors.dtype(name)}; slimjax imports floating-point "
+                               f"weights ({', '.join(FLOAT_DTYPES)}), not quantized ones")
     for name in sorted(present - set(expected)):
         if not mapping.ignorable(name, fam, cfg.tie_embeddings):
             raise SlimjaxError(f"tensor '{name}' in '{where}' has no place in a {arch} with this config.json "

@@ -117,6 +117,10 @@ class TensorIndex:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code ("BF16", "F32", ...)."""
+        return self._where[name].header[name]["dtype"]
+
     def array(self, name: str) -> np.ndarray:
         """A lazy (memory-mapped) view of tensor ``name``; slicing it reads only that slice."""
         return self._where[name].array(name)
