@@ -319,3 +319,33 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(saved, tmp_path, caps
     err = capsys.readouterr().err
     assert "has 201 ids but config.json's vocab_size is 128" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_two_processes_import_their_shards_and_export_together(saved, tmp_path):
+    """Real jax.distributed processes: each materialises only its devices' shards, the model
+    computes the transformers logits across both, and the joint export is the original file."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "interop_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker sets its own device count
+    out, prefix = str(tmp_path / "out"), str(tmp_path / "result")
+    procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), saved["llama_gqa"], out, prefix],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    results = [json.load(open(f"{prefix}{i}.json")) for i in range(2)]
+    assert [r["devices"] for r in results] == [8, 8] and [r["local_devices"] for r in results] == [4, 4]
+    # Each process holds (and so read) only its half of the sharded values, not the whole model.
+    assert all(r["local_values"] < 0.75 * r["total_values"] for r in results)
+    assert results[0]["files"] == ["model.safetensors", "config.json"] and results[1]["files"] == []
+    ref = hf_logits(random_model("llama_gqa"), np.random.default_rng(0).integers(0, 128, size=(2, 40)))
+    assert rel_err(np.load(prefix + ".npy"), ref) <= 1e-4
+    before, after = load_file(os.path.join(saved["llama_gqa"], "model.safetensors")), load_file(
+        os.path.join(out, "model.safetensors"))
+    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)

@@ -28,6 +28,8 @@ def run(argv: Sequence[str]) -> int:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SlimjaxError(f"--out '{values['out']}' exists and is not an empty directory; give a new one")
 
+    import jax
+
     from slimjax.cli.rundir import open_run
     from slimjax.interop import hf, hf_config
 
@@ -40,6 +42,8 @@ def run(argv: Sequence[str]) -> int:
     data = rd.cfg.data
     tokenizer = data.tokenizer if data.tokenizer_kind == "huggingface" and os.path.isfile(data.tokenizer) else None
     files = hf.export_hf(rd.cfg.model, rd.restore_params(), out, architecture=arch, tokenizer=tokenizer)
+    if jax.process_index() != 0:  # process 0 wrote the files
+        return 0
     spm = os.path.join(rd.workdir, "tokenizer", "spm.model") if not data.tokenizer else data.tokenizer
     if data.tokenizer_kind == "sentencepiece" and os.path.isfile(spm):
         shutil.copyfile(spm, os.path.join(out, "tokenizer.model"))  # what LlamaTokenizer reads

@@ -35,6 +35,7 @@ def run(argv: Sequence[str]) -> int:
         raise SlimjaxError(f"--workdir '{values['workdir']}' exists and is not empty; give a new directory")
 
     import jax
+    from jax.experimental import multihost_utils
 
     from slimjax.checkpoint import Checkpointer
     from slimjax.cli.rundir import base_checkpoint_config
@@ -57,12 +58,16 @@ def run(argv: Sequence[str]) -> int:
         if n_ids > cfg.model.vocab_size:
             raise SlimjaxError(f"'{tok_src}' has {n_ids} ids but config.json's vocab_size is "
                                f"{cfg.model.vocab_size}; the tokenizer does not belong to this model")
+    if jax.process_count() > 1:  # every process has checked --workdir before process 0 creates it
+        multihost_utils.sync_global_devices("slimjax import: workdir checked")
     mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
     model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
 
-    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0  # the checkpoint is written by all processes, files by process 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
     try:
-        if os.path.isfile(tok_src):
+        if is_main and os.path.isfile(tok_src):
             os.makedirs(os.path.dirname(tok_dst), exist_ok=True)
             shutil.copyfile(tok_src, tok_dst)
         checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), base_checkpoint_config())
@@ -70,10 +75,14 @@ def run(argv: Sequence[str]) -> int:
                                              "hf": {"architecture": arch, "source": hf_dir}})
         checkpointer.wait()
         checkpointer.close()
-        write_config_file(os.path.join(workdir, CONFIG_FILE), cfg, arch, hf_dir)
+        if is_main:
+            write_config_file(os.path.join(workdir, CONFIG_FILE), cfg, arch, hf_dir)
     except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)  # the directory was new: leave nothing half-written
+        if is_main:
+            shutil.rmtree(workdir, ignore_errors=True)  # the directory was new: leave nothing half-written
         raise
+    if not is_main:
+        return 0
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     note = "" if os.path.isfile(tok_src) else " (no tokenizer.json: give eval --tokenizer=FILE)"
     print(f"imported {arch} ({n_params:,} parameters, {model_cfg.n_layers} layers) from {hf_dir} -> "

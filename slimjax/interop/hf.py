@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from slimjax.config import ModelConfig, validate
@@ -165,9 +166,16 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
 def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str | None = None,
               tokenizer: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes ``config.json`` and safetensors (plus ``tokenizer.json`` when given) that
-    ``transformers`` loads; returns the file names. ``out_dir`` must be new or empty."""
+    ``transformers`` loads; returns the file names. ``out_dir`` must be new or empty.
+
+    With several processes every one must call this (each tensor is gathered collectively);
+    process 0 writes the files (and gets their names), the others get ``[]``.
+    """
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise SlimjaxError(f"--out '{out_dir}' exists and is not an empty directory; give a new one")
+    writer = jax.process_index() == 0  # every process gathers each tensor; process 0 writes it
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("slimjax export_hf: out_dir checked")
     hf = hf_config.to_hf(cfg, architecture)
     fam = hf_config.ARCHITECTURES[hf["architectures"][0]]
     links = mapping.links_for(cfg, fam)
@@ -185,7 +193,10 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str
         if path not in host:
             if len(host) == 3:
                 host.pop(next(iter(host)))
-            host[path] = np.asarray(jax.device_get(_get(params, path)), np.float32)
+            value = _get(params, path)
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:  # collective: all processes
+                value = multihost_utils.process_allgather(value, tiled=True)
+            host[path] = np.asarray(jax.device_get(value), np.float32)
         return host[path]
 
     def fetch(name: str) -> np.ndarray:
@@ -200,8 +211,12 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str
         parts.sort(key=lambda p: p[0][1])
         return np.concatenate([p for _, p in parts], axis=parts[0][0][0])
 
-    os.makedirs(out_dir, exist_ok=True)
     specs = [(name, shapes[name], np.dtype(np.float32)) for name in mapping.hf_names(links, cfg.n_layers)]
+    if not writer:  # take part in the same gathers, in the same order, and write nothing
+        for name, _, _ in specs:
+            fetch(name)
+        return []
+    os.makedirs(out_dir, exist_ok=True)
     files = write_model(out_dir, specs, fetch, max_shard_bytes)
     with open(os.path.join(out_dir, hf_config.CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
