@@ -20,7 +20,7 @@ import numpy as np
 
 from slimjax.config import Config, validate
 from slimjax.data import pipeline
-from slimjax.train import flops
+from slimjax.train import distributed, flops
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
 from slimjax.train.run import Run, build_run, prepare_workdir
@@ -56,6 +56,7 @@ class Tracker:
 def train(config: ml_collections.ConfigDict | Config, workdir: str) -> dict[str, Any]:
     """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary."""
     cfg = config if isinstance(config, Config) else validate(config)
+    distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
     workdir = prepare_workdir(workdir)
     run = build_run(cfg, workdir)
     try:

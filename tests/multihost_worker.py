@@ -1,0 +1,41 @@
+"""One process of a real multi-process training run (started by tests/test_multihost.py).
+
+Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR
+
+Calls ``slimjax.train`` on :func:`multihost_config` with 8 CPU devices in total, split evenly
+over the processes; ``slimjax.train`` itself joins the run (``distributed.`` config keys).
+"""
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))  # helpers.py, when started as a script
+
+from helpers import small_config, with_train  # noqa: E402
+
+DEVICES = 8
+
+
+def multihost_config(process_id: int = 0, num_processes: int = 1, port: int = 0):
+    """A small Llama on Shakespeare with a SentencePiece model trained by the run, 4 steps, every
+    step logged, a checkpoint at the end; distributed over ``num_processes`` on 127.0.0.1:port."""
+    cfg = small_config("llama", vocab_size=512)
+    cfg = with_train(cfg, steps=4, log_every=1, eval_every=100, eval_batches=1, progress=False)
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=4))
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=2, fsdp=2, tensor=2))
+    dist = dataclasses.replace(cfg.distributed, cpu_devices=DEVICES // num_processes, timeout_s=120)
+    if num_processes > 1:
+        dist = dataclasses.replace(dist, coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                                   process_id=process_id)
+    return dataclasses.replace(cfg, distributed=dist)
+
+
+def main(process_id: int, num_processes: int, port: int, workdir: str) -> None:
+    import slimjax
+
+    slimjax.train(multihost_config(process_id, num_processes, port), workdir)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
