@@ -19,10 +19,10 @@ DEVICES = 8
 
 def multihost_config(process_id: int = 0, num_processes: int = 1, port: int = 0):
     """A small Llama on Shakespeare with a SentencePiece model trained by the run, 4 steps, every
-    step logged, a checkpoint at the end; distributed over ``num_processes`` on 127.0.0.1:port."""
+    step logged, checkpoints at steps 2 and 4; distributed over ``num_processes`` on 127.0.0.1:port."""
     cfg = small_config("llama", vocab_size=512)
     cfg = with_train(cfg, steps=4, log_every=1, eval_every=100, eval_batches=1, progress=False)
-    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=4))
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=2))
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=2, fsdp=2, tensor=2))
     dist = dataclasses.replace(cfg.distributed, cpu_devices=DEVICES // num_processes, timeout_s=120)
     if num_processes > 1:

@@ -1,8 +1,10 @@
 """Real multi-process training: two processes (jax.distributed on 127.0.0.1, gloo, 4 CPU devices each)
-train like one process with 8 devices, and the checkpoint they write together restores in one process."""
+train like one process with 8 devices, resume exactly from the checkpoint they wrote together, and
+that checkpoint restores in one process."""
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -28,8 +30,11 @@ def runs(tmp_path_factory):
     """Workdirs of the same run on one process x 8 devices and on two processes x 4 devices."""
     root = tmp_path_factory.mktemp("multihost")
     one, two = str(root / "one"), str(root / "two")
+    run_processes(worker(two, 2), 2)  # process 0 trains the SentencePiece model and shares it
+    # SentencePiece training is not bit-reproducible from run to run, so the one-process run reads the
+    # same model from its cache: the comparison is then about the distributed training alone.
+    shutil.copytree(os.path.join(two, "tokenizer"), os.path.join(one, "tokenizer"))
     run_processes(worker(one, 1), 1)
-    run_processes(worker(two, 2), 2)
     return one, two
 
 
@@ -50,11 +55,8 @@ def test_two_processes_train_like_one_process(runs):
         summary = json.load(f)
     assert summary["processes"] == 2 and summary["final_step"] == STEPS
     assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-    # Process 0 trained the SentencePiece model; process 1 got the same bytes (one file, same tokens).
-    with open(os.path.join(one, "tokenizer", "spm.model"), "rb") as a, \
-            open(os.path.join(two, "tokenizer", "spm.model"), "rb") as b:
-        assert a.read() == b.read()
-    assert not [f for f in os.listdir(os.path.join(two, "tokenizer")) if f.endswith(".tmp")]
+    # Process 0 alone trained and wrote the SentencePiece model (process 1 found the same bytes).
+    assert os.listdir(os.path.join(two, "tokenizer")) == ["spm.model"]
 
 
 @pytest.mark.slow
@@ -82,3 +84,19 @@ def test_checkpoint_written_by_two_processes_restores_in_one(runs):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
         assert not np.array_equal(b, np.asarray(start))  # trained away from the init
     assert int(restored["two"]["step"]) == STEPS
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_their_checkpoint_exactly(runs, tmp_path):
+    """Every process restores its own data-iterator state (data_<i>): steps 3-4 after resuming from the
+    step-2 checkpoint repeat the uninterrupted run's losses."""
+    one, two = runs
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(two, resumed)
+    shutil.rmtree(os.path.join(resumed, CHECKPOINT_DIR, str(STEPS)))
+    os.remove(os.path.join(resumed, METRICS_FILE))
+    assert {"data_0", "data_1"} <= set(os.listdir(os.path.join(resumed, CHECKPOINT_DIR, "2")))
+    run_processes(worker(resumed, 2), 2)
+    got = train_losses(resumed)
+    assert len(got) == 2
+    np.testing.assert_allclose(got, train_losses(one)[2:], rtol=1e-6, atol=0)
