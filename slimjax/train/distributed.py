@@ -26,6 +26,8 @@ import glob
 import importlib.util
 import os
 import re
+import socket
+import time
 from typing import Any, Mapping
 
 from slimjax.config import DistributedConfig
@@ -162,6 +164,10 @@ def initialize(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> 
     if _backend_started():
         raise SlimjaxError(f"cannot join the multi-process run ({plan.describe()}): JAX devices were already "
                            "used in this process; start training in a fresh process")
+    if "coordinator_address" in plan.kwargs:
+        # JAX aborts the whole process (no exception) when it cannot reach the coordinator or bind
+        # its port, so check both first and fail with a message instead of a C++ stack trace.
+        probe_coordinator(plan.kwargs["coordinator_address"], plan.kwargs["process_id"], cfg.timeout_s)
     if cfg.cpu_devices or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -172,6 +178,34 @@ def initialize(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> 
                            f"{cfg.timeout_s}s): {detail}; check that every process started and that the "
                            "coordinator address is reachable") from None
     return plan
+
+
+def probe_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    """Process 0: the coordinator port must be free here. Others: it must accept a TCP connection
+    within ``timeout_s`` (process 0 may start a little later). Raises SlimjaxError otherwise."""
+    host, _, port_text = address.rpartition(":")
+    host, port = host.strip("[]"), int(port_text)
+    if process_id == 0:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("", port))
+        except OSError as e:
+            raise SlimjaxError(f"process 0 cannot open the coordinator port {port} of {address!r} "
+                               f"({e.strerror.lower() if e.strerror else e}); pick a free port in "
+                               "distributed.coordinator_address") from None
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise SlimjaxError(f"process {process_id} cannot reach the coordinator {address!r} within "
+                                   f"{timeout_s:g}s ({e.strerror or e}); start process 0 there, or fix "
+                                   "distributed.coordinator_address / distributed.timeout_s") from None
+            time.sleep(0.25)
 
 
 def _set_cpu_devices(jax: Any, n: int) -> None:
