@@ -69,6 +69,15 @@ def test_slurm_one_task_per_gpu_takes_its_local_gpu():
     assert plan.kwargs["process_id"] == 11
 
 
+def test_slurm_with_an_explicit_coordinator_reads_the_rest_from_slurm():
+    env = {**slurm_env(procid=1, ntasks=2, per_node="1(x2)", nodeid=1, localid=0), "SLIMJAX_COORDINATOR_ADDRESS":
+           "gpu003:29500"}  # what scripts/slurm's sbatch script exports
+    plan = D.resolve(DEFAULT, env)
+    assert plan.source == "slurm"
+    assert (plan.kwargs["coordinator_address"], plan.kwargs["num_processes"], plan.kwargs["process_id"]) == (
+        "gpu003:29500", 2, 1)
+
+
 def test_slurm_single_task_auto_off_and_cloud_tpu():
     assert D.resolve(DEFAULT, slurm_env(0, 1, "1", 0, 0)) is None
     assert D.resolve(dist(auto=False), slurm_env(0, 2, "1(x2)", 0, 0)) is None
@@ -101,7 +110,7 @@ def test_tasks_per_node():
     ({}, {"SLIMJAX_COORDINATOR_ADDRESS": "h:1", "SLIMJAX_NUM_PROCESSES": "2", "SLIMJAX_PROCESS_ID": "2"},
      "out of range for 2 processes"),
     ({}, {"SLIMJAX_NUM_PROCESSES": "two"}, "SLIMJAX_NUM_PROCESSES='two' must be an integer"),
-    ({}, {**slurm_env(5, 2, "1(x2)", 0, 0)}, "SLURM_PROCID=5 is out of range"),
+    ({}, {**slurm_env(5, 2, "1(x2)", 0, 0)}, "process id 5 .* out of range for 2 processes"),
 ])
 def test_bad_values_are_one_line_errors(cfg, env, match):
     with pytest.raises(SlimjaxError, match=match) as e:

@@ -7,7 +7,8 @@ process id:
 
 1. the config keys (``distributed.coordinator_address``, ``num_processes``, ``process_id``);
 2. the variables ``SLIMJAX_COORDINATOR_ADDRESS``, ``SLIMJAX_NUM_PROCESSES``, ``SLIMJAX_PROCESS_ID``;
-3. with ``distributed.auto``: a SLURM job step (``SLURM_*``) or a Cloud TPU VM.
+3. with ``distributed.auto``: a SLURM job step (``SLURM_*`` fill what 1 and 2 leave unset) or a
+   Cloud TPU VM.
 
 On Cloud TPU VMs JAX finds everything itself (the TPU metadata server), so slimjax calls
 ``jax.distributed.initialize()`` with no arguments. Under SLURM JAX's own detector reads only
@@ -63,6 +64,9 @@ def resolve(cfg: DistributedConfig, env: Mapping[str, str], on_cloud_tpu: bool =
     pid = cfg.process_id if cfg.process_id != -1 else _env_int(env, ENV_PROCESS_ID)
     local = list(cfg.local_device_ids) or None
     timeout = {"initialization_timeout": cfg.timeout_s}
+    slurm = cfg.auto and all(k in env for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"))
+    if slurm and not (address and count is not None and pid is not None):
+        return _slurm_plan(cfg, env, address, count, pid, local, timeout)
     if address or count is not None or pid is not None:
         from_config = bool(cfg.coordinator_address) or cfg.num_processes != -1 or cfg.process_id != -1
         source = "config" if from_config else "environment"
@@ -74,47 +78,48 @@ def resolve(cfg: DistributedConfig, env: Mapping[str, str], on_cloud_tpu: bool =
             raise SlimjaxError(f"distributed.{missing[0]} is not set (nor its SLIMJAX_ variable) while the "
                                f"{source} gives the others; a multi-process run needs coordinator_address, "
                                "num_processes and process_id")
-        _check_address(address, "distributed.coordinator_address" if cfg.coordinator_address else ENV_ADDRESS)
-        if count < 1:
-            raise SlimjaxError(f"{ENV_NUM_PROCESSES}={count} must be >= 1")
-        if not 0 <= pid < count:
-            raise SlimjaxError(f"process id {pid} (distributed.process_id or {ENV_PROCESS_ID}) is out of range "
-                               f"for {count} processes; use 0..{count - 1}")
-        # "deactivate": every argument is given, so JAX must not let SLURM variables override them.
-        return Plan(source, {"coordinator_address": address, "num_processes": count, "process_id": pid,
-                             "local_device_ids": local, "cluster_detection_method": "deactivate", **timeout})
-    if not cfg.auto:
-        return None
-    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")):
-        return _slurm_plan(cfg, env, local, timeout)
-    if on_cloud_tpu:
+        return _plan(source, address, count, pid, local, timeout,
+                     "distributed.coordinator_address" if cfg.coordinator_address else ENV_ADDRESS)
+    if cfg.auto and on_cloud_tpu:
         return Plan("tpu", dict(timeout))
     return None
 
 
-def _slurm_plan(cfg: DistributedConfig, env: Mapping[str, str], local: list[int] | None,
-                timeout: dict[str, Any]) -> Plan | None:
-    count = _env_int(env, "SLURM_NTASKS")
+def _plan(source: str, address: str, count: int, pid: int, local: list[int] | None, timeout: dict[str, Any],
+          address_key: str) -> Plan:
+    _check_address(address, address_key)
+    if count < 1:
+        raise SlimjaxError(f"{ENV_NUM_PROCESSES}={count} must be >= 1")
+    if not 0 <= pid < count:
+        raise SlimjaxError(f"process id {pid} (distributed.process_id, {ENV_PROCESS_ID} or SLURM_PROCID) is out "
+                           f"of range for {count} processes; use 0..{count - 1}")
+    # "deactivate": every argument is given, so JAX must not let SLURM variables override them.
+    return Plan(source, {"coordinator_address": address, "num_processes": count, "process_id": pid,
+                         "local_device_ids": local, "cluster_detection_method": "deactivate", **timeout})
+
+
+def _slurm_plan(cfg: DistributedConfig, env: Mapping[str, str], address: str, count: int | None,
+                pid: int | None, local: list[int] | None, timeout: dict[str, Any]) -> Plan | None:
+    """A SLURM job step fills whatever the config and SLIMJAX_ variables leave unset."""
+    count = _env_int(env, "SLURM_NTASKS") if count is None else count
     if count is None or count <= 1:
         return None
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
-    if not nodelist:
-        raise SlimjaxError("SLURM job without SLURM_STEP_NODELIST or SLURM_JOB_NODELIST; launch the "
-                           "processes with srun (see scripts/slurm)")
-    # The same port JAX's own SLURM detector derives, so a mixed launch still agrees.
-    port = cfg.coordinator_port or 65535 - 4095 + _env_int(env, "SLURM_JOB_ID") % 4096
-    pid = _env_int(env, "SLURM_PROCID")
-    if not 0 <= pid < count:
-        raise SlimjaxError(f"SLURM_PROCID={pid} is out of range for SLURM_NTASKS={count}")
+    if not address:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        if not nodelist:
+            raise SlimjaxError("SLURM job without SLURM_STEP_NODELIST or SLURM_JOB_NODELIST; launch the "
+                               "processes with srun (see scripts/slurm)")
+        # The same port JAX's own SLURM detector derives, so a mixed launch still agrees.
+        port = cfg.coordinator_port or 65535 - 4095 + _env_int(env, "SLURM_JOB_ID") % 4096
+        address = f"{first_host(nodelist)}:{port}"
+    pid = _env_int(env, "SLURM_PROCID") if pid is None else pid
     if local is None:
         per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
         node = _env_int(env, "SLURM_NODEID") or 0
         here = per_node[node] if node < len(per_node) else 1
         if here > 1:  # one task per GPU: this task takes the GPU numbered by its local rank
             local = [_env_int(env, "SLURM_LOCALID") or 0]
-    return Plan("slurm", {"coordinator_address": f"{first_host(nodelist)}:{port}", "num_processes": count,
-                          "process_id": pid, "local_device_ids": local, "cluster_detection_method": "deactivate",
-                          **timeout})
+    return _plan("slurm", address, count, pid, local, timeout, ENV_ADDRESS)
 
 
 def first_host(nodelist: str) -> str:
