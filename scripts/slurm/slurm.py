@@ -42,12 +42,14 @@ def sbatch_script(args) -> str:
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "set -euo pipefail", ""]
     if args.venv:
         lines += [f"source {shlex.quote(os.path.join(args.venv, 'bin', 'activate'))}"]
+    placement = ("one task per GPU: each uses the GPU of its local rank" if args.tasks == "per-gpu"
+                 else "one task per node: each uses every GPU of its node")
     lines += [
         "# Process 0 runs on the first node of the allocation and hosts the jax.distributed coordinator.",
         'COORDINATOR_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f'export SLIMJAX_COORDINATOR_ADDRESS="$COORDINATOR_HOST:{args.port}"',
         "# Every task runs the same command; slimjax reads SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID",
-        f"# ({'one task per GPU: each uses the GPU of its local rank' if args.tasks == 'per-gpu' else 'one task per node: each uses every GPU of its node'}).",
+        f"# ({placement}).",
         f"srun --kill-on-bad-exit=1 --nodes={args.nodes} --ntasks-per-node={tasks_per_node} {train}",
         "",
     ]

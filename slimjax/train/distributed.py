@@ -65,8 +65,9 @@ def resolve(cfg: DistributedConfig, env: Mapping[str, str], on_cloud_tpu: bool =
     local = list(cfg.local_device_ids) or None
     timeout = {"initialization_timeout": cfg.timeout_s}
     slurm = cfg.auto and all(k in env for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"))
+    address_key = "distributed.coordinator_address" if cfg.coordinator_address else ENV_ADDRESS
     if slurm and not (address and count is not None and pid is not None):
-        return _slurm_plan(cfg, env, address, count, pid, local, timeout)
+        return _slurm_plan(cfg, env, address, address_key, count, pid, local, timeout)
     if address or count is not None or pid is not None:
         from_config = bool(cfg.coordinator_address) or cfg.num_processes != -1 or cfg.process_id != -1
         source = "config" if from_config else "environment"
@@ -78,18 +79,17 @@ def resolve(cfg: DistributedConfig, env: Mapping[str, str], on_cloud_tpu: bool =
             raise SlimjaxError(f"distributed.{missing[0]} is not set (nor its SLIMJAX_ variable) while the "
                                f"{source} gives the others; a multi-process run needs coordinator_address, "
                                "num_processes and process_id")
-        return _plan(source, address, count, pid, local, timeout,
-                     "distributed.coordinator_address" if cfg.coordinator_address else ENV_ADDRESS)
+        return _plan(source, address, address_key, count, pid, local, timeout)
     if cfg.auto and on_cloud_tpu:
         return Plan("tpu", dict(timeout))
     return None
 
 
-def _plan(source: str, address: str, count: int, pid: int, local: list[int] | None, timeout: dict[str, Any],
-          address_key: str) -> Plan:
+def _plan(source: str, address: str, address_key: str, count: int, pid: int, local: list[int] | None,
+          timeout: dict[str, Any]) -> Plan:
     _check_address(address, address_key)
     if count < 1:
-        raise SlimjaxError(f"{ENV_NUM_PROCESSES}={count} must be >= 1")
+        raise SlimjaxError(f"process count {count} (distributed.num_processes or {ENV_NUM_PROCESSES}) must be >= 1")
     if not 0 <= pid < count:
         raise SlimjaxError(f"process id {pid} (distributed.process_id, {ENV_PROCESS_ID} or SLURM_PROCID) is out "
                            f"of range for {count} processes; use 0..{count - 1}")
@@ -98,8 +98,9 @@ def _plan(source: str, address: str, count: int, pid: int, local: list[int] | No
                          "local_device_ids": local, "cluster_detection_method": "deactivate", **timeout})
 
 
-def _slurm_plan(cfg: DistributedConfig, env: Mapping[str, str], address: str, count: int | None,
-                pid: int | None, local: list[int] | None, timeout: dict[str, Any]) -> Plan | None:
+def _slurm_plan(cfg: DistributedConfig, env: Mapping[str, str], address: str, address_key: str,
+                count: int | None, pid: int | None, local: list[int] | None, timeout: dict[str, Any]
+                ) -> Plan | None:
     """A SLURM job step fills whatever the config and SLIMJAX_ variables leave unset."""
     count = _env_int(env, "SLURM_NTASKS") if count is None else count
     if count is None or count <= 1:
@@ -111,7 +112,7 @@ def _slurm_plan(cfg: DistributedConfig, env: Mapping[str, str], address: str, co
                                "processes with srun (see scripts/slurm)")
         # The same port JAX's own SLURM detector derives, so a mixed launch still agrees.
         port = cfg.coordinator_port or 65535 - 4095 + _env_int(env, "SLURM_JOB_ID") % 4096
-        address = f"{first_host(nodelist)}:{port}"
+        address, address_key = f"{first_host(nodelist)}:{port}", "SLURM_STEP_NODELIST"
     pid = _env_int(env, "SLURM_PROCID") if pid is None else pid
     if local is None:
         per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
@@ -119,7 +120,7 @@ def _slurm_plan(cfg: DistributedConfig, env: Mapping[str, str], address: str, co
         here = per_node[node] if node < len(per_node) else 1
         if here > 1:  # one task per GPU: this task takes the GPU numbered by its local rank
             local = [_env_int(env, "SLURM_LOCALID") or 0]
-    return _plan("slurm", address, count, pid, local, timeout, ENV_ADDRESS)
+    return _plan("slurm", address, address_key, count, pid, local, timeout)
 
 
 def first_host(nodelist: str) -> str:
@@ -173,8 +174,8 @@ def initialize(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> 
         # JAX aborts the whole process (no exception) when it cannot reach the coordinator or bind
         # its port, so check both first and fail with a message instead of a C++ stack trace.
         probe_coordinator(plan.kwargs["coordinator_address"], plan.kwargs["process_id"], cfg.timeout_s)
-    if cfg.cpu_devices or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives between CPU devices need gloo; GPU and TPU devices ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**plan.kwargs)
     except Exception as e:  # JAX raises several runtime types; the message is what matters to the user
