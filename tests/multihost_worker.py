@@ -3,10 +3,12 @@
 Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR
 
 Calls ``slimjax.train`` on :func:`multihost_config` with 8 CPU devices in total, split evenly
-over the processes; ``slimjax.train`` itself joins the run (``distributed.`` config keys).
+over the processes; ``slimjax.train`` itself joins the run (``distributed.`` config keys). Writes
+WORKDIR.processN.json: what process N saw when ``slimjax.train`` returned.
 """
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -34,7 +36,11 @@ def multihost_config(process_id: int = 0, num_processes: int = 1, port: int = 0)
 def main(process_id: int, num_processes: int, port: int, workdir: str) -> None:
     import slimjax
 
-    slimjax.train(multihost_config(process_id, num_processes, port), workdir)
+    summary = slimjax.train(multihost_config(process_id, num_processes, port), workdir)
+    # What this process saw when train() returned (written next to the workdir, not into it).
+    with open(f"{workdir}.process{process_id}.json", "w") as f:
+        json.dump({"final_step": summary["final_step"], "processes": summary["processes"],
+                   "summary_written": os.path.exists(os.path.join(workdir, "summary.json"))}, f)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,10 @@ def _loop(run: Run) -> dict[str, Any]:
         plot_loss_curve(read_metrics(os.path.join(run.workdir, METRICS_FILE)),
                         os.path.join(run.workdir, CURVE_FILE), title=f"slimjax: {run.workdir}")
     writer.close()
+    if jax.process_count() > 1:  # when train() returns on any process, process 0's files are complete
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("slimjax: run outputs written")
     return summary
 
 
