@@ -1,10 +1,14 @@
 """One process of a real multi-process training run (started by tests/test_multihost.py).
 
-Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR
+Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR [tokenizer]
 
 Calls ``slimjax.train`` on :func:`multihost_config` with 8 CPU devices in total, split evenly
 over the processes; ``slimjax.train`` itself joins the run (``distributed.`` config keys). Writes
 WORKDIR.processN.json: what process N saw when ``slimjax.train`` returned.
+
+With ``tokenizer``, each process only joins the run (twice: the second call must be a no-op) and
+gets the run's SentencePiece model into its own workdir WORKDIR/pN, as hosts without a shared
+filesystem would.
 """
 
 import dataclasses
@@ -43,5 +47,20 @@ def main(process_id: int, num_processes: int, port: int, workdir: str) -> None:
                    "summary_written": os.path.exists(os.path.join(workdir, "summary.json"))}, f)
 
 
+def share_tokenizer(process_id: int, num_processes: int, port: int, workdir: str) -> None:
+    import jax
+
+    from slimjax.train import distributed
+    from slimjax.train.run import share_tokenizer
+
+    cfg = multihost_config(process_id, num_processes, port)
+    plan = distributed.initialize(cfg.distributed)
+    assert plan is not None and plan.source == "config"
+    assert distributed.initialize(cfg.distributed) is None  # already joined: nothing happens
+    assert (jax.process_count(), jax.process_index(), jax.local_device_count()) == (num_processes, process_id, 4)
+    share_tokenizer(cfg, os.path.join(workdir, f"p{process_id}"))
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    fn = share_tokenizer if sys.argv[5:] == ["tokenizer"] else main
+    fn(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -103,3 +103,12 @@ def test_two_processes_resume_from_their_checkpoint_exactly(runs, tmp_path):
     got = train_losses(resumed)
     assert len(got) == 2
     np.testing.assert_allclose(got, train_losses(one)[2:], rtol=1e-6, atol=0)
+
+
+def test_hosts_without_a_shared_workdir_get_process_0s_tokenizer(tmp_path):
+    """Process 0 trains the SentencePiece model; process 1, whose workdir is its own, receives the same
+    bytes (it never trains one: SentencePiece training is not bit-reproducible)."""
+    run_processes(lambda i, port: [sys.executable, WORKER, str(i), "2", str(port), str(tmp_path), "tokenizer"], 2)
+    models = [(tmp_path / f"p{i}" / "tokenizer" / "spm.model").read_bytes() for i in range(2)]
+    assert len(models[0]) > 1000 and models[0] == models[1]
+    assert os.listdir(tmp_path / "p1" / "tokenizer") == ["spm.model"]  # no temporary file left
