@@ -2,8 +2,10 @@
 environment (a pure function), SLURM node lists against JAX's own parser, and one-line errors."""
 
 import dataclasses
+import os
 import socket
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -139,18 +141,22 @@ def test_initialize_after_jax_started_is_an_error_not_a_crash():
         D.initialize(dist(coordinator_address=f"127.0.0.1:{free_port()}", num_processes=2, process_id=1), env={})
 
 
-def train_cli(port: int, process_id: int, tmp_path) -> subprocess.CompletedProcess:
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train.py")
+
+
+def train_cli(port: int, process_id: int, tmp_path, command=("slimjax", "train")) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["slimjax", "train", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        [*command, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
          "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}",
          "--config.distributed.timeout_s=2", "--config.distributed.cpu_devices=4", f"--workdir={tmp_path}/run"],
         env=child_env(), capture_output=True, text=True, timeout=120)
 
 
-def test_unreachable_coordinator_exits_2_with_one_line(tmp_path):
-    result = train_cli(free_port(), 1, tmp_path)  # nobody listens there
+@pytest.mark.parametrize("command,prog", [(("slimjax", "train"), "slimjax"), ((sys.executable, SCRIPT), "train.py")])
+def test_unreachable_coordinator_exits_2_with_one_line(command, prog, tmp_path):
+    result = train_cli(free_port(), 1, tmp_path, command)  # nobody listens there
     assert result.returncode == 2
-    assert result.stderr.startswith("slimjax: error: process 1 cannot reach the coordinator '127.0.0.1:")
+    assert result.stderr.startswith(f"{prog}: error: process 1 cannot reach the coordinator '127.0.0.1:")
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()  # failed before touching the workdir
 
