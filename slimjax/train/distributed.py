@@ -164,7 +164,7 @@ def initialize(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> 
         return None
     plan = resolve(cfg, env, on_cloud_tpu())
     if cfg.cpu_devices:
-        _set_cpu_devices(jax, cfg.cpu_devices)
+        _set_cpu_devices(cfg.cpu_devices)
     if plan is None:
         return None
     if _backend_started():
@@ -214,7 +214,9 @@ def probe_coordinator(address: str, process_id: int, timeout_s: float) -> None:
             time.sleep(0.25)
 
 
-def _set_cpu_devices(jax: Any, n: int) -> None:
+def _set_cpu_devices(n: int) -> None:
+    import jax
+
     if _backend_started():
         if jax.local_device_count("cpu") != n:
             raise SlimjaxError(f"distributed.cpu_devices={n} but JAX already started with "
