@@ -156,10 +156,9 @@ def run_processes(argv_for: Callable[[int, int], Sequence[str]], n: int, timeout
         if not failed:
             return [out for _, out, _ in results]
         clash = any(marker in err.lower() for _, _, err in failed for marker in PORT_CLASH)
-        if not (clash and attempt == 0):
+        if attempt == 1 or not clash:
             i, _, err = failed[0]
             raise AssertionError(f"process {i} of {n} failed (exit {results[i][0]}):\n{err[-4000:]}")
-    raise AssertionError("unreachable")
 
 
 def _wait_all(procs: list[subprocess.Popen], logs: list, timeout: float) -> list[tuple[int, str, str]]:
