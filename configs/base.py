@@ -105,4 +105,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every_steps = 100  # steps between Orbax checkpoints (one is always written at the end)
     ck.keep = 3  # most recent checkpoints kept on disk
+
+    c.distributed = dist = ml_collections.ConfigDict()
+    # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values
+    # fall back to SLIMJAX_COORDINATOR_ADDRESS / SLIMJAX_NUM_PROCESSES / SLIMJAX_PROCESS_ID, then to auto.
+    dist.coordinator_address = ""  # "host:port" of process 0's coordinator ("" = environment or auto)
+    dist.num_processes = -1  # processes in the run (-1 = environment or auto)
+    dist.process_id = -1  # this process's index in [0, num_processes) (-1 = environment or auto)
+    dist.local_device_ids = ()  # accelerators this process uses (() = all visible; SLURM one-task-per-GPU: its own)
+    dist.auto = True  # detect Cloud TPU VMs (JAX's own detection) and SLURM jobs (SLURM_* variables)
+    dist.coordinator_port = 0  # SLURM: coordinator port on the first node (0 = derived from SLURM_JOB_ID)
+    dist.timeout_s = 300  # seconds to wait for the coordinator and every process to connect
+    dist.cpu_devices = 0  # CPU only: local CPU devices per process (jax_num_cpu_devices; 0 = JAX's default)
     return c

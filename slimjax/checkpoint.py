@@ -8,9 +8,11 @@ checkpoint is either whole or invisible. Restores take an abstract target whose 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
 
 from slimjax.config import CheckpointConfig
@@ -38,8 +40,8 @@ class Checkpointer:
         Device arrays are copied to host before this returns, so the caller may donate them.
         ``data_state`` is this process's data-iterator state (each process saves its own).
         """
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-                                  **{_data_item(): ocp.args.JsonSave(data_state)})
+        data_items = {k: ocp.args.JsonSave(v) for k, v in _all_data_states(data_state).items()}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), **data_items)
         return self._manager.save(step, args=args, force=True)
 
     def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
@@ -84,3 +86,23 @@ def _data_item() -> str:
     import jax
 
     return f"data_{jax.process_index()}"
+
+
+def _all_data_states(data_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``data_<i>`` -> process i's iterator state, for every process.
+
+    Orbax writes JSON items from the primary process only, so each process's state is gathered to
+    all processes (every one must pass the same items to ``save``) and process 0 writes them all.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return {_data_item(): data_state}
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(buf))
+    return {f"data_{i}": json.loads(gathered[i, :sizes[i]].tobytes()) for i in range(len(sizes))}

@@ -324,21 +324,13 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(saved, tmp_path, caps
 def test_two_processes_import_their_shards_and_export_together(saved, tmp_path):
     """Real jax.distributed processes: each materialises only its devices' shards, the model
     computes the transformers logits across both, and the joint export is the original file."""
-    import socket
-    import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from helpers import run_processes
+
     worker = os.path.join(os.path.dirname(__file__), "interop_worker.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker sets its own device count
     out, prefix = str(tmp_path / "out"), str(tmp_path / "result")
-    procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), saved["llama_gqa"], out, prefix],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    run_processes(lambda i, port: [sys.executable, worker, str(i), "2", str(port), saved["llama_gqa"], out, prefix], 2)
     results = [json.load(open(f"{prefix}{i}.json")) for i in range(2)]
     assert [r["devices"] for r in results] == [8, 8] and [r["local_devices"] for r in results] == [4, 4]
     # Each process holds (and so read) only its half of the sharded values, not the whole model.
