@@ -20,6 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.max_seq_len = 256  # longest sequence the model accepts (size of learned position table)
     m.positions = "rope"  # "learned" (GPT-2) or "rope" (Llama)
     m.rope_theta = 10000.0  # RoPE base frequency
+    m.rope_scaling = "none"  # RoPE frequency scaling: "none", "linear" (divide by factor) or "llama3" (Llama 3.1 bands)
+    m.rope_factor = 1.0  # RoPE scaling factor ("linear" and "llama3")
+    m.rope_low_freq_factor = 1.0  # "llama3": wavelengths above original_max_len / this are divided by the factor
+    m.rope_high_freq_factor = 4.0  # "llama3": wavelengths below original_max_len / this are kept
+    m.rope_original_max_len = 8192  # "llama3": context length the frequencies were trained for
     m.norm = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     m.norm_eps = 1e-5  # epsilon inside the normalisation
     m.mlp = "swiglu"  # "gelu" (GPT-2) or "swiglu" (Llama)

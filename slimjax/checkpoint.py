@@ -44,6 +44,16 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), **data_items)
         return self._manager.save(step, args=args, force=True)
 
+    def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
+        """Writes only ``params`` and ``meta`` for ``step`` (an imported model has no optimizer
+        state); such a checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(step, args=args, force=True)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of ``step`` ("step", the resolved "config", ...)."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
     def restore(self, step: int, abstract_state: dict[str, Any]
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """(state, data_state, meta) of ``step``, the state in the shapes and shardings of ``abstract_state``."""
@@ -51,6 +61,17 @@ class Checkpointer:
                                   **{_data_item(): ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
         return restored.state, restored[_data_item()], restored.meta
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of ``step``, in the shapes and shardings of ``abstract_params``: the
+        ``params`` item of a params-only checkpoint, or the params subtree of a train state."""
+        if os.path.isdir(os.path.join(self.directory, str(step), "params")):
+            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            return self._manager.restore(step, args=args).params
+        item = {"params": abstract_params}
+        state = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                       partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=state)).state["params"]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""

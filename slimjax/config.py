@@ -35,6 +35,11 @@ class ModelConfig:
     max_seq_len: int
     positions: Literal["learned", "rope"]
     rope_theta: float
+    rope_scaling: Literal["none", "linear", "llama3"]
+    rope_factor: float
+    rope_low_freq_factor: float
+    rope_high_freq_factor: float
+    rope_original_max_len: int
     norm: Literal["layernorm", "rmsnorm"]
     norm_eps: float
     mlp: Literal["gelu", "swiglu"]
@@ -328,6 +333,14 @@ def _check_cross_fields(cfg: Config) -> None:
     if m.n_heads % m.n_kv_heads:
         raise SlimjaxError(
             f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if m.rope_scaling != "none" and not m.rope_factor > 0:
+        raise SlimjaxError(f"model.rope_factor must be > 0 with model.rope_scaling={m.rope_scaling!r}, "
+                           f"got {m.rope_factor}")
+    if m.rope_scaling == "llama3" and not (m.rope_high_freq_factor > m.rope_low_freq_factor > 0
+                                           and m.rope_original_max_len > 0):
+        raise SlimjaxError("model.rope_scaling='llama3' needs model.rope_high_freq_factor > "
+                           "model.rope_low_freq_factor > 0 and model.rope_original_max_len > 0; got "
+                           f"{m.rope_high_freq_factor}, {m.rope_low_freq_factor}, {m.rope_original_max_len}")
     if m.positions == "rope" and m.head_dim % 2:
         raise SlimjaxError(f"model.head_dim={m.head_dim} must be even for rotary positions")
     if d.seq_len > m.max_seq_len:
