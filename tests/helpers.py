@@ -182,3 +182,17 @@ def _wait_all(procs: list[subprocess.Popen], logs: list, timeout: float) -> list
             f.close()
         results.append((code, *texts))
     return results
+
+
+def join_cpu_run(process_id: int, num_processes: int, port: int, devices: int = 8) -> None:
+    """Makes this process one of ``num_processes`` real processes on 127.0.0.1:``port`` holding
+    ``devices`` CPU devices in all, through slimjax's own ``distributed.initialize`` (call it
+    before anything touches a JAX device)."""
+    from slimjax.train import distributed
+
+    dist = dataclasses.replace(C.validate(base.get_config()).distributed, cpu_devices=devices // num_processes,
+                               timeout_s=120)
+    if num_processes > 1:
+        dist = dataclasses.replace(dist, coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                                   process_id=process_id)
+    distributed.initialize(dist)
