@@ -8,14 +8,14 @@ checkpoint is either whole or invisible. Restores take an abstract target whose 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
 
 from slimjax.config import CheckpointConfig
-
-CHECKPOINT_DIR = "checkpoints"  # a run's checkpoints live in <workdir>/checkpoints
 
 
 class Checkpointer:
@@ -40,9 +40,19 @@ class Checkpointer:
         Device arrays are copied to host before this returns, so the caller may donate them.
         ``data_state`` is this process's data-iterator state (each process saves its own).
         """
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-                                  **{_data_item(): ocp.args.JsonSave(data_state)})
+        data_items = {k: ocp.args.JsonSave(v) for k, v in _all_data_states(data_state).items()}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), **data_items)
         return self._manager.save(step, args=args, force=True)
+
+    def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
+        """Writes only ``params`` and ``meta`` for ``step`` (an imported model has no optimizer
+        state); such a checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(step, args=args, force=True)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of ``step`` ("step", the resolved "config", ...)."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, step: int, abstract_state: dict[str, Any]
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -52,17 +62,16 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored.state, restored[_data_item()], restored.meta
 
-    def read_meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata (``step``, resolved ``config``) saved with ``step``; no arrays are read."""
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the model parameters of ``step`` (no optimizer state), in the shapes and shardings of
-        ``abstract_params``: what inference needs, read shard by shard like a full restore."""
+        """Only the parameters of ``step``, in the shapes and shardings of ``abstract_params``: the
+        ``params`` item of a params-only checkpoint, or the params subtree of a train state."""
+        if os.path.isdir(os.path.join(self.directory, str(step), "params")):
+            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            return self._manager.restore(step, args=args).params
         item = {"params": abstract_params}
-        args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                      partial_restore=True)
-        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+        state = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                       partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=state)).state["params"]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""
@@ -77,3 +86,23 @@ def _data_item() -> str:
     import jax
 
     return f"data_{jax.process_index()}"
+
+
+def _all_data_states(data_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``data_<i>`` -> process i's iterator state, for every process.
+
+    Orbax writes JSON items from the primary process only, so each process's state is gathered to
+    all processes (every one must pass the same items to ``save``) and process 0 writes them all.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return {_data_item(): data_state}
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(buf))
+    return {f"data_{i}": json.loads(gathered[i, :sizes[i]].tobytes()) for i in range(len(sizes))}

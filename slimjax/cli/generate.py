@@ -10,13 +10,13 @@ from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
 USAGE = ("slimjax generate --workdir=RUN (--prompt=TEXT ... | --prompts_file=FILE) [--max_new_tokens=64] "
-         "[--temperature=0 (greedy)] [--top_k=0] [--top_p=1] [--repetition_penalty=1] [--seed=0]"
-         "   (FILE: one prompt per line)")
+         "[--temperature=0 (greedy)] [--top_k=0] [--top_p=1] [--repetition_penalty=1] [--seed=0] [--step=N] "
+         "[--tokenizer=FILE]   (FILE: one prompt per line; default: the latest checkpoint and the run's tokenizer)")
 
 # flag -> (type, default)
 OPTIONS: dict[str, tuple[type, Any]] = {
     "max_new_tokens": (int, 64), "temperature": (float, 0.0), "top_k": (int, 0), "top_p": (float, 1.0),
-    "repetition_penalty": (float, 1.0), "seed": (int, 0),
+    "repetition_penalty": (float, 1.0), "seed": (int, 0), "step": (int, None), "tokenizer": (str, None),
 }
 
 
@@ -53,17 +53,24 @@ def parse(argv: Sequence[str]) -> tuple[str, list[str], dict[str, Any]]:
 
 def run(argv: Sequence[str]) -> int:
     workdir, prompts, opts = parse(argv)
+    import dataclasses
+
     import jax
 
-    from slimjax.infer.generate import complete
-    from slimjax.infer.load import load_trained
+    from slimjax.cli.rundir import open_run, run_tokenizer
+    from slimjax.infer.generate import Generator, complete
     from slimjax.infer.sampling import Sampling
 
     sampling = Sampling(opts["temperature"], opts["top_k"], opts["top_p"], opts["repetition_penalty"])
-    trained = load_trained(workdir)
-    texts = complete(trained.generator, trained.tokenizer, prompts, opts["max_new_tokens"], sampling, opts["seed"])
+    rd = open_run(workdir, opts["step"])
+    data = rd.cfg.data
+    if opts["tokenizer"]:
+        data = dataclasses.replace(data, tokenizer=opts["tokenizer"])
+    tok = run_tokenizer(data, rd.workdir, rd.cfg.model.vocab_size, "generate")
+    generator = Generator(rd.cfg.model, rd.restore_params(), rd.mesh, rd.rules)
+    texts = complete(generator, tok, prompts, opts["max_new_tokens"], sampling, opts["seed"])
     if jax.process_index() == 0:
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
-            print(f"--- {i + 1}/{len(prompts)} (step {trained.step})")
+            print(f"--- {i + 1}/{len(prompts)} (step {rd.step})")
             print(prompt + text)
     return 0

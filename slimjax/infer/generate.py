@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from slimjax.config import ModelConfig
 from slimjax.errors import SlimjaxError
 from slimjax.infer.sampling import Sampling, sample
-from slimjax.models import Decoder, compute_dtype, param_axes
+from slimjax.models import abstract_params, compute_dtype
 from slimjax.models.cache import KVCache
 from slimjax.sharding import Rules, activation_rules
 
@@ -42,19 +42,6 @@ class Generated:
 
     tokens: list[list[int]]
     stopped: list[bool]
-
-
-def abstract_model(cfg: ModelConfig, dtype: Any) -> Decoder:
-    """The model's structure without allocating its weights."""
-    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0), dtype=dtype))
-
-
-def abstract_params(cfg: ModelConfig, dtype: Any, mesh: Mesh, rules: Rules) -> dict:
-    """Shapes, dtypes and rule-table shardings of the parameters (a restore target)."""
-    model = abstract_model(cfg, dtype)
-    shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    shardings = rules.tree_shardings(param_axes(model), shapes, mesh)
-    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
 
 
 def unstacked(cfg: ModelConfig, params: dict) -> dict:
@@ -89,12 +76,12 @@ class Generator:
             params = unstacked(cfg, params)
             cfg = dataclasses.replace(cfg, scan_layers=False)
         self.cfg = cfg
-        self.graphdef = nnx.graphdef(abstract_model(cfg, self.dtype))
+        self.graphdef, axes, shapes = abstract_params(cfg, self.dtype)
         if mesh is None:
             self.param_shardings = None
             self.params = params
         else:
-            self.param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params(cfg, self.dtype, mesh, rules))
+            self.param_shardings = rules.tree_shardings(axes, shapes, mesh)
             self.params = jax.device_put(params, self.param_shardings)
         self.compiled: dict[tuple, Any] = {}
 
@@ -160,14 +147,14 @@ class Generator:
         fn = functools.partial(_generate, self.graphdef, self.cfg, self.dtype, max_new, sampling)
         abstract = (jax.ShapeDtypeStruct((batch, bucket), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32),
                     jax.ShapeDtypeStruct((n_stops,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
-        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
         if self.mesh is None:
-            compiled = jax.jit(fn).lower(abstract_params, *abstract).compile()
+            compiled = jax.jit(fn).lower(params, *abstract).compile()
         else:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             with activation_rules(self.mesh, self.rules):  # constraints are resolved while tracing
                 compiled = jax.jit(fn, in_shardings=(self.param_shardings, *self._input_shardings()),
-                                   out_shardings=replicated).lower(abstract_params, *abstract).compile()
+                                   out_shardings=replicated).lower(params, *abstract).compile()
         self.compiled[key] = compiled
         return compiled
 

@@ -21,7 +21,7 @@ import numpy as np
 from slimjax.config import Config, validate
 from slimjax.data import pipeline
 from slimjax.infer.generate import Generator, complete
-from slimjax.train import flops
+from slimjax.train import distributed, flops
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
 from slimjax.train.run import Run, build_run, prepare_workdir
@@ -57,6 +57,7 @@ class Tracker:
 def train(config: ml_collections.ConfigDict | Config, workdir: str) -> dict[str, Any]:
     """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary."""
     cfg = config if isinstance(config, Config) else validate(config)
+    distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
     workdir = prepare_workdir(workdir)
     run = build_run(cfg, workdir)
     try:
@@ -134,6 +135,10 @@ def _loop(run: Run) -> dict[str, Any]:
         plot_loss_curve(read_metrics(os.path.join(run.workdir, METRICS_FILE)),
                         os.path.join(run.workdir, CURVE_FILE), title=f"slimjax: {run.workdir}")
     writer.close()
+    if jax.process_count() > 1:  # when train() returns on any process, process 0's files are complete
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("slimjax: run outputs written")
     return summary
 
 
