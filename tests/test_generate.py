@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 from helpers import random_model, small_config, with_mesh
+from slimjax import config as C
 from slimjax.cli import main as cli_main
+from slimjax.configs import base
 from slimjax.infer import sampling as S
 from slimjax.infer.generate import Generator, bucket_length
 from slimjax.models.cache import KVCache
@@ -170,6 +172,32 @@ def test_sharded_generation_equals_single_device(shape):
     assert sharded.generate(prompts, 8).tokens == single.generate(prompts, 8).tokens
     s = S.Sampling(temperature=0.8, top_p=0.9)
     assert sharded.generate(prompts, 8, s, seed=3).tokens == single.generate(prompts, 8, s, seed=3).tokens
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied_llama3", "gpt2"])
+def test_imported_hf_model_generates_what_transformers_generates(variant, tmp_path):
+    """KV-cache generation with an imported Hugging Face model (a batch of prompts of different
+    lengths, on a (1, 2, 2) mesh) equals transformers' greedy ``generate``, prompt by prompt."""
+    import torch
+
+    from hf_models import random_model as hf_random_model
+    from hf_models import save
+    from slimjax.interop.hf import import_hf
+
+    c = base.get_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 2, 2
+    mesh_cfg = C.validate(c).mesh
+    mesh, rules = make_mesh(mesh_cfg, jax.devices()[:4]), Rules.from_config(mesh_cfg)
+    cfg, params = import_hf(save(variant, str(tmp_path / variant)), mesh, rules, dtype="float32")
+    prompts = prompts_of([8, 3, 13], cfg.vocab_size, seed=4)
+    ours = Generator(cfg, params, mesh, rules).generate(prompts, 12).tokens
+    hf = hf_random_model(variant)
+    for prompt, got in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist()
 
 
 # --- the command ------------------------------------------------------------------------------
