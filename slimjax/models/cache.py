@@ -49,10 +49,6 @@ class KVCache:
         return cls(k=tuple(zeros() for _ in range(cfg.n_layers)), v=tuple(zeros() for _ in range(cfg.n_layers)),
                    segment_ids=seg, index=jnp.zeros((), jnp.int32))
 
-    @property
-    def max_len(self) -> int:
-        return self.segment_ids.shape[1]
-
     def claim(self, segment_ids: jax.Array) -> "KVCache":
         """Marks the next ``segment_ids.shape[1]`` slots with the new tokens' segments."""
         seg = jax.lax.dynamic_update_slice(self.segment_ids, segment_ids.astype(jnp.int32), (0, self.index))
