@@ -70,19 +70,19 @@ class Generator:
             raise ValueError("give both mesh and rules, or neither")
         self.mesh, self.rules = mesh, rules
         self.dtype = compute_dtype(cfg.dtype) if dtype is None else dtype
-        if cfg.scan_layers:
-            # Decoding runs the layers unrolled with the weights unstacked once, here: sliced inside
-            # the decode loop, XLA would copy every layer's weights at every step.
-            params = unstacked(cfg, params)
-            cfg = dataclasses.replace(cfg, scan_layers=False)
-        self.cfg = cfg
+        scanned = cfg.scan_layers
+        # Decoding runs the layers unrolled with the weights unstacked once, here: sliced inside
+        # the decode loop, XLA would copy every layer's weights at every step.
+        place = functools.partial(unstacked, cfg) if scanned else (lambda p: p)
+        self.cfg = cfg = dataclasses.replace(cfg, scan_layers=False)
         self.graphdef, axes, shapes = abstract_params(cfg, self.dtype)
         if mesh is None:
             self.param_shardings = None
-            self.params = params
+            self.params = place(params)
         else:
             self.param_shardings = rules.tree_shardings(axes, shapes, mesh)
-            self.params = jax.device_put(params, self.param_shardings)
+            # One jitted placement: it also works when the parameters span several processes.
+            self.params = jax.jit(place, out_shardings=self.param_shardings)(params)
         self.compiled: dict[tuple, Any] = {}
 
     @property
@@ -115,7 +115,7 @@ class Generator:
             lens[row] = len(p)
         stops = np.asarray(list(stop_tokens) or [-1], np.int32)
         fn = self._program(bucket, batch, max_new_tokens, sampling, len(stops))
-        out = fn(self.params, *self._place(tokens, lens, stops, jax.random.key(seed)))
+        out = fn(self.params, *self._place(tokens, lens, stops, np.asarray(seed, np.uint32)))
         out = np.asarray(jax.device_get(out))[: len(prompts)]
         stop_set = set(int(s) for s in stop_tokens)
         result, stopped = [], []
@@ -125,13 +125,12 @@ class Generator:
             stopped.append(cut is not None)
         return Generated(result, stopped)
 
-    def _place(self, tokens: np.ndarray, lens: np.ndarray, stops: np.ndarray, key: jax.Array) -> tuple:
+    def _place(self, *host: np.ndarray) -> tuple:
         if self.mesh is None:
-            return tokens, lens, stops, key
-        shardings = self._input_shardings()
+            return host
         # make_array_from_callback builds global arrays from host data every process holds.
         return tuple(jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx])
-                     for x, sh in zip((tokens, lens, stops), shardings[:3])) + (jax.device_put(key, shardings[3]),)
+                     for x, sh in zip(host, self._input_shardings()))
 
     def _input_shardings(self) -> tuple[NamedSharding, ...]:
         spec = self.rules.spec(("batch", "length"))
@@ -146,7 +145,7 @@ class Generator:
             return self.compiled[key]
         fn = functools.partial(_generate, self.graphdef, self.cfg, self.dtype, max_new, sampling)
         abstract = (jax.ShapeDtypeStruct((batch, bucket), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32),
-                    jax.ShapeDtypeStruct((n_stops,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+                    jax.ShapeDtypeStruct((n_stops,), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32))
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
         if self.mesh is None:
             compiled = jax.jit(fn).lower(params, *abstract).compile()
@@ -160,8 +159,9 @@ class Generator:
 
 
 def _generate(graphdef: nnx.GraphDef, cfg: ModelConfig, dtype: Any, max_new: int, s: Sampling,
-              params: dict, tokens: jax.Array, lengths: jax.Array, stops: jax.Array, key: jax.Array) -> jax.Array:
+              params: dict, tokens: jax.Array, lengths: jax.Array, stops: jax.Array, seed: jax.Array) -> jax.Array:
     """Prefill + decode loop: ``[batch, max_new]`` new tokens (``PAD_ID`` after a row stops)."""
+    key = jax.random.key(seed)
     model = nnx.merge(graphdef, params)
     batch, bucket = tokens.shape
     slot = jnp.arange(bucket)[None, :]
