@@ -134,9 +134,10 @@ def main() -> None:
         best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on shared cores
         out = {}
         for fw in ("sj", "hf"):
-            decode = batch * (args.new - 1) / max(med[f"{fw}_n"] - med[f"{fw}_1"], 1e-9)
+            per_s = lambda t: batch * (args.new - 1) / max(t[f"{fw}_n"] - t[f"{fw}_1"], 1e-9)  # noqa: E731
+            decode = per_s(med)
             out[fw] = {"ttft_ms": 1000 * med[f"{fw}_1"], "decode_tokens_per_s": decode,
-                       "decode_tokens_per_s_best": batch * (args.new - 1) / max(best[f"{fw}_n"] - best[f"{fw}_1"], 1e-9),
+                       "decode_tokens_per_s_best": per_s(best),
                        "total_s": med[f"{fw}_n"], "times_1_s": times[f"{fw}_1"], "times_new_s": times[f"{fw}_n"]}
             rows.append({"batch": batch, "framework": {"sj": "slimjax", "hf": "transformers"}[fw],
                          "ttft ms": out[fw]["ttft_ms"], "decode tok/s": decode,

@@ -361,7 +361,8 @@ def _check_cross_fields(cfg: Config) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.microbatches={t.microbatches}")
     if t.sample_tokens < 0:
-        raise SlimjaxError(f"config key 'train.sample_tokens' must be >= 0 (0 disables the sample), got {t.sample_tokens}")
+        raise SlimjaxError(f"config key 'train.sample_tokens' must be >= 0 (0 disables the sample), "
+                           f"got {t.sample_tokens}")
     if t.eval_batches < 0 or t.z_loss < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, train.z_loss, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")

@@ -63,7 +63,8 @@ def test_cached_logits_equal_full_forward(family, scan):
     want = full[:, 7:]
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel <= 1e-5, rel
-    assert int(cache.index) == 14 and len(cache.k) == 2 and cache.k[0].shape == (2, cfg.model.n_kv_heads, 16, 8)  # kv heads, not heads
+    assert int(cache.index) == 14 and len(cache.k) == 2
+    assert cache.k[0].shape == (2, cfg.model.n_kv_heads, 16, 8)  # kv heads, not query heads
 
 
 @pytest.mark.parametrize("family,scan", FAMILIES)
