@@ -20,6 +20,8 @@ from slimjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# Metric key of the per-parameter-leaf finite flags (a bool vector, not a scalar to log).
+LEAF_FINITE = "leaf_finite"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,7 @@ class StepOptions:
 
     microbatches: int
     z_loss: float
+    skip_nonfinite: bool = False  # count dropped updates in state.skipped (train.nonfinite = "skip")
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,18 +90,36 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             (grads, nll, z), _ = jax.lax.scan(accumulate, zeros, split_microbatches(batch, opts.microbatches))
         denom = jnp.maximum(n_tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll / denom
+        leaf_finite = finite_leaves(state.params, grads)
+        ok = jnp.all(leaf_finite) & jnp.isfinite(loss)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite step never reaches the state (either policy): the loop stops or counts it.
+        keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep_new, params, state.params)
+        opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
+        skipped = state.skipped + (~ok).astype(jnp.int32) if opts.skip_nonfinite else state.skipped
+        rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))  # the step's key is the split's second half
         metrics = {
-            "loss": nll / denom,
+            "loss": loss,
             "z_loss": z / denom,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
             "tokens": n_tokens,
+            "nonfinite": (~ok).astype(jnp.float32),
+            LEAF_FINITE: leaf_finite,
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng),
+                          skipped=skipped), metrics
 
     return train_step
+
+
+def finite_leaves(params: dict, grads: dict) -> jax.Array:
+    """One bool per parameter leaf (``jax.tree.leaves`` order): the parameter and its gradient are finite."""
+    return jnp.stack([jnp.all(jnp.isfinite(p)) & jnp.all(jnp.isfinite(g))
+                      for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(grads))])
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], Metrics]:
