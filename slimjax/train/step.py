@@ -91,10 +91,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         denom = jnp.maximum(n_tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
-        leaf_finite = finite_leaves(state.params, grads)
-        ok = jnp.all(leaf_finite) & jnp.isfinite(loss)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        leaf_finite = finite_leaves(state.params, grads, params)
+        ok = jnp.all(leaf_finite) & jnp.isfinite(loss)
         # A non-finite step never reaches the state (either policy): the loop stops or counts it.
         keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         params = jax.tree.map(keep_new, params, state.params)
@@ -116,10 +116,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def finite_leaves(params: dict, grads: dict) -> jax.Array:
-    """One bool per parameter leaf (``jax.tree.leaves`` order): the parameter and its gradient are finite."""
-    return jnp.stack([jnp.all(jnp.isfinite(p)) & jnp.all(jnp.isfinite(g))
-                      for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(grads))])
+def finite_leaves(params: dict, grads: dict, new_params: dict) -> jax.Array:
+    """One bool per parameter leaf (``jax.tree.leaves`` order): the parameter, its gradient and its
+    updated value are all finite (the last catches a corrupted optimizer state)."""
+    return jnp.stack([jnp.all(jnp.isfinite(p)) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(n))
+                      for p, g, n in zip(*map(jax.tree.leaves, (params, grads, new_params)))])
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], Metrics]:
