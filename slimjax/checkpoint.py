@@ -47,8 +47,10 @@ class Checkpointer:
         if cfg.keep_best:
             policies.append(pp.BestN(get_metric_fn=lambda m: m[EVAL_METRIC], reverse=True, n=cfg.keep_best,
                                      keep_checkpoints_without_metrics=False))
+        # read_only only stops us creating the directory: Orbax's own read_only mode logs warnings
+        # that would break the CLI's one-line errors, and restoring never writes anyway.
         options = ocp.CheckpointManagerOptions(
-            create=not read_only, read_only=read_only, enable_async_checkpointing=cfg.async_save,
+            create=not read_only, enable_async_checkpointing=cfg.async_save,
             preservation_policy=pp.AnyPreservationPolicy(policies))
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
         handlers.update(meta=ocp.JsonCheckpointHandler(), **{_data_item(): ocp.JsonCheckpointHandler()})
