@@ -17,6 +17,7 @@ computed on device, layout independent) and every restore recomputes and compare
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from slimjax.config import CheckpointConfig
@@ -176,19 +178,33 @@ def fingerprints(tree: Any) -> dict[str, list[int]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return {}
-    sums = _fingerprint_fn([x for _, x in flat])
-    host = np.asarray(jax.device_get(sums))
+    leaves = [x for _, x in flat]
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+    host = np.asarray(jax.device_get(_fingerprint_fn(mesh)(leaves)))
     return {path_str(p): [int(a), int(b)] for (p, _), (a, b) in zip(flat, host)}
 
 
-@jax.jit
-def _fingerprint_fn(leaves: list[jax.Array]) -> jax.Array:
+@functools.lru_cache(maxsize=8)
+def _fingerprint_fn(mesh: Mesh | None):
+    """The jitted fingerprint program; its (tiny) output is replicated so every process can read it."""
+    if mesh is None:
+        return jax.jit(_fingerprint_impl)
+    return jax.jit(_fingerprint_impl, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def _fingerprint_impl(leaves: list[jax.Array]) -> jax.Array:
     out = []
     for x in leaves:
         x = jnp.asarray(x)
         bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
-        bits = bits.reshape(-1)
-        weight = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        # Each element's flat index, built from per-dimension iotas in the array's own shape: no
+        # reshape, so every device weighs its own shard and only the two sums cross devices.
+        index = jnp.zeros(x.shape, jnp.uint32)
+        stride = 1
+        for dim in reversed(range(x.ndim)):
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[dim]
+        weight = index * jnp.uint32(2654435761) + jnp.uint32(1)
         out.append(jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)]))
     return jnp.stack(out)
 

@@ -153,7 +153,8 @@ def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
             bar.update(1)
             for hook in hooks:
                 hook(step, last=step == t.steps)
-            if watch.requested(step):  # SIGTERM: checkpoint this step boundary, then stop
+            # SIGTERM: checkpoint this step boundary and stop (at the last step, just finish).
+            if step < t.steps and watch.requested(step, agree=step % t.log_every == 0):
                 if tr.last_saved_step != step:
                     checkpoint(step)
                 run.checkpointer.wait()

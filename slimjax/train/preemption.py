@@ -3,7 +3,8 @@ and stop at the next step boundary.
 
 The handler only sets a flag; the loop polls it between steps, so a step is never interrupted
 and the checkpoint holds a consistent state. On TPU, JAX's preemption sync point is also polled
-so every host saves at the same step.
+so every host saves at the same step; elsewhere several processes agree on the step by combining
+their flags at log steps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from types import FrameType
 
 import jax
+import numpy as np
 
 
 class PreemptionWatch:
@@ -40,14 +42,24 @@ class PreemptionWatch:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = True
 
-    def requested(self, step: int) -> bool:
-        """True when the run should checkpoint ``step`` and stop."""
-        if self._tpu_sync:
-            from jax.experimental import multihost_utils
+    def requested(self, step: int, agree: bool = True) -> bool:
+        """True when the run should checkpoint ``step`` and stop.
 
+        With several processes they must all stop at the same step (a checkpoint is written by
+        all of them together), so the local flags are combined, but only at steps where ``agree``
+        is set (the loop passes its log steps, which already wait for the device): a collective
+        every step would stall the step pipeline.
+        """
+        from jax.experimental import multihost_utils
+
+        if self._tpu_sync:
             try:
                 if multihost_utils.reached_preemption_sync_point(step):
                     return True
             except RuntimeError:  # no preemption service (single host without jax.distributed)
                 self._tpu_sync = False
-        return self.signalled
+        if jax.process_count() == 1:
+            return self.signalled
+        if not agree:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.signalled))))
