@@ -52,17 +52,18 @@ def du(path: str) -> int:
 
 
 def randomize_moments(state: dict) -> dict:
-    """AdamW moments as after training (random, incompressible) instead of init's zeros."""
-    def fill(key, opt_state):
-        leaves, treedef = jax.tree.flatten(opt_state)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) * 1e-3
-                                            if x.ndim and jnp.issubdtype(x.dtype, jnp.floating) else x
-                                            for k, x in zip(keys, leaves)])
+    """AdamW moments as after training (random, incompressible) instead of init's zeros.
 
-    shardings = jax.tree.map(lambda x: x.sharding, state["opt_state"])
-    opt_state = jax.jit(fill, out_shardings=shardings)(jax.random.key(1), state["opt_state"])
-    return jax.block_until_ready(dict(state, opt_state=opt_state))
+    Filled leaf by leaf on the host so no more than one leaf is ever held twice.
+    """
+    rng = np.random.default_rng(1)
+
+    def fill(x):
+        if not (x.ndim and jnp.issubdtype(x.dtype, jnp.floating)):
+            return x
+        return jax.device_put((rng.standard_normal(x.shape, np.float32) * 1e-3).astype(x.dtype), x.sharding)
+
+    return jax.block_until_ready(dict(state, opt_state=jax.tree.map(fill, state["opt_state"])))
 
 
 def timed(fn) -> float:

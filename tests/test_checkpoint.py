@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import build, build_state, small_config, synthetic_batch, with_mesh, with_train
+from helpers import build, build_state, small_config, snapshot, synthetic_batch, with_mesh, with_train
 from slimjax.checkpoint import Checkpointer, fingerprints
 from slimjax.data import pipeline
 from slimjax.errors import SlimjaxError
@@ -167,15 +167,6 @@ def plant_inf(trained, workdir, cfg):
     ck.save(6, state, data_state, {"config": meta["config"], "step": 6})
     ck.close()
     return path_str(path), fingerprints(state["params"])
-
-
-def snapshot(directory):
-    out = {}
-    for d, _, files in os.walk(directory):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, directory)] = open(p, "rb").read()
-    return out
 
 
 def test_nonfinite_stop_names_step_and_leaf_and_keeps_checkpoints(trained, tmp_path):

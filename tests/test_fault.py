@@ -2,7 +2,6 @@
 preemption, and bad checkpoint input through the CLI (one line, exit 2, nothing changed)."""
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -12,6 +11,8 @@ import sys
 import time
 
 import pytest
+
+from helpers import snapshot
 
 # The small test model on Shakespeare with the byte tokenizer (no tokenizer training), 2x2x2 mesh.
 FLAGS = ["--config.model.vocab_size=260", "--config.model.d_model=64", "--config.model.n_layers=2",
@@ -51,14 +52,6 @@ def wait_for(predicate, proc, timeout=300):
         assert proc.poll() is None, f"process ended early: {proc.returncode}"
         assert time.time() - t0 < timeout, "timed out"
         time.sleep(0.02)
-
-
-def snapshot(path):
-    out = {}
-    for f in glob.glob(os.path.join(path, "**"), recursive=True):
-        if os.path.isfile(f):
-            out[os.path.relpath(f, path)] = hashlib.sha256(open(f, "rb").read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
