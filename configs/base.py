@@ -20,6 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.max_seq_len = 256  # longest sequence the model accepts (size of learned position table)
     m.positions = "rope"  # "learned" (GPT-2) or "rope" (Llama)
     m.rope_theta = 10000.0  # RoPE base frequency
+    m.rope_scaling = "none"  # RoPE frequency scaling: "none", "linear" (divide by factor) or "llama3" (Llama 3.1 bands)
+    m.rope_factor = 1.0  # RoPE scaling factor ("linear" and "llama3")
+    m.rope_low_freq_factor = 1.0  # "llama3": wavelengths above original_max_len / this are divided by the factor
+    m.rope_high_freq_factor = 4.0  # "llama3": wavelengths below original_max_len / this are kept
+    m.rope_original_max_len = 8192  # "llama3": context length the frequencies were trained for
     m.norm = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     m.norm_eps = 1e-5  # epsilon inside the normalisation
     m.mlp = "swiglu"  # "gelu" (GPT-2) or "swiglu" (Llama)
@@ -105,4 +110,16 @@ def get_config() -> ml_collections.ConfigDict:
     ck.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (0: off)
     ck.async_save = True  # write checkpoints in the background while training continues
     ck.init_from = ""  # fresh runs start from these params (a run dir, its checkpoints/ dir, or checkpoints/STEP); optimizer state starts fresh
+
+    c.distributed = dist = ml_collections.ConfigDict()
+    # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values
+    # fall back to SLIMJAX_COORDINATOR_ADDRESS / SLIMJAX_NUM_PROCESSES / SLIMJAX_PROCESS_ID, then to auto.
+    dist.coordinator_address = ""  # "host:port" of process 0's coordinator ("" = environment or auto)
+    dist.num_processes = -1  # processes in the run (-1 = environment or auto)
+    dist.process_id = -1  # this process's index in [0, num_processes) (-1 = environment or auto)
+    dist.local_device_ids = ()  # accelerators this process uses (() = all visible; SLURM one-task-per-GPU: its own)
+    dist.auto = True  # detect Cloud TPU VMs (JAX's own detection) and SLURM jobs (SLURM_* variables)
+    dist.coordinator_port = 0  # SLURM: coordinator port on the first node (0 = derived from SLURM_JOB_ID)
+    dist.timeout_s = 300  # seconds to wait for the coordinator and every process to connect
+    dist.cpu_devices = 0  # CPU only: local CPU devices per process (jax_num_cpu_devices; 0 = JAX's default)
     return c

@@ -1,4 +1,5 @@
-"""Train through absl.app: the same flags as `slimjax train`, the same `slimjax.train` call.
+"""Train through absl.app: the same flags as `slimjax train`, the same `slimjax.train` call (which
+first joins a multi-process run when the `distributed.` config, SLURM or a Cloud TPU VM says so).
 
     python scripts/train.py --config=configs/tiny.py --config.train.steps=50 --workdir=/tmp/run
 """
@@ -6,6 +7,7 @@
 import sys
 
 from absl import app
+from absl import flags as absl_flags
 
 import slimjax
 from slimjax.cli import flags
@@ -13,6 +15,8 @@ from slimjax.errors import SlimjaxError, one_line
 
 
 def parse_flags(argv):
+    # slimjax parses the flags itself; absl only needs to know that parsing happened.
+    absl_flags.FLAGS.mark_as_parsed()
     try:
         return flags.parse_train_args(argv[1:])
     except SlimjaxError as e:

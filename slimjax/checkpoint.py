@@ -19,6 +19,7 @@ recomputes and compares them. They detect damaged bytes, not reordered elements.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -56,7 +57,8 @@ class Checkpointer:
             create=not read_only, enable_async_checkpointing=cfg.async_save,
             preservation_policy=pp.AnyPreservationPolicy(policies))
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
-        handlers.update(meta=ocp.JsonCheckpointHandler(), **{_data_item(): ocp.JsonCheckpointHandler()})
+        handlers.update(meta=ocp.JsonCheckpointHandler(),
+                        **{f"data_{i}": ocp.JsonCheckpointHandler() for i in range(jax.process_count())})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
@@ -82,7 +84,7 @@ class Checkpointer:
         items = _split(state)
         meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
         args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
-                                  meta=ocp.args.JsonSave(meta), **{_data_item(): ocp.args.JsonSave(data_state)})
+                                  meta=ocp.args.JsonSave(meta), **_data_items(data_state))
         metrics = {EVAL_METRIC: float(eval_loss)} if eval_loss is not None else None
         try:
             return self._manager.save(step, args=args, force=True, metrics=metrics)
@@ -94,6 +96,13 @@ class Checkpointer:
         """The JSON metadata of ``step``: "step", "config" (resolved) and "fingerprints"."""
         restored = self._restore(step, meta=ocp.args.JsonRestore())
         return restored.meta
+
+    def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
+        """Writes only ``params`` and ``meta`` for ``step`` (an imported model has no optimizer
+        state); such a checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
+        meta = dict(meta, fingerprints={"params": fingerprints(params)})
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: dict[str, Any]
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -235,3 +244,21 @@ def _first_line(e: BaseException) -> str:
 def _data_item() -> str:
     """Each process keeps its own iterator state (its position in its own shard of the data)."""
     return f"data_{jax.process_index()}"
+
+
+def _data_items(data_state: dict[str, Any]) -> dict[str, Any]:
+    """``data_<i>`` -> process i's iterator state (JSON save args), for every process.
+
+    Orbax writes JSON items from the primary process only, so each process's state is gathered to
+    all processes (every one must pass the same items to ``save``) and process 0 writes them all.
+    """
+    if jax.process_count() == 1:
+        return {_data_item(): ocp.args.JsonSave(data_state)}
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(buf))
+    return {f"data_{i}": ocp.args.JsonSave(json.loads(gathered[i, :sizes[i]].tobytes())) for i in range(len(sizes))}

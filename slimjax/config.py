@@ -35,6 +35,11 @@ class ModelConfig:
     max_seq_len: int
     positions: Literal["learned", "rope"]
     rope_theta: float
+    rope_scaling: Literal["none", "linear", "llama3"]
+    rope_factor: float
+    rope_low_freq_factor: float
+    rope_high_freq_factor: float
+    rope_original_max_len: int
     norm: Literal["layernorm", "rmsnorm"]
     norm_eps: float
     mlp: Literal["gelu", "swiglu"]
@@ -142,6 +147,20 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How this process joins a multi-process run (see ``slimjax.train.distributed``)."""
+
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+    local_device_ids: tuple[int, ...]
+    auto: bool
+    coordinator_port: int
+    timeout_s: int
+    cpu_devices: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The validated whole; callers hand each module only its own section."""
 
@@ -151,6 +170,7 @@ class Config:
     optimizer: OptimizerConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
+    distributed: DistributedConfig
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (tuples become lists) for run summaries and checkpoints."""
@@ -164,6 +184,7 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "distributed": DistributedConfig,
 }
 
 
@@ -232,6 +253,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise SlimjaxError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
     elif hint == tuple[str, ...]:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif hint == tuple[int, ...]:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
     elif hint == tuple[Rule, ...]:
         return _coerce_rules(key, value)
@@ -314,6 +338,14 @@ def _check_cross_fields(cfg: Config) -> None:
     if m.n_heads % m.n_kv_heads:
         raise SlimjaxError(
             f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if m.rope_scaling != "none" and not m.rope_factor > 0:
+        raise SlimjaxError(f"model.rope_factor must be > 0 with model.rope_scaling={m.rope_scaling!r}, "
+                           f"got {m.rope_factor}")
+    if m.rope_scaling == "llama3" and not (m.rope_high_freq_factor > m.rope_low_freq_factor > 0
+                                           and m.rope_original_max_len > 0):
+        raise SlimjaxError("model.rope_scaling='llama3' needs model.rope_high_freq_factor > "
+                           "model.rope_low_freq_factor > 0 and model.rope_original_max_len > 0; got "
+                           f"{m.rope_high_freq_factor}, {m.rope_low_freq_factor}, {m.rope_original_max_len}")
     if m.positions == "rope" and m.head_dim % 2:
         raise SlimjaxError(f"model.head_dim={m.head_dim} must be even for rotary positions")
     if d.seq_len > m.max_seq_len:
@@ -337,6 +369,20 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.eval_batches < 0 or t.z_loss < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, train.z_loss, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")
+    dist = cfg.distributed
+    if dist.num_processes == 0 or dist.num_processes < -1:
+        raise SlimjaxError(f"config key 'distributed.num_processes' must be >= 1 or -1 (environment/auto), "
+                           f"got {dist.num_processes}")
+    if dist.process_id < -1 or (dist.num_processes > 0 and dist.process_id >= dist.num_processes):
+        raise SlimjaxError(f"config key 'distributed.process_id' is {dist.process_id}; it must lie in "
+                           f"[0, distributed.num_processes={dist.num_processes}) or be -1 (environment/auto)")
+    if dist.timeout_s <= 0 or dist.cpu_devices < 0 or not 0 <= dist.coordinator_port < 65536:
+        raise SlimjaxError("distributed.timeout_s must be > 0, distributed.cpu_devices >= 0 and "
+                           f"distributed.coordinator_port in [0, 65535]; got {dist.timeout_s}, "
+                           f"{dist.cpu_devices}, {dist.coordinator_port}")
+    if any(i < 0 for i in dist.local_device_ids):
+        raise SlimjaxError(f"config key 'distributed.local_device_ids' must hold device indices >= 0, "
+                           f"got {dist.local_device_ids}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise SlimjaxError(f"optimizer.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
 

@@ -14,15 +14,13 @@ import sys
 
 import jax
 
-DEVICES = 8  # in total, split evenly over the processes
+sys.path.insert(0, os.path.dirname(__file__))  # helpers.py, when started as a script
+
+from helpers import join_cpu_run  # noqa: E402
 
 
 def main(process_id: int, num_processes: int, port: int, corpus: str, out: str) -> None:
-    jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
-    if num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                                   process_id=process_id)
+    join_cpu_run(process_id, num_processes, port)
     import numpy as np
     from jax.experimental import multihost_utils
 

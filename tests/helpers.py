@@ -6,6 +6,11 @@ import dataclasses
 import glob
 import hashlib
 import os
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -130,3 +135,77 @@ def snapshot(path: str) -> dict[str, str]:
         if os.path.isfile(f):
             out[os.path.relpath(f, path)] = hashlib.sha256(open(f, "rb").read()).hexdigest()
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for worker processes: without conftest's 8-device XLA_FLAGS, since each worker
+    sets its own CPU device count."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+# What a coordinator port taken by someone else between free_port() and bind looks like.
+PORT_CLASH = ("address already in use", "failed to add port", "failed to bind")
+
+
+def run_processes(argv_for: Callable[[int, int], Sequence[str]], n: int, timeout: float = 600) -> list[str]:
+    """Runs ``n`` real processes ``argv_for(process_id, port)`` that meet on a free 127.0.0.1 port and
+    returns their stdouts; any failure asserts with the failing process's stderr. A port clash (the
+    port was taken between choosing and binding it) is retried once on a new port."""
+    for attempt in range(2):
+        port = free_port()
+        # Files, not pipes: a chatty process must never block on a full pipe while we poll.
+        logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(n)]
+        procs = [subprocess.Popen(list(argv_for(i, port)), env=child_env(), stdout=out, stderr=err, text=True)
+                 for i, (out, err) in enumerate(logs)]
+        results = _wait_all(procs, logs, timeout)
+        failed = [(i, out, err) for i, (code, out, err) in enumerate(results) if code != 0]
+        if not failed:
+            return [out for _, out, _ in results]
+        clash = any(marker in err.lower() for _, _, err in failed for marker in PORT_CLASH)
+        if attempt == 1 or not clash:
+            i, _, err = failed[0]
+            raise AssertionError(f"process {i} of {n} failed (exit {results[i][0]}):\n{err[-4000:]}")
+
+
+def _wait_all(procs: list[subprocess.Popen], logs: list, timeout: float) -> list[tuple[int, str, str]]:
+    """Waits for every process; once one fails (or time runs out) the others get 30 s, then are killed,
+    so a crashed peer does not leave the rest waiting on collectives for the whole timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            deadline = min(deadline, time.monotonic() + 30)
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    results = []
+    for p, files in zip(procs, logs):
+        code = p.wait()
+        texts = []
+        for f in files:
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        results.append((code, *texts))
+    return results
+
+
+def join_cpu_run(process_id: int, num_processes: int, port: int, devices: int = 8) -> None:
+    """Makes this process one of ``num_processes`` real processes on 127.0.0.1:``port`` holding
+    ``devices`` CPU devices in all, through slimjax's own ``distributed.initialize`` (call it
+    before anything touches a JAX device)."""
+    from slimjax.train import distributed
+
+    dist = dataclasses.replace(C.validate(base.get_config()).distributed, cpu_devices=devices // num_processes,
+                               timeout_s=120)
+    if num_processes > 1:
+        dist = dataclasses.replace(dist, coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                                   process_id=process_id)
+    distributed.initialize(dist)

@@ -5,7 +5,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 import zstandard
 
 import slimjax
-from helpers import small_config, with_train
+from helpers import child_env, run_processes, small_config, with_train
 from slimjax import config as C
 from slimjax.data import pipeline
 from slimjax.train.run import build_run
@@ -43,25 +42,14 @@ def corpus(tmp_path_factory):
     return str(root)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_assemble_the_single_process_global_batches(corpus, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker sets its own device count
     one = tmp_path / "one.json"
-    single = subprocess.run([sys.executable, WORKER, "0", "1", "0", corpus, str(one)], env=env,
+    single = subprocess.run([sys.executable, WORKER, "0", "1", "0", corpus, str(one)], env=child_env(),
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    port = free_port()
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), corpus, str(outs[i])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    run_processes(lambda i, port: [sys.executable, WORKER, str(i), "2", str(port), corpus, str(outs[i])], 2,
+                  timeout=300)
     ref = json.loads(one.read_text())
     got = [json.loads(o.read_text()) for o in outs]
     assert ref["processes"] == 1 and [g["processes"] for g in got] == [2, 2]

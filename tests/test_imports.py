@@ -65,3 +65,27 @@ def test_the_checker_catches_upward_imports(tmp_path):
                      "models/probe.py imports slimjax.train.loop (models -> train)",
                      "models/probe.py imports slimjax.cli (models -> cli)",
                      "models/probe.py imports slimjax.cli.main (models -> cli)"]
+
+
+def duplicate_definitions(root: pathlib.Path) -> list[str]:
+    """Functions or methods defined twice in one module or class body (the first is silently dead;
+    a merge that adds the same method on two branches produces exactly this)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for scope in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(scope, (ast.Module, ast.ClassDef)):
+                continue
+            seen = set()
+            for node in scope.body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if node.name in seen:
+                        found.append(f"{path.relative_to(root)}: {node.name} (line {node.lineno})")
+                    seen.add(node.name)
+    return found
+
+
+def test_no_function_is_defined_twice_in_one_scope(tmp_path):
+    assert duplicate_definitions(ROOT) == []
+    probe = tmp_path / "probe.py"
+    probe.write_text("class A:\n    def f(self): ...\n    def f(self): ...\n")
+    assert duplicate_definitions(tmp_path) == ["probe.py: f (line 3)"]

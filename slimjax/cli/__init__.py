@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from slimjax.cli import prepare, tokenizer, train
+from slimjax.cli import evaluate, export, hf_import, prepare, tokenizer, train
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError, one_line
 
@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (train.run, train.USAGE),
     "prepare": (prepare.run, prepare.USAGE),
     "tokenizer": (tokenizer.run, tokenizer.USAGE),
+    "import": (hf_import.run, hf_import.USAGE),
+    "export": (export.run, export.USAGE),
+    "eval": (evaluate.run, evaluate.USAGE),
 }
 
 

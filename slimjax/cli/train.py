@@ -1,4 +1,8 @@
-"""``slimjax train``: parse config flags, call ``slimjax.train``, print a one-line result."""
+"""``slimjax train``: parse config flags, call ``slimjax.train``, print a one-line result.
+
+``slimjax.train`` joins a multi-process run first (``distributed.`` config keys, SLURM or Cloud
+TPU); every process runs the same command and process 0 prints the result.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ USAGE = ("slimjax train [--config=FILE_OR_NAME] [--config.KEY=VALUE ...] [--work
 
 def run(argv: Sequence[str]) -> int:
     config, workdir = parse_train_args(argv)
+    import jax
+
     import slimjax
     from slimjax.errors import Preempted
 
@@ -23,7 +29,8 @@ def run(argv: Sequence[str]) -> int:
     except Preempted as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return Preempted.EXIT_STATUS
-    print(f"done: step {summary['final_step']}, train loss {summary['final_train_loss']:.4f}, "
-          f"eval loss {summary['final_eval_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
-          f"MFU {summary['mfu']:.1%} -> {os.path.abspath(workdir)}")
+    if jax.process_index() == 0:  # one line per run, not one per host
+        print(f"done: step {summary['final_step']}, train loss {summary['final_train_loss']:.4f}, "
+              f"eval loss {summary['final_eval_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
+              f"MFU {summary['mfu']:.1%} -> {os.path.abspath(workdir)}")
     return 0

@@ -97,6 +97,12 @@ def training_documents(cfg: DataConfig) -> Iterator[str]:
             yield doc
 
 
+def split_documents(cfg: DataConfig, split: str) -> list[str]:
+    """Every document of ``split`` ("train" or "eval") of every source, in a fixed order."""
+    stats = sources.ReadStats()
+    return [doc for src in expand(cfg.sources) for _, doc in documents(cfg, src, split, lambda key: True, stats)]
+
+
 def pack(cfg: DataConfig, tok: tokenizer.Tokenizer, docs: list[str], pad_last: bool = False) -> PackedRows:
     """Tokenized (BOS ... EOS) documents packed by the configured packer."""
     encoded = tokenizer.encode_documents(tok, docs)

@@ -109,6 +109,11 @@ def train_sentencepiece(docs: Iterable[str], vocab_size: int, model_type: str,
     return SentencePieceTokenizer(out_path)
 
 
+def cached_model_path(workdir: str | os.PathLike) -> pathlib.Path:
+    """Where a run caches the SentencePiece model it trained (``<workdir>/tokenizer/spm.model``)."""
+    return pathlib.Path(workdir) / "tokenizer" / MODEL_NAME
+
+
 def get_tokenizer(kind: str, path: str, workdir: str | os.PathLike, vocab_size: int, model_type: str,
                   docs: Callable[[], Iterable[str]]) -> Tokenizer:
     """The configured tokenizer. For SentencePiece: ``path`` if given, else the workdir's cached
@@ -130,7 +135,7 @@ def get_tokenizer(kind: str, path: str, workdir: str | os.PathLike, vocab_size: 
                                "file or '' to train one")
         tok = SentencePieceTokenizer(path)
     else:
-        cached = pathlib.Path(workdir) / "tokenizer" / MODEL_NAME
+        cached = cached_model_path(workdir)
         tok = SentencePieceTokenizer(cached) if cached.exists() else train_sentencepiece(
             docs(), vocab_size, model_type, cached)
     if tok.vocab_size != vocab_size:

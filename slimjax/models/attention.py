@@ -42,6 +42,8 @@ class Attention(nnx.Module):
         self.wo = layers.Dense((h, hd), (d,), ("heads", "head_dim"), ("embed",),
                                std=layers.out_proj_std(cfg.init_std, cfg.n_layers), **common)
         self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+        self.rope_scaling = (cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+                             cfg.rope_high_freq_factor, cfg.rope_original_max_len)
         self.impl = attention_impl(cfg.attention, dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -49,8 +51,8 @@ class Attention(nnx.Module):
         k = constrain(self.wk(x), ("batch", "length", "act_kv_heads", None))
         v = constrain(self.wv(x), ("batch", "length", "act_kv_heads", None))
         if self.rope_theta is not None:
-            q = layers.rope(q, positions, self.rope_theta)
-            k = layers.rope(k, positions, self.rope_theta)
+            q = layers.rope(q, positions, self.rope_theta, self.rope_scaling)
+            k = layers.rope(k, positions, self.rope_theta, self.rope_scaling)
         out = jax.nn.dot_product_attention(
             q, k, v, mask=segment_mask(segment_ids), is_causal=True, implementation=self.impl)
         out = constrain(out, ("batch", "length", "act_heads", None))

@@ -152,3 +152,10 @@ def param_axes(model: nnx.Module) -> dict:
             node = node.setdefault(key, {})
         node[path[-1]] = tuple(var.get_metadata()["axes"])
     return out
+
+
+def abstract_params(cfg: ModelConfig, dtype: jnp.dtype = jnp.float32) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, logical axes, ShapeDtypeStructs) of the model's parameters, allocating nothing."""
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=jax.random.key(0)), dtype=dtype))
+    graphdef, _ = nnx.split(model)
+    return graphdef, param_axes(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -88,14 +88,41 @@ class Norm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+# (kind, factor, low_freq_factor, high_freq_factor, original_max_len): model.rope_* from the config.
+RopeScaling = tuple[str, float, float, float, int]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """Per-pair rotation frequencies ``[head_dim // 2]`` in float32, with optional scaling.
+
+    "linear" divides every frequency by the factor (position interpolation); "llama3" (Llama 3.1)
+    divides only the low frequencies (wavelengths longer than ``original_max_len /
+    low_freq_factor``), keeps the high ones (shorter than ``original_max_len / high_freq_factor``)
+    and blends linearly in between. Hugging Face's ``rope_scaling`` means the same.
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    kind = "none" if scaling is None else scaling[0]
+    if kind == "linear":
+        return inv_freq / scaling[1]
+    if kind == "llama3":
+        _, factor, low, high, original = scaling
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return jnp.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
     """Rotary embedding in the half-split layout of Hugging Face Llama checkpoints.
 
     x: ``[batch, length, heads, head_dim]``; positions: ``[batch, length]`` (restart at 0 in
     each packed document). Angles are computed in float32 for accuracy at long positions.
     """
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    inv_freq = rope_inv_freq(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
     cos = jnp.cos(angles)[..., None, :]
     sin = jnp.sin(angles)[..., None, :]

@@ -22,7 +22,7 @@ from slimjax.config import Config, validate
 from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
 from slimjax.sharding import path_str
-from slimjax.train import flops
+from slimjax.train import distributed, flops
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
@@ -66,6 +66,7 @@ def train(config: ml_collections.ConfigDict | Config, workdir: str) -> dict[str,
     (nothing of that step is checkpointed).
     """
     cfg = config if isinstance(config, Config) else validate(config)
+    distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
     workdir = prepare_workdir(workdir)
     run = build_run(cfg, workdir)
     try:
@@ -174,6 +175,10 @@ def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
         plot_loss_curve(read_metrics(os.path.join(run.workdir, METRICS_FILE)),
                         os.path.join(run.workdir, CURVE_FILE), title=f"slimjax: {run.workdir}")
     writer.close()
+    if jax.process_count() > 1:  # when train() returns on any process, process 0's files are complete
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("slimjax: run outputs written")
     return summary
 
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.checkpoint import Checkpointer, resolve_source
 from slimjax.config import Config
-from slimjax.data import loader, pipeline
+from slimjax.data import loader, pipeline, tokenizer
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.models import compute_dtype
@@ -92,6 +92,7 @@ def build_run(cfg: Config, workdir: str) -> Run:
     tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
     setup = make_setup(cfg.model, dtype, tx, rules, mesh)  # validates rules against every name
 
+    share_tokenizer(cfg, workdir)
     data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
                         cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
 
@@ -104,6 +105,32 @@ def build_run(cfg: Config, workdir: str) -> Run:
                eval_data=data.eval, data_stats=data.stats, batch_sharding=batch_sharding, setup=setup, state=state,
                start_step=start, data_state=data_state, train_step=train_step, eval_step=eval_step, compile_seconds=compile_s,
                checkpointer=checkpointer, dtype=dtype)
+
+
+def share_tokenizer(cfg: Config, workdir: str) -> None:
+    """Multi-process runs that train their SentencePiece model: process 0 alone trains it (or reads
+    the workdir's cached one) and sends the bytes to the others, so every host tokenizes alike and
+    only one writes. A host whose workdir is not shared writes the received copy into its own cache."""
+    d = cfg.data
+    if jax.process_count() == 1 or d.tokenizer_kind != "sentencepiece" or d.tokenizer:
+        return
+    from jax.experimental import multihost_utils
+
+    cached = tokenizer.cached_model_path(workdir)
+    payload = np.zeros(0, np.uint8)
+    if jax.process_index() == 0:
+        tokenizer.get_tokenizer(d.tokenizer_kind, "", workdir, cfg.model.vocab_size, d.tokenizer_type,
+                                lambda: loader.training_documents(d))
+        payload = np.frombuffer(cached.read_bytes(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
+    buf = np.zeros(size, np.uint8)
+    buf[:payload.size] = payload
+    model = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8).tobytes()
+    if jax.process_index() != 0 and not (cached.exists() and cached.read_bytes() == model):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{jax.process_index()}.tmp")
+        tmp.write_bytes(model)
+        os.replace(tmp, cached)  # atomic: a reader never sees half a model
 
 
 # Model keys that change how the step runs but not what the parameters mean.

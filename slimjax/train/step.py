@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+# The loss and the eval step live in infer/ (forward-only work that evaluation shares); re-exported here.
+from slimjax.infer.scoring import Batch, Metrics, forward, make_eval_step, summed_loss, token_losses  # noqa: F401
 from slimjax.sharding import constrain
 from slimjax.train.state import TrainState
 
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
 # Metric key of the per-parameter-leaf finite flags (a bool vector, not a scalar to log).
 LEAF_FINITE = "leaf_finite"
 
@@ -31,29 +31,6 @@ class StepOptions:
     microbatches: int
     z_loss: float
     skip_nonfinite: bool = False  # count dropped updates in state.skipped (train.nonfinite = "skip")
-
-
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token negative log-likelihood and log-partition, in float32."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
-
-
-def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> jax.Array:
-    """Logits for a batch, from a pure parameter dict."""
-    model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"])
-
-
-def summed_loss(graphdef: nnx.GraphDef, params: dict, batch: Batch, z_loss: float):
-    """(nll + z_loss * log(Z)^2) summed over target tokens, plus the two parts separately."""
-    nll, log_z = token_losses(forward(graphdef, params, batch), batch["targets"])
-    mask = batch["loss_mask"]
-    nll_sum = jnp.sum(nll * mask)
-    z_sum = jnp.sum(jnp.square(log_z) * mask)
-    return nll_sum + z_loss * z_sum, (nll_sum, z_sum)
 
 
 def split_microbatches(batch: Batch, k: int) -> Batch:
@@ -121,16 +98,6 @@ def finite_leaves(params: dict, grads: dict, new_params: dict) -> jax.Array:
     updated value are all finite (the last catches a corrupted optimizer state)."""
     return jnp.stack([jnp.all(jnp.isfinite(p)) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(n))
                       for p, g, n in zip(*map(jax.tree.leaves, (params, grads, new_params)))])
-
-
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], Metrics]:
-    """Summed NLL and token count for one batch (callers average over batches)."""
-
-    def eval_step(params: dict, batch: Batch) -> Metrics:
-        _, (nll, _) = summed_loss(graphdef, params, batch, 0.0)
-        return {"nll_sum": nll, "tokens": jnp.sum(batch["loss_mask"])}
-
-    return eval_step
 
 
 def tree_bytes(tree: Any) -> int:

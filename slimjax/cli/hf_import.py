@@ -1,0 +1,114 @@
+"""``slimjax import``: a Hugging Face model directory -> a run workdir (checkpoint, config, tokenizer).
+
+The workdir serves ``slimjax eval``, ``slimjax export`` and fine-tuning by pointing a new run's
+``checkpoint.init_from`` at it. Parameters stream from the safetensors straight into their
+shardings on the mesh (``slimjax.interop.hf.import_hf``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Sequence
+
+from slimjax.cli.flags import iter_flags
+from slimjax.config import suggest
+from slimjax.errors import SlimjaxError
+
+USAGE = ("slimjax import --hf_dir=DIR --workdir=RUN   (DIR: config.json + *.safetensors [+ tokenizer.json], "
+         "Llama / Mistral / GPT-2)")
+FLAGS = ("hf_dir", "workdir")
+CONFIG_FILE = "config.py"  # the imported model as a --config file (for fine-tuning with checkpoint.init_from)
+
+
+def run(argv: Sequence[str]) -> int:
+    values = {}
+    for name, value in iter_flags(argv, example="--hf_dir=DIR"):
+        if name not in FLAGS:
+            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
+        values[name] = value
+    missing = [f for f in FLAGS if not values.get(f)]
+    if missing:
+        raise SlimjaxError(f"slimjax import needs --{missing[0]}; usage: {USAGE}")
+    hf_dir, workdir = os.path.abspath(values["hf_dir"]), os.path.abspath(values["workdir"])
+    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+        raise SlimjaxError(f"--workdir '{values['workdir']}' exists and is not empty; give a new directory")
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from slimjax.checkpoint import Checkpointer
+    from slimjax.cli.rundir import base_checkpoint_config
+    from slimjax.config import validate
+    from slimjax.data.hf_tokenizer import HFTokenizer
+    from slimjax.interop import hf, hf_config
+    from slimjax.sharding import Rules, make_mesh
+    from slimjax.train.run import CHECKPOINT_DIR
+
+    raw = hf_config.read_config(hf_dir)
+    arch = hf_config.architecture(raw)
+    c = hf.base_config(raw)
+    tok_src = os.path.join(hf_dir, hf.TOKENIZER_FILE)
+    tok_dst = os.path.join(workdir, "tokenizer", hf.TOKENIZER_FILE)
+    c.data.tokenizer_kind = "huggingface"
+    c.data.tokenizer = tok_dst if os.path.isfile(tok_src) else ""
+    cfg = validate(c)
+    if os.path.isfile(tok_src):  # fail now, before writing anything, if slimjax cannot use it
+        n_ids = HFTokenizer(tok_src).vocab_size
+        if n_ids > cfg.model.vocab_size:
+            raise SlimjaxError(f"'{tok_src}' has {n_ids} ids but config.json's vocab_size is "
+                               f"{cfg.model.vocab_size}; the tokenizer does not belong to this model")
+    if jax.process_count() > 1:  # every process has checked --workdir before process 0 creates it
+        multihost_utils.sync_global_devices("slimjax import: workdir checked")
+    mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
+    model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
+
+    is_main = jax.process_index() == 0  # the checkpoint is written by all processes, files by process 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+    try:
+        if is_main and os.path.isfile(tok_src):
+            os.makedirs(os.path.dirname(tok_dst), exist_ok=True)
+            shutil.copyfile(tok_src, tok_dst)
+        checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), base_checkpoint_config())
+        checkpointer.save_params(0, params, {"config": cfg.to_dict(), "step": 0,
+                                             "hf": {"architecture": arch, "source": hf_dir}})
+        checkpointer.wait()
+        checkpointer.close()
+        if is_main:
+            write_config_file(os.path.join(workdir, CONFIG_FILE), cfg, arch, hf_dir)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(workdir, ignore_errors=True)  # the directory was new: leave nothing half-written
+        raise
+    if not is_main:
+        return 0
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    note = "" if os.path.isfile(tok_src) else " (no tokenizer.json: give eval --tokenizer=FILE)"
+    print(f"imported {arch} ({n_params:,} parameters, {model_cfg.n_layers} layers) from {hf_dir} -> "
+          f"{workdir}{note}")
+    return 0
+
+
+def write_config_file(path: str, cfg, arch: str, hf_dir: str) -> None:
+    """A ``get_config()`` file: configs/base.py with the imported model and tokenizer keys."""
+    keys = cfg.to_dict()
+    data = {k: keys["data"][k] for k in ("tokenizer_kind", "tokenizer", "seq_len")}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'''"""The {arch} imported from {hf_dir}, as a slimjax config.
+
+Fine-tune: slimjax train --config={path} --config.checkpoint.init_from={os.path.dirname(path)} --workdir=NEW_RUN
+"""
+
+from slimjax.configs import base
+
+MODEL = {keys["model"]!r}
+DATA = {data!r}
+
+
+def get_config():
+    c = base.get_config()
+    c.model.update(MODEL)
+    c.data.update(DATA)
+    return c
+''')

@@ -1,0 +1,81 @@
+"""A run workdir as the inference commands (import, export, eval) read and write it.
+
+A run keeps its checkpoints in ``<workdir>/checkpoints`` and the resolved config in each
+checkpoint's metadata. Reading a config back overlays it on configs/base.py, so a run written
+before a key existed still loads (the new key takes its default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from slimjax.checkpoint import Checkpointer
+from slimjax.config import Config, validate
+from slimjax.configs import base
+from slimjax.errors import SlimjaxError
+from slimjax.models import abstract_params
+from slimjax.sharding import Rules, make_mesh
+from slimjax.train.run import CHECKPOINT_DIR
+
+
+@dataclasses.dataclass
+class RunDir:
+    """A run's checkpoint at one step: its config, metadata and the mesh to restore it onto."""
+
+    workdir: str
+    cfg: Config
+    step: int
+    meta: dict[str, Any]
+    checkpointer: Checkpointer
+    mesh: Mesh
+    rules: Rules
+
+    def restore_params(self) -> dict:
+        """The step's parameters, each sharded by the rules on the mesh."""
+        _, axes, shapes = abstract_params(self.cfg.model)
+        shardings = self.rules.tree_shardings(axes, shapes, self.mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+        return self.checkpointer.restore_params(self.step, abstract)
+
+
+def saved_config(saved: dict[str, Any]) -> Config:
+    """The validated config a checkpoint recorded, over today's defaults."""
+    c = base.get_config()
+    for section, values in saved.items():
+        if section in c and isinstance(values, dict):
+            for key, value in values.items():
+                if key in c[section]:
+                    c[section][key] = tuple(value) if isinstance(value, list) else value
+    return validate(c)
+
+
+def open_run(workdir: str, step: int | None = None) -> RunDir:
+    """The latest (or given) checkpoint of ``workdir``; SlimjaxError naming what is missing."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        raise SlimjaxError(f"--workdir '{workdir}' has no {CHECKPOINT_DIR}/ directory; give a run directory "
+                           "written by `slimjax train` or `slimjax import`")
+    checkpointer = Checkpointer(ckpt_dir, base_checkpoint_config())
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise SlimjaxError(f"--workdir '{workdir}' has no complete checkpoint in {ckpt_dir}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise SlimjaxError(f"--step {step} is not a checkpoint of '{workdir}'; it has steps "
+                           f"{', '.join(map(str, sorted(steps)))}")
+    meta = checkpointer.read_meta(step)
+    cfg = saved_config(meta.get("config", {}))
+    return RunDir(path, cfg, step, meta, checkpointer, make_mesh(cfg.mesh), Rules.from_config(cfg.mesh))
+
+
+def base_checkpoint_config():
+    """Checkpoint options for reading: the defaults (reading never deletes old steps)."""
+    return validate(base.get_config()).checkpoint
+

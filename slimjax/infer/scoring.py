@@ -1,0 +1,49 @@
+"""Token losses, the forward pass from a parameter dict, and the eval step.
+
+Training (``slimjax.train.step``) and evaluation (``slimjax.infer.evaluate``) share these, so
+the loss a run reports while training is the one ``slimjax eval`` computes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition, in float32."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> jax.Array:
+    """Logits for a batch, from a pure parameter dict."""
+    model = nnx.merge(graphdef, params)
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"])
+
+
+def summed_loss(graphdef: nnx.GraphDef, params: dict, batch: Batch, z_loss: float):
+    """(nll + z_loss * log(Z)^2) summed over target tokens, plus the two parts separately."""
+    nll, log_z = token_losses(forward(graphdef, params, batch), batch["targets"])
+    mask = batch["loss_mask"]
+    nll_sum = jnp.sum(nll * mask)
+    z_sum = jnp.sum(jnp.square(log_z) * mask)
+    return nll_sum + z_loss * z_sum, (nll_sum, z_sum)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], Metrics]:
+    """Summed NLL and token count for one batch (callers average over batches)."""
+
+    def eval_step(params: dict, batch: Batch) -> Metrics:
+        _, (nll, _) = summed_loss(graphdef, params, batch, 0.0)
+        return {"nll_sum": nll, "tokens": jnp.sum(batch["loss_mask"])}
+
+    return eval_step

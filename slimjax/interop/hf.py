@@ -1,0 +1,227 @@
+"""Hugging Face model directories in and out: ``import_hf`` and ``export_hf``.
+
+Import checks every tensor name and shape against what ``config.json`` implies before reading
+any data, then builds each parameter with ``jax.make_array_from_callback`` on its
+``NamedSharding`` from the rules: each device's callback reads only its shard's slice of the
+memory-mapped tensors (layer by layer when layers are stacked), so no host ever holds the whole
+model. Export streams the other way, one Hugging Face tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from slimjax.config import ModelConfig, validate
+from slimjax.configs import base
+from slimjax.errors import SlimjaxError
+from slimjax.interop import hf_config, mapping
+from slimjax.interop.safetensors_io import TensorIndex, write_model
+from slimjax.models import abstract_params
+from slimjax.sharding import Rules
+
+TOKENIZER_FILE = "tokenizer.json"
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+
+
+def base_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
+    """configs/base.py with the model section taken from a Hugging Face config (and rows no longer
+    than the model accepts)."""
+    c = base.get_config()
+    c.model.update(hf_config.model_keys(hf))
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+    return c
+
+
+def _get(tree: dict, path: mapping.Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: mapping.Path, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _hf_shape(link: mapping.Link, slim_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Hugging Face shape a parameter of ``slim_shape`` maps to (computed without data)."""
+    return tuple(jax.eval_shape(link.to_hf, jax.ShapeDtypeStruct(slim_shape, np.float32)).shape)
+
+
+def expected_tensors(cfg: ModelConfig, links: list[mapping.Link], shapes: dict | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape, for every tensor the model reads (fused tensors whole);
+    ``shapes`` are the model's abstract parameters when the caller has them."""
+    shapes = abstract_params(cfg)[2] if shapes is None else shapes
+    by_template: dict[str, tuple[int, ...]] = {}
+    for link in links:
+        shape = tuple(_get(shapes, mapping.slim_path(link, 0, cfg.scan_layers)).shape)
+        hf_shape = _hf_shape(link, shape[1:] if link.per_layer and cfg.scan_layers else shape)
+        if link.part:  # a slice of a fused tensor: the whole runs to the furthest part's end
+            axis, _, stop = link.part
+            prev = by_template[link.hf][axis] if link.hf in by_template else 0
+            hf_shape = hf_shape[:axis] + (max(stop, prev),) + hf_shape[axis + 1:]
+        by_template[link.hf] = hf_shape
+    return {link.hf_name(layer): by_template[link.hf] for link in links
+            for layer in (range(cfg.n_layers) if link.per_layer else [None])}
+
+
+def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list[mapping.Link],
+                  shapes: dict) -> None:
+    """Every expected tensor present with its shape, and nothing unexplained left over."""
+    fam = hf_config.ARCHITECTURES[arch]
+    expected = expected_tensors(cfg, links, shapes)
+    present = tensors.names()
+    where = tensors.directory
+    for name, shape in expected.items():
+        if name not in present:
+            raise SlimjaxError(f"tensor '{name}' is missing from '{where}'; a {arch} with this config.json needs it")
+        if tensors.shape(name) != shape:
+            raise SlimjaxError(f"tensor '{name}' in '{where}' has shape {tensors.shape(name)} but config.json "
+                               f"implies {shape}")
+        if tensors.dtype(name) not in FLOAT_DTYPES:
+            raise SlimjaxError(f"tensor '{name}' in '{where}' is {tensors.dtype(name)}; slimjax imports floating-point "
+                               f"weights ({', '.join(FLOAT_DTYPES)}), not quantized ones")
+    for name in sorted(present - set(expected)):
+        if not mapping.ignorable(name, fam, cfg.tie_embeddings):
+            raise SlimjaxError(f"tensor '{name}' in '{where}' has no place in a {arch} with this config.json "
+                               "(wrong architecture or layer count?)")
+
+
+def tensor_reader(tensors: TensorIndex, link: mapping.Link) -> Callable[[int | None], np.ndarray]:
+    """``read(layer)``: the link's tensor for one layer in slimjax's layout, as a lazy view of the
+    memory-mapped file (slicing it reads only the slice)."""
+
+    def read(layer: int | None) -> np.ndarray:
+        src = tensors.array(link.hf_name(layer))
+        if link.part:
+            axis, start, stop = link.part
+            src = src[(slice(None),) * axis + (slice(start, stop),)]
+        return link.to_slim(src)
+
+    return read
+
+
+def fill_float32(dst: np.ndarray, src: np.ndarray) -> None:
+    """Writes ``src`` (any layout, any float dtype) into the float32 array ``dst`` in one pass;
+    bfloat16 (what released checkpoints hold) by a 16-bit shift, which is exact."""
+    if src.dtype == np.dtype(ml_dtypes.bfloat16):
+        np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(dst, src, casting="same_kind")
+
+
+def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True,
+              **model_overrides: Any) -> tuple[ModelConfig, dict]:
+    """(model config, parameters sharded by ``rules`` on ``mesh``) from a Hugging Face directory.
+
+    ``model_overrides`` set other model keys that do not change the parameters (dtype, remat...).
+    """
+    hf = hf_config.read_config(hf_dir)
+    arch = hf_config.architecture(hf)
+    c = base_config(hf)
+    c.model.scan_layers = scan_layers
+    c.model.update(model_overrides)
+    cfg = validate(c).model
+    tensors = TensorIndex(hf_dir)
+    prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.names()) else ""
+    fam = hf_config.ARCHITECTURES[arch]
+    links = mapping.links_for(cfg, fam, prefix)
+    _, axes, shapes = abstract_params(cfg)
+    check_tensors(tensors, cfg, arch, links, shapes)
+    shardings = rules.tree_shardings(axes, shapes, mesh)
+    params: dict = {}
+    for link in links:
+        read = tensor_reader(tensors, link)
+        stacked = link.per_layer and cfg.scan_layers
+        for layer in ([None] if stacked or not link.per_layer else range(cfg.n_layers)):
+            path = mapping.slim_path(link, layer, cfg.scan_layers)
+            shape, sharding = _get(shapes, path).shape, _get(shardings, path)
+
+            def shard(index, read=read, layer=layer, stacked=stacked, shape=shape):
+                dims = [len(range(n)[i]) for n, i in zip(shape, index)]
+                out = np.empty(dims, np.float32)
+                if stacked:  # [layers, ...]: read each layer's tensor, only this shard's slice of it
+                    for j, i in enumerate(range(cfg.n_layers)[index[0]]):
+                        fill_float32(out[j], read(i)[index[1:]])
+                else:
+                    fill_float32(out, read(layer)[index])
+                return out
+
+            _set(params, path, jax.make_array_from_callback(shape, sharding, shard))
+    return cfg, params
+
+
+def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str | None = None,
+              tokenizer: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes ``config.json`` and safetensors (plus ``tokenizer.json`` when given) that
+    ``transformers`` loads; returns the file names. ``out_dir`` must be new or empty.
+
+    With several processes every one must call this (each tensor is gathered collectively);
+    process 0 writes the files (and gets their names), the others get ``[]``.
+    """
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise SlimjaxError(f"--out '{out_dir}' exists and is not an empty directory; give a new one")
+    writer = jax.process_index() == 0  # every process gathers each tensor; process 0 writes it
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("slimjax export_hf: out_dir checked")
+    hf = hf_config.to_hf(cfg, architecture)
+    fam = hf_config.ARCHITECTURES[hf["architectures"][0]]
+    links = mapping.links_for(cfg, fam)
+    shapes = expected_tensors(cfg, links)
+    by_name: dict[str, list[tuple[mapping.Link, int | None]]] = {}
+    for link in links:
+        for layer in range(cfg.n_layers) if link.per_layer else [None]:
+            by_name.setdefault(link.hf_name(layer), []).append((link, layer))
+
+    # Host copies of the parameters behind the tensor being written: a fused tensor needs three, and
+    # layers of a stacked parameter are written one after another, so each is fetched once.
+    host: dict[mapping.Path, np.ndarray] = {}
+
+    def param(path: mapping.Path) -> np.ndarray:
+        if path not in host:
+            if len(host) == 3:
+                host.pop(next(iter(host)))
+            value = _get(params, path)
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:  # collective: all processes
+                value = multihost_utils.process_allgather(value, tiled=True)
+            host[path] = np.asarray(jax.device_get(value), np.float32)
+        return host[path]
+
+    def fetch(name: str) -> np.ndarray:
+        parts = []
+        for link, layer in by_name[name]:
+            value = param(mapping.slim_path(link, layer, cfg.scan_layers))
+            if link.per_layer and cfg.scan_layers:
+                value = value[layer]
+            parts.append((link.part, link.to_hf(value)))
+        if len(parts) == 1:
+            return parts[0][1]
+        parts.sort(key=lambda p: p[0][1])
+        return np.concatenate([p for _, p in parts], axis=parts[0][0][0])
+
+    specs = [(name, shapes[name], np.dtype(np.float32)) for name in mapping.hf_names(links, cfg.n_layers)]
+    if not writer:  # take part in the same gathers, in the same order, and write nothing
+        for name, _, _ in specs:
+            fetch(name)
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    files = write_model(out_dir, specs, fetch, max_shard_bytes)
+    with open(os.path.join(out_dir, hf_config.CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+    files.append(hf_config.CONFIG_FILE)
+    if tokenizer:
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
+        files.append(TOKENIZER_FILE)
+    return files
