@@ -170,3 +170,15 @@ def test_non_writable_workdir(reference, tmp_path):
         assert snapshot(workdir) == before
     finally:
         subprocess.run(unlock, check=True)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    from helpers import run_processes
+
+    workdir = str(tmp_path / "two")
+    worker = os.path.join(os.path.dirname(__file__), "preempt_worker.py")
+    run_processes(lambda i, port: [sys.executable, worker, str(i), "2", str(port), workdir], 2)
+    steps = [json.load(open(f"{workdir}.process{i}.json"))["preempted_at"] for i in range(2)]
+    # Only process 1 was signalled; the processes agree at a log step (every 2) and save together.
+    assert steps[0] == steps[1] and steps[0] is not None and steps[0] % 2 == 0
+    assert steps_on_disk(workdir) == [steps[0]]
