@@ -70,6 +70,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def step_dir(self, step: int) -> str:
+        """The directory of ``step``'s checkpoint (for messages and tests)."""
         return os.path.join(self.directory, str(step))
 
     def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any],
@@ -78,8 +79,8 @@ class Checkpointer:
 
         ``state`` has keys params, opt_state, step, rng, skipped. Device arrays are copied to host
         before this returns, so the caller may donate them. ``data_state`` is this process's
-        data-iterator state (each process saves its own). ``eval_loss`` ranks the checkpoint for
-        ``keep_best``.
+        data-iterator state (gathered from every process into ``data_<i>`` items). ``eval_loss``
+        ranks the checkpoint for ``keep_best``.
         """
         items = _split(state)
         meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
