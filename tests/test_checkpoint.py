@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -121,7 +122,9 @@ def test_flipped_bytes_are_caught_by_fingerprints(trained, tmp_path):
 
 def test_exact_resume_on_the_same_mesh(trained, tmp_path):
     workdir = copy_without(trained, str(tmp_path / "w"), [6])
+    handler = signal.getsignal(signal.SIGTERM)
     train(byte_config(), workdir)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the preemption handler lives only inside train()
     a = json.load(open(os.path.join(trained, "checkpoints", "6", "meta", "metadata")))["fingerprints"]
     b = json.load(open(os.path.join(workdir, "checkpoints", "6", "meta", "metadata")))["fingerprints"]
     assert a == b  # params, optimizer state, step, RNG: bit for bit

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import snapshot
+from helpers import run_processes, snapshot
 
 # The small test model on Shakespeare with the byte tokenizer (no tokenizer training), 2x2x2 mesh.
 FLAGS = ["--config.model.vocab_size=260", "--config.model.d_model=64", "--config.model.n_layers=2",
@@ -173,8 +173,6 @@ def test_non_writable_workdir(reference, tmp_path):
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-    from helpers import run_processes
-
     workdir = str(tmp_path / "two")
     worker = os.path.join(os.path.dirname(__file__), "preempt_worker.py")
     run_processes(lambda i, port: [sys.executable, worker, str(i), "2", str(port), workdir], 2)
