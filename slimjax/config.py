@@ -131,14 +131,19 @@ class TrainConfig:
     eval_every: int
     eval_batches: int
     progress: bool
+    nonfinite: Literal["stop", "skip"]
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """When to write Orbax checkpoints and how many to keep."""
+    """When to write Orbax checkpoints, which to keep, and where a fine-tuning run starts from."""
 
     every_steps: int
     keep: int
+    keep_every: int
+    keep_best: int
+    async_save: bool
+    init_from: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +363,9 @@ def _check_cross_fields(cfg: Config) -> None:
         raise SlimjaxError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.microbatches={t.microbatches}")
+    if cfg.checkpoint.keep_every < 0 or cfg.checkpoint.keep_best < 0:
+        raise SlimjaxError(f"checkpoint.keep_every and checkpoint.keep_best must be >= 0 (0 disables), got "
+                           f"{cfg.checkpoint.keep_every}, {cfg.checkpoint.keep_best}")
     if t.eval_batches < 0 or t.z_loss < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, train.z_loss, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")
