@@ -101,12 +101,17 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every = 100  # steps between evaluations on the held-out plays
     t.eval_batches = 8  # batches per evaluation (0: the whole held-out set)
     t.progress = True  # show a progress bar on process 0
+    t.nonfinite = "stop"  # non-finite loss/gradient: "stop" (error naming step and leaves, no checkpoint of it) or "skip" (drop the update, count it)
     t.sample_tokens = 48  # tokens of a greedy sample printed at the end of training (0 disables)
     t.sample_prompt = "ROMEO:"  # the prompt of that sample
 
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every_steps = 100  # steps between Orbax checkpoints (one is always written at the end)
     ck.keep = 3  # most recent checkpoints kept on disk
+    ck.keep_every = 0  # also keep every checkpoint whose step is a multiple of this, forever (0: off)
+    ck.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (0: off)
+    ck.async_save = True  # write checkpoints in the background while training continues
+    ck.init_from = ""  # fresh runs start from these params (a run dir, its checkpoints/ dir, or checkpoints/STEP); optimizer state starts fresh
 
     c.distributed = dist = ml_collections.ConfigDict()
     # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values

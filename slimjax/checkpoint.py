@@ -1,77 +1,155 @@
-"""Orbax checkpoints: the train state (a plain dict of arrays), the data iterator's state and
-JSON metadata (step, resolved config).
+"""Orbax checkpoints of the train state, with retention, fingerprints and typed restore errors.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a
-checkpoint is either whole or invisible. Restores take an abstract target whose leaves carry
-``NamedSharding``s: each process reads only the shards its devices hold.
+Layout of ``checkpoints/<step>/``: ``params`` and ``opt_state`` (separate items, so a params-only
+restore reads only the parameters), ``train`` (step, RNG key data, skipped-update counter),
+``data_<process>`` (each process's data-iterator state, JSON) and ``meta`` (JSON: step, resolved
+config and a fingerprint of every array leaf).
+
+Atomicity: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when every
+item is complete, so a checkpoint is either whole or invisible; a leftover temporary directory
+from a killed write is never listed as a step. Saves are asynchronous by default: ``save`` returns
+once the arrays are copied off the devices and the bytes are written by background threads.
+
+Orbax does not checksum array bytes, so a flipped byte inside a data file can restore silently.
+Each save therefore records per-leaf fingerprints (two wrapping uint32 sums over the raw bits, the
+second of a mixed copy of each word, computed on device, layout independent) and every restore
+recomputes and compares them. They detect damaged bytes, not reordered elements.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from slimjax.config import CheckpointConfig
+from slimjax.errors import SlimjaxError
+from slimjax.sharding import path_str
+
+ARRAY_ITEMS = ("params", "opt_state", "train")  # state keys "step", "rng", "skipped" go in "train"
+TRAIN_KEYS = ("step", "rng", "skipped")
+EVAL_METRIC = "eval_loss"  # what checkpoint.keep_best ranks by (lower is better)
 
 
 class Checkpointer:
-    """A thin, typed face over ``ocp.CheckpointManager`` for slimjax's state layout."""
+    """A typed face over ``ocp.CheckpointManager`` for slimjax's state layout."""
 
-    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig):
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.cfg = cfg
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        policies = [pp.LatestN(cfg.keep)]
+        if cfg.keep_every:
+            policies.append(pp.EveryNSteps(cfg.keep_every))
+        if cfg.keep_best:
+            policies.append(pp.BestN(get_metric_fn=lambda m: m[EVAL_METRIC], reverse=True, n=cfg.keep_best,
+                                     keep_checkpoints_without_metrics=False))
+        # read_only only stops us creating the directory: Orbax's own read_only mode logs warnings
+        # that would break the CLI's one-line errors, and restoring never writes anyway.
+        options = ocp.CheckpointManagerOptions(
+            create=not read_only, enable_async_checkpointing=cfg.async_save,
+            preservation_policy=pp.AnyPreservationPolicy(policies))
+        handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
+        handlers.update(meta=ocp.JsonCheckpointHandler(),
+                        **{f"data_{i}": ocp.JsonCheckpointHandler() for i in range(jax.process_count())})
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        """Steps of every complete checkpoint on disk, ascending."""
+        return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any]) -> bool:
+    def step_dir(self, step: int) -> str:
+        """The directory of ``step``'s checkpoint (for messages and tests)."""
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any],
+             eval_loss: float | None = None) -> bool:
         """Starts writing ``state`` (arrays), ``data_state`` and ``meta`` (JSON) for ``step``.
 
-        Device arrays are copied to host before this returns, so the caller may donate them.
-        ``data_state`` is this process's data-iterator state (each process saves its own).
+        ``state`` has keys params, opt_state, step, rng, skipped. Device arrays are copied to host
+        before this returns, so the caller may donate them. ``data_state`` is this process's
+        data-iterator state (gathered from every process into ``data_<i>`` items). ``eval_loss``
+        ranks the checkpoint for ``keep_best``.
         """
-        data_items = {k: ocp.args.JsonSave(v) for k, v in _all_data_states(data_state).items()}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), **data_items)
-        return self._manager.save(step, args=args, force=True)
+        items = _split(state)
+        meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
+        args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
+                                  meta=ocp.args.JsonSave(meta), **_data_items(data_state))
+        metrics = {EVAL_METRIC: float(eval_loss)} if eval_loss is not None else None
+        try:
+            return self._manager.save(step, args=args, force=True, metrics=metrics)
+        except OSError as e:
+            raise SlimjaxError(f"cannot write checkpoint {self.step_dir(step)}: {e.strerror or e}; "
+                               "free space or choose a writable --workdir") from None
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of ``step``: "step", "config" (resolved) and "fingerprints"."""
+        restored = self._restore(step, meta=ocp.args.JsonRestore())
+        return restored.meta
 
     def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
         """Writes only ``params`` and ``meta`` for ``step`` (an imported model has no optimizer
         state); such a checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
+        meta = dict(meta, fingerprints={"params": fingerprints(params)})
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
         return self._manager.save(step, args=args, force=True)
 
-    def read_meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata of ``step`` ("step", the resolved "config", ...)."""
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
     def restore(self, step: int, abstract_state: dict[str, Any]
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(state, data_state, meta) of ``step``, the state in the shapes and shardings of ``abstract_state``."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
-                                  **{_data_item(): ocp.args.JsonRestore()})
-        restored = self._manager.restore(step, args=args)
-        return restored.state, restored[_data_item()], restored.meta
+        """(state, data_state, meta) of ``step``, the state in the shapes and shardings of ``abstract_state``.
+
+        Raises SlimjaxError naming the leaf for a shape mismatch and the item for corrupted bytes.
+        """
+        meta = self.read_meta(step)
+        abstract_items = _split(abstract_state)
+        self.check_shapes(step, "params", abstract_items["params"])
+        restored = self._restore(step, **{k: ocp.args.StandardRestore(v) for k, v in abstract_items.items()},
+                                 **{_data_item(): ocp.args.JsonRestore()})
+        items = {k: restored[k] for k in ARRAY_ITEMS}
+        for name, tree in items.items():
+            self._verify(step, name, tree, meta)
+        state = {"params": items["params"], "opt_state": items["opt_state"], **items["train"]}
+        return state, restored[_data_item()], meta
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the parameters of ``step``, in the shapes and shardings of ``abstract_params``: the
-        ``params`` item of a params-only checkpoint, or the params subtree of a train state."""
-        if os.path.isdir(os.path.join(self.directory, str(step), "params")):
-            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-            return self._manager.restore(step, args=args).params
-        item = {"params": abstract_params}
-        state = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                       partial_restore=True)
-        return self._manager.restore(step, args=ocp.args.Composite(state=state)).state["params"]
+        """Only the parameters of ``step``, into the shapes and shardings of ``abstract_params``."""
+        meta = self.read_meta(step)
+        self.check_shapes(step, "params", abstract_params)
+        params = self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params
+        self._verify(step, "params", params, meta)
+        return params
+
+    def check_shapes(self, step: int, item: str, abstract: Any) -> None:
+        """Every leaf of ``abstract`` exists in the saved ``item`` with the same shape, else SlimjaxError."""
+        try:
+            saved = self._manager.item_metadata(step)[item]
+        except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+            raise SlimjaxError(f"cannot read {self.step_dir(step)}/{item}: {_first_line(e)}") from None
+        saved = _shapes(saved)
+        want = _shapes(abstract)
+        where = f"{self.step_dir(step)}/{item}"
+        for path, shape in want.items():
+            if path not in saved:
+                raise SlimjaxError(f"checkpoint {where} has no parameter '{path}' (it belongs to a different "
+                                   "model); use a new --workdir or a matching checkpoint")
+            if saved[path] != shape:
+                raise SlimjaxError(f"checkpoint {where}: parameter '{path}' has shape {saved[path]} there and "
+                                   f"{shape} in this model; use a new --workdir or a matching checkpoint")
+        extra = sorted(set(saved) - set(want))
+        if extra:
+            raise SlimjaxError(f"checkpoint {where} has parameter '{extra[0]}' that this model lacks (it belongs "
+                               "to a different model); use a new --workdir or a matching checkpoint")
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""
@@ -80,24 +158,103 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
+    def _restore(self, step: int, **items: Any) -> Any:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except SlimjaxError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for unreadable bytes
+            raise SlimjaxError(f"cannot read checkpoint {self.step_dir(step)} ({', '.join(items)}): {_first_line(e)}; "
+                               "the files are damaged or from another program: delete that step directory to "
+                               "resume from an earlier one") from None
+
+    def _verify(self, step: int, item: str, tree: Any, meta: dict[str, Any]) -> None:
+        expected = meta.get("fingerprints", {}).get(item)
+        if expected is None:
+            return
+        actual = fingerprints(tree)
+        for path, value in actual.items():
+            if expected.get(path) != value:
+                raise SlimjaxError(
+                    f"checkpoint {self.step_dir(step)}/{item} is corrupted: leaf '{path}' does not match the "
+                    "fingerprint recorded when it was saved; delete that step directory to resume from an earlier "
+                    "one")
+
+
+def fingerprints(tree: Any) -> dict[str, list[int]]:
+    """{leaf path: [sum of bits, sum of mixed bits]} (uint32, wrapping), computed on device.
+
+    Integer sums are exact and order independent, so the value does not depend on the sharding.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return {}
+    leaves = [x for _, x in flat]
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+    host = np.asarray(jax.device_get(_fingerprint_fn(mesh)(leaves)))
+    return {path_str(p): [int(a), int(b)] for (p, _), (a, b) in zip(flat, host)}
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_fn(mesh: Mesh | None):
+    """The jitted fingerprint program; its (tiny) output is replicated so every process can read it."""
+    if mesh is None:
+        return jax.jit(_fingerprint_impl)
+    return jax.jit(_fingerprint_impl, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def _fingerprint_impl(leaves: list[jax.Array]) -> jax.Array:
+    out = []
+    for x in leaves:
+        x = jnp.asarray(x)
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
+        mixed = (bits ^ (bits >> 15)) * jnp.uint32(2654435761)
+        # One variadic reduction for both sums: XLA fuses it with the elementwise terms, so no
+        # temporary as large as the leaf is allocated (two separate sums would materialise both).
+        sums = jax.lax.reduce((bits, mixed), (jnp.uint32(0), jnp.uint32(0)),
+                              lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
+        out.append(jnp.stack(sums))
+    return jnp.stack(out)
+
+
+def resolve_source(path: str) -> tuple[str, int | None]:
+    """(checkpoints directory, step or None for the latest) from a run dir, a checkpoints dir or checkpoints/STEP."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), int(base)
+    return path, None
+
+
+def _split(state: dict[str, Any]) -> dict[str, Any]:
+    return {"params": state["params"], "opt_state": state["opt_state"], "train": {k: state[k] for k in TRAIN_KEYS}}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {path_str(p): tuple(x.shape) for p, x in flat}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
 
 def _data_item() -> str:
     """Each process keeps its own iterator state (its position in its own shard of the data)."""
-    import jax
-
     return f"data_{jax.process_index()}"
 
 
-def _all_data_states(data_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``data_<i>`` -> process i's iterator state, for every process.
+def _data_items(data_state: dict[str, Any]) -> dict[str, Any]:
+    """``data_<i>`` -> process i's iterator state (JSON save args), for every process.
 
     Orbax writes JSON items from the primary process only, so each process's state is gathered to
     all processes (every one must pass the same items to ``save``) and process 0 writes them all.
     """
-    import jax
-
     if jax.process_count() == 1:
-        return {_data_item(): data_state}
+        return {_data_item(): ocp.args.JsonSave(data_state)}
     from jax.experimental import multihost_utils
 
     raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
@@ -105,4 +262,4 @@ def _all_data_states(data_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     buf = np.zeros(int(sizes.max()), np.uint8)
     buf[:raw.size] = raw
     gathered = np.asarray(multihost_utils.process_allgather(buf))
-    return {f"data_{i}": json.loads(gathered[i, :sizes[i]].tobytes()) for i in range(len(sizes))}
+    return {f"data_{i}": ocp.args.JsonSave(json.loads(gathered[i, :sizes[i]].tobytes())) for i in range(len(sizes))}

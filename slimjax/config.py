@@ -131,16 +131,21 @@ class TrainConfig:
     eval_every: int
     eval_batches: int
     progress: bool
+    nonfinite: Literal["stop", "skip"]
     sample_tokens: int
     sample_prompt: str
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """When to write Orbax checkpoints and how many to keep."""
+    """When to write Orbax checkpoints, which to keep, and where a fine-tuning run starts from."""
 
     every_steps: int
     keep: int
+    keep_every: int
+    keep_best: int
+    async_save: bool
+    init_from: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +365,9 @@ def _check_cross_fields(cfg: Config) -> None:
         raise SlimjaxError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.microbatches={t.microbatches}")
+    if cfg.checkpoint.keep_every < 0 or cfg.checkpoint.keep_best < 0:
+        raise SlimjaxError(f"checkpoint.keep_every and checkpoint.keep_best must be >= 0 (0 disables), got "
+                           f"{cfg.checkpoint.keep_every}, {cfg.checkpoint.keep_best}")
     if t.sample_tokens < 0:
         raise SlimjaxError(f"config key 'train.sample_tokens' must be >= 0 (0 disables the sample), "
                            f"got {t.sample_tokens}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
 import os
 import socket
 import subprocess
@@ -122,6 +124,17 @@ def assert_segments_isolated(cfg: C.Config, batch: dict[str, np.ndarray]) -> Non
     np.testing.assert_array_equal(base[row, others], moved[row, others])  # bit-identical elsewhere
     assert np.abs(base[row, where] - moved[row, where]).max() > 1e-3  # the segment itself changed
     np.testing.assert_array_equal(np.delete(base, row, 0), np.delete(moved, row, 0))
+
+
+def snapshot(path: str) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``path`` (or of the file itself): "nothing changed" checks."""
+    if os.path.isfile(path):
+        return {path: hashlib.sha256(open(path, "rb").read()).hexdigest()}
+    out = {}
+    for f in glob.glob(os.path.join(path, "**"), recursive=True):
+        if os.path.isfile(f):
+            out[os.path.relpath(f, path)] = hashlib.sha256(open(f, "rb").read()).hexdigest()
+    return out
 
 
 def free_port() -> int:

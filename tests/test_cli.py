@@ -1,7 +1,6 @@
 """The `slimjax` command end to end: outputs, resumption, and one-line errors for bad input."""
 
 import glob
-import hashlib
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 
 import pytest
 
+from helpers import snapshot
 from slimjax.configs import base
 
 FAST = ["--config.train.steps=6", "--config.train.log_every=2", "--config.train.eval_every=3",
@@ -21,17 +21,6 @@ def slimjax(*args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "slimjax.cli", *args], capture_output=True, text=True,
                           env=env, timeout=600)
-
-
-def snapshot(path):
-    """{relative path: sha256} of every file under path (or of the file itself)."""
-    if os.path.isfile(path):
-        return {path: hashlib.sha256(open(path, "rb").read()).hexdigest()}
-    out = {}
-    for f in glob.glob(os.path.join(path, "**"), recursive=True):
-        if os.path.isfile(f):
-            out[os.path.relpath(f, path)] = hashlib.sha256(open(f, "rb").read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")

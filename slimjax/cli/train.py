@@ -7,12 +7,14 @@ TPU); every process runs the same command and process 0 prints the result.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 from slimjax.cli.flags import parse_train_args
 
 USAGE = ("slimjax train [--config=FILE_OR_NAME] [--config.KEY=VALUE ...] [--workdir=DIR]"
-         "   (default config: tiny; default workdir: runs/<config name>)")
+         "   (default config: tiny; default workdir: runs/<config name>; resumes from DIR's checkpoints;"
+         " on SIGTERM saves a checkpoint and exits 143)")
 
 
 def run(argv: Sequence[str]) -> int:
@@ -20,8 +22,13 @@ def run(argv: Sequence[str]) -> int:
     import jax
 
     import slimjax
+    from slimjax.errors import Preempted
 
-    summary = slimjax.train(config, workdir)
+    try:
+        summary = slimjax.train(config, workdir)
+    except Preempted as e:
+        print(f"slimjax: {e}", file=sys.stderr)
+        return Preempted.EXIT_STATUS
     if jax.process_index() == 0:  # one line per run, not one per host
         print(f"done: step {summary['final_step']}, train loss {summary['final_train_loss']:.4f}, "
               f"eval loss {summary['final_eval_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "

@@ -20,12 +20,15 @@ import numpy as np
 
 from slimjax.config import Config, validate
 from slimjax.data import pipeline
+from slimjax.errors import Preempted, SlimjaxError
 from slimjax.infer.generate import Generator, complete
+from slimjax.sharding import path_str
 from slimjax.train import distributed, flops
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
+from slimjax.train.preemption import PreemptionWatch
 from slimjax.train.run import Run, build_run, prepare_workdir
-from slimjax.train.step import tree_bytes
+from slimjax.train.step import LEAF_FINITE, tree_bytes
 
 
 @dataclasses.dataclass
@@ -52,21 +55,29 @@ class Tracker:
     data_wait_fracs: list = dataclasses.field(default_factory=list)
     last_train_loss: float = float("nan")
     last_eval_loss: float = float("nan")
+    last_eval_step: int = -1
+    last_saved_step: int = -1
 
 
 def train(config: ml_collections.ConfigDict | Config, workdir: str) -> dict[str, Any]:
-    """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary."""
+    """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary.
+
+    Raises ``Preempted`` after saving a checkpoint when SIGTERM arrives (the handler is installed
+    only while this runs), and ``SlimjaxError`` for a non-finite step under ``train.nonfinite="stop"``
+    (nothing of that step is checkpointed).
+    """
     cfg = config if isinstance(config, Config) else validate(config)
     distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
     workdir = prepare_workdir(workdir)
     run = build_run(cfg, workdir)
     try:
-        return _loop(run)
+        with PreemptionWatch() as watch:
+            return _loop(run, watch)
     finally:
         run.checkpointer.close()
 
 
-def _loop(run: Run) -> dict[str, Any]:
+def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
     cfg, t = run.cfg, run.cfg.train
     is_main = jax.process_index() == 0
     writer = MetricsWriter(run.workdir, enabled=is_main)
@@ -75,9 +86,28 @@ def _loop(run: Run) -> dict[str, Any]:
     flops_per_step = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     tr = Tracker()
     bar = _progress(run, enabled=is_main and t.progress)
+    leaf_names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.setup.abstract.params)[0]]
+
+    def stop_if_nonfinite(flags: list[float]) -> None:
+        """Under "stop", the first pending step whose loss or gradient was non-finite ends the run."""
+        if t.nonfinite != "stop":
+            return
+        for (s, m), flag in zip(tr.pending, flags):
+            if flag > 0:
+                ok = np.asarray(jax.device_get(m[LEAF_FINITE]))  # fetched only now that it matters
+                bad = [n for n, good in zip(leaf_names, ok) if not good]
+                names = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+                run.checkpointer.wait()
+                last = run.checkpointer.latest_step()
+                raise SlimjaxError(
+                    f"step {s}: non-finite loss or gradient ({'parameters: ' + names if bad else 'loss only'}); "
+                    f"stopped without checkpointing it (last good checkpoint: "
+                    f"{'none' if last is None else f'{run.checkpointer.directory}/{last}'}); lower "
+                    "optimizer.learning_rate or set train.nonfinite=skip")
 
     def log(step: int) -> None:
-        fetched = jax.device_get([m for _, m in tr.pending])
+        fetched = jax.device_get([{k: v for k, v in m.items() if k != LEAF_FINITE} for _, m in tr.pending])
+        stop_if_nonfinite([float(m["nonfinite"]) for m in fetched])
         elapsed = time.perf_counter() - tr.interval_start
         n = len(fetched)
         timing = {"step_time_s": elapsed / n, "tokens_per_s": n * tokens_per_step / elapsed,
@@ -96,13 +126,17 @@ def _loop(run: Run) -> dict[str, Any]:
 
     def evaluate(step: int) -> None:
         tr.last_eval_loss = evaluate_loss(run)
+        tr.last_eval_step = step
         writer.write(step, {"loss": tr.last_eval_loss, "perplexity": math.exp(min(tr.last_eval_loss, 50))}, "eval")
         if is_main:
             bar.write(f"step {step}: eval loss {tr.last_eval_loss:.4f}")
 
     def checkpoint(step: int) -> None:
-        run.checkpointer.save(step, run.state.as_dict(), batches.get_state(),
-                              {"config": cfg.to_dict(), "step": step})
+        # Never save a state that followed a non-finite step under "stop" (log may not have run yet).
+        stop_if_nonfinite([float(f) for f in jax.device_get([m["nonfinite"] for _, m in tr.pending])])
+        run.checkpointer.save(step, run.state.as_dict(), batches.get_state(), {"config": cfg.to_dict(), "step": step},
+                              eval_loss=tr.last_eval_loss if tr.last_eval_step == step else None)
+        tr.last_saved_step = step
 
     # Log first: it closes the timing interval, so evaluation and checkpoint time stay out of it.
     hooks = [Periodic(t.log_every, log), Periodic(t.eval_every, _excluding_time(tr, evaluate)),
@@ -111,16 +145,27 @@ def _loop(run: Run) -> dict[str, Any]:
     t_start = time.perf_counter()
     batches = pipeline.iterate(run.train_data, run.data_state, cfg.data.prefetch)
     tr.interval_start = time.perf_counter()
-    for step in range(run.start_step + 1, t.steps + 1):
-        t0 = time.perf_counter()
-        batch = pipeline.to_global(next(batches), run.batch_sharding)
-        tr.data_wait += time.perf_counter() - t0
-        run.state, metrics = run.train_step(run.state, batch)
-        tr.pending.append((step, metrics))
-        bar.update(1)
-        for hook in hooks:
-            hook(step, last=step == t.steps)
-    bar.close()
+    try:
+        for step in range(run.start_step + 1, t.steps + 1):
+            t0 = time.perf_counter()
+            batch = pipeline.to_global(next(batches), run.batch_sharding)
+            tr.data_wait += time.perf_counter() - t0
+            run.state, metrics = run.train_step(run.state, batch)
+            tr.pending.append((step, metrics))
+            bar.update(1)
+            for hook in hooks:
+                hook(step, last=step == t.steps)
+            # SIGTERM: checkpoint this step boundary and stop (at the last step, just finish).
+            if step < t.steps and watch.requested(step, agree=step % t.log_every == 0):
+                if tr.last_saved_step != step:
+                    checkpoint(step)
+                run.checkpointer.wait()
+                raise Preempted(step, run.checkpointer.directory)
+    except BaseException:
+        writer.close()  # metrics written so far stay readable; the exception says why the run ended
+        raise
+    finally:
+        bar.close()
     if run.start_step >= t.steps:  # already complete: report the restored model's eval loss
         evaluate(run.start_step)
     run.checkpointer.wait()
@@ -197,6 +242,7 @@ def _summary(run: Run, tr: Tracker, peak: float, peak_source: str, wall: float) 
         "peak_flops": peak,
         "peak_source": peak_source,
         "data_wait_frac": statistics.median(tr.data_wait_fracs) if tr.data_wait_fracs else float("nan"),
+        "skipped_steps": int(jax.device_get(run.state.skipped)),
         "final_train_loss": tr.last_train_loss,
         "final_eval_loss": tr.last_eval_loss,
         "tokenizer": run.tok.path,

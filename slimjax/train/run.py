@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slimjax.checkpoint import Checkpointer
+from slimjax.checkpoint import Checkpointer, resolve_source
 from slimjax.config import Config
 from slimjax.data import loader, pipeline, tokenizer
 from slimjax.data.tokenizer import Tokenizer
@@ -63,8 +63,10 @@ def prepare_workdir(workdir: str) -> str:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise SlimjaxError(f"cannot create --workdir '{workdir}': {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise SlimjaxError(f"--workdir '{workdir}' is not writable; choose another directory")
+    for sub in (path, os.path.join(path, CHECKPOINT_DIR)):
+        if os.path.isdir(sub) and not os.access(sub, os.W_OK):
+            raise SlimjaxError(f"--workdir '{workdir}' is not writable ({sub}); choose another directory "
+                               "or fix its permissions")
     return path
 
 
@@ -138,25 +140,49 @@ RESUMABLE_MODEL_KEYS = frozenset({"dtype", "remat", "attention"})
 def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, dtype
                     ) -> tuple[TrainState, int, dict | None]:
     """(state, step, data iterator state): the latest checkpoint if the workdir has one (checked
-    against the config), else a fresh init at step 0."""
+    against the config), else a fresh init at step 0 (with ``checkpoint.init_from``'s params if set).
+
+    The shardings in ``setup.abstract`` are the target: a checkpoint written on another mesh or
+    device count is resharded while it is read.
+    """
     step = checkpointer.latest_step()
     if step is None:
-        return init_state(setup, cfg.model, dtype, cfg.train.seed), 0, None
-    abstract = setup.abstract.as_dict()
-    try:
-        restored, data_state, meta = checkpointer.restore(step, abstract)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SlimjaxError(f"checkpoint {checkpointer.directory}/{step} does not match this model "
-                           f"({str(e).splitlines()[0][:200]}); use a new --workdir") from None
-    saved_model = meta.get("config", {}).get("model", {})
-    now = cfg.to_dict()["model"]
-    changed = sorted(k for k in now if k in saved_model and saved_model[k] != now[k]
-                     and k not in RESUMABLE_MODEL_KEYS)
+        state = init_state(setup, cfg.model, dtype, cfg.train.seed)
+        if cfg.checkpoint.init_from:
+            state = dataclasses.replace(state, params=params_from(cfg.checkpoint.init_from, setup, cfg))
+        return state, 0, None
+    meta = checkpointer.read_meta(step)
+    where = f"checkpoint {checkpointer.directory}/{step}"
+    saved = meta.get("config", {})
+    now = cfg.to_dict()
+    changed = [f"model.{k}" for k in sorted(now["model"]) if k in saved.get("model", {})
+               and saved["model"][k] != now["model"][k] and k not in RESUMABLE_MODEL_KEYS]
+    if saved.get("optimizer", {}).get("name", now["optimizer"]["name"]) != now["optimizer"]["name"]:
+        changed.append("optimizer.name")  # a different optimizer state layout
     if changed:
-        k = changed[0]
-        raise SlimjaxError(f"checkpoint {checkpointer.directory}/{step} was written with model.{k}="
-                           f"{saved_model[k]!r}, the config now says {now[k]!r}; use a new --workdir")
+        section, key = changed[0].split(".")
+        raise SlimjaxError(f"{where} was written with {changed[0]}={saved[section][key]!r}, the config now says "
+                           f"{now[section][key]!r}; use a new --workdir (or checkpoint.init_from to start from "
+                           "its params)")
+    restored, data_state, _ = checkpointer.restore(step, setup.abstract.as_dict())
     return TrainState(**restored), step, data_state
+
+
+def params_from(source: str, setup: Setup, cfg: Config) -> dict:
+    """Parameters only from another run's checkpoint (``checkpoint.init_from``), into this run's shardings."""
+    directory, step = resolve_source(source)
+    if not os.path.isdir(directory):
+        raise SlimjaxError(f"checkpoint.init_from='{source}' is not a directory; give a run directory, its "
+                           "checkpoints/ directory or checkpoints/STEP")
+    other = Checkpointer(directory, cfg.checkpoint, read_only=True)
+    try:
+        step = other.latest_step() if step is None else step
+        if step is None or step not in other.all_steps():
+            raise SlimjaxError(f"checkpoint.init_from='{source}' holds no complete checkpoint"
+                               + ("" if step is None else f" for step {step}"))
+        return other.restore_params(step, setup.abstract.params)
+    finally:
+        other.close()
 
 
 def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: NamedSharding):
@@ -169,7 +195,8 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
         for k in pipeline.BATCH_KEYS
     }
     lr = optim.schedule(cfg.optimizer, cfg.train.steps)
-    step_fn = make_train_step(setup.graphdef, setup.tx, lr, StepOptions(cfg.train.microbatches, cfg.train.z_loss))
+    opts = StepOptions(cfg.train.microbatches, cfg.train.z_loss, skip_nonfinite=cfg.train.nonfinite == "skip")
+    step_fn = make_train_step(setup.graphdef, setup.tx, lr, opts)
     t0 = time.perf_counter()
     with activation_rules(mesh, rules):  # constraints are resolved while tracing
         train_step = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),

@@ -25,15 +25,23 @@ from slimjax.sharding import Rules
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """Everything a train step reads and writes; params are a pure nested dict of arrays."""
+    """Everything a train step reads and writes; params are a pure nested dict of arrays.
+
+    ``rng`` is raw PRNG key data (uint32), advanced once per step, for stochastic parts of a step
+    (dropout, sampling); raw data rather than a typed key so checkpoints store a plain array.
+    ``skipped`` counts updates the non-finite guard dropped (``train.nonfinite = "skip"``).
+    """
 
     step: jax.Array
     params: dict
     opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
 
     def as_dict(self) -> dict:
         """Plain-dict view for checkpointing."""
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng,
+                "skipped": self.skipped}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +74,16 @@ def make_setup(cfg: ModelConfig, dtype: jnp.dtype, tx: optax.GradientTransformat
     rules.require(ACTIVATION_AXES)
     abs_params = params_of(model)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
-                          opt_state=jax.eval_shape(tx.init, abs_params))
+                          opt_state=jax.eval_shape(tx.init, abs_params),
+                          rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+                          skipped=jax.ShapeDtypeStruct((), jnp.int32))
     param_sh = rules.tree_shardings(axes, abs_params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = optax.tree_map_params(
         tx, lambda leaf, sh, p: _moment_sharding(leaf, sh, p.shape), abstract.opt_state, param_sh, abs_params,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, (NamedSharding, jax.ShapeDtypeStruct)))
-    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated, skipped=replicated)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return Setup(graphdef=graphdef, axes=axes, abstract=abstract, shardings=shardings, tx=tx)
 
@@ -101,6 +111,9 @@ def init_state(setup: Setup, cfg: ModelConfig, dtype: jnp.dtype, seed: int) -> T
 
     def init(key):
         params = params_of(build_model(cfg, key, dtype))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params))
+        # The step key stream is derived from the seed apart from the init key (init stays as it was).
+        rng = jax.random.key_data(jax.random.fold_in(key, 1))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                          rng=rng, skipped=jnp.zeros((), jnp.int32))
 
     return jax.jit(init, out_shardings=setup.shardings)(jax.random.key(seed))

@@ -20,6 +20,9 @@ from slimjax.infer.scoring import Batch, Metrics, forward, make_eval_step, summe
 from slimjax.sharding import constrain
 from slimjax.train.state import TrainState
 
+# Metric key of the per-parameter-leaf finite flags (a bool vector, not a scalar to log).
+LEAF_FINITE = "leaf_finite"
+
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -27,6 +30,7 @@ class StepOptions:
 
     microbatches: int
     z_loss: float
+    skip_nonfinite: bool = False  # count dropped updates in state.skipped (train.nonfinite = "skip")
 
 
 def split_microbatches(batch: Batch, k: int) -> Batch:
@@ -63,18 +67,37 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             (grads, nll, z), _ = jax.lax.scan(accumulate, zeros, split_microbatches(batch, opts.microbatches))
         denom = jnp.maximum(n_tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll / denom
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        leaf_finite = finite_leaves(state.params, grads, params)
+        ok = jnp.all(leaf_finite) & jnp.isfinite(loss)
+        # A non-finite step never reaches the state (either policy): the loop stops or counts it.
+        keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep_new, params, state.params)
+        opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
+        skipped = state.skipped + (~ok).astype(jnp.int32) if opts.skip_nonfinite else state.skipped
+        rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))  # the step's key is the split's second half
         metrics = {
-            "loss": nll / denom,
+            "loss": loss,
             "z_loss": z / denom,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
             "tokens": n_tokens,
+            "nonfinite": (~ok).astype(jnp.float32),
+            LEAF_FINITE: leaf_finite,
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng),
+                          skipped=skipped), metrics
 
     return train_step
+
+
+def finite_leaves(params: dict, grads: dict, new_params: dict) -> jax.Array:
+    """One bool per parameter leaf (``jax.tree.leaves`` order): the parameter, its gradient and its
+    updated value are all finite (the last catches a corrupted optimizer state)."""
+    return jnp.stack([jnp.all(jnp.isfinite(p)) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(n))
+                      for p, g, n in zip(*map(jax.tree.leaves, (params, grads, new_params)))])
 
 
 def tree_bytes(tree: Any) -> int:
