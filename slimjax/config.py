@@ -132,6 +132,8 @@ class TrainConfig:
     eval_batches: int
     progress: bool
     nonfinite: Literal["stop", "skip"]
+    sample_tokens: int
+    sample_prompt: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +368,9 @@ def _check_cross_fields(cfg: Config) -> None:
     if cfg.checkpoint.keep_every < 0 or cfg.checkpoint.keep_best < 0:
         raise SlimjaxError(f"checkpoint.keep_every and checkpoint.keep_best must be >= 0 (0 disables), got "
                            f"{cfg.checkpoint.keep_every}, {cfg.checkpoint.keep_best}")
+    if t.sample_tokens < 0:
+        raise SlimjaxError(f"config key 'train.sample_tokens' must be >= 0 (0 disables the sample), "
+                           f"got {t.sample_tokens}")
     if t.eval_batches < 0 or t.z_loss < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, train.z_loss, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")

@@ -34,7 +34,7 @@ def finished_run(tmp_path_factory, spm_path):
 
 def test_train_writes_every_output(finished_run):
     workdir, result = finished_run
-    assert "done: step 6" in result.stdout
+    assert "done: step 6" in result.stdout and "sample: ROMEO:" in result.stdout
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     assert os.path.getsize(os.path.join(workdir, "loss_curve.png")) > 1000
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

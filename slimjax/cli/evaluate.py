@@ -53,8 +53,7 @@ def run(argv: Sequence[str]) -> int:
     opts = parse(argv)
     import jax
 
-    from slimjax.cli.rundir import open_run
-    from slimjax.data import tokenizer as tokenizers
+    from slimjax.cli.rundir import open_run, run_tokenizer
     from slimjax.infer import evaluate
     from slimjax.models import abstract_params, compute_dtype
     from slimjax.sharding import BATCH_AXES
@@ -67,7 +66,7 @@ def run(argv: Sequence[str]) -> int:
         data = dataclasses.replace(data, sources=tuple(opts["sources"]))
     if opts["tokenizer"]:
         data = dataclasses.replace(data, tokenizer=opts["tokenizer"])
-    tok = _tokenizer(tokenizers, data, rd.workdir, cfg.model.vocab_size)
+    tok = run_tokenizer(data, rd.workdir, cfg.model.vocab_size, "eval")
     rows = opts["batch_size"] or cfg.train.global_batch_size
     ways = 1
     for axis in BATCH_AXES:
@@ -96,19 +95,3 @@ def run(argv: Sequence[str]) -> int:
           f"{score.tokens:,} tokens, {score.bytes:,} bytes): loss {result['loss']:.4f}, perplexity "
           f"{result['perplexity']:.3f}, bits/byte {result['bits_per_byte']:.4f}")
     return 0
-
-
-def _tokenizer(tokenizers, data, workdir: str, vocab_size: int):
-    """The run's tokenizer; never trains a new one (a model is only scored with its own)."""
-    path = data.tokenizer
-    if data.tokenizer_kind == "sentencepiece" and not path:
-        path = os.path.join(workdir, "tokenizer", tokenizers.MODEL_NAME)
-        if not os.path.isfile(path):
-            raise SlimjaxError(f"run '{workdir}' has no cached tokenizer {path}; give --tokenizer=FILE")
-    if data.tokenizer_kind == "huggingface" and not path:
-        raise SlimjaxError(f"run '{workdir}' has no tokenizer.json; give --tokenizer=FILE")
-
-    def no_training():
-        raise SlimjaxError("slimjax eval does not train tokenizers")
-
-    return tokenizers.get_tokenizer(data.tokenizer_kind, path, workdir, vocab_size, data.tokenizer_type, no_training)

@@ -15,8 +15,10 @@ import jax
 from jax.sharding import Mesh
 
 from slimjax.checkpoint import Checkpointer
-from slimjax.config import Config, validate
+from slimjax.config import Config, DataConfig, validate
 from slimjax.configs import base
+from slimjax.data import tokenizer as tokenizers
+from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.models import abstract_params
 from slimjax.sharding import Rules, make_mesh
@@ -73,6 +75,23 @@ def open_run(workdir: str, step: int | None = None) -> RunDir:
     meta = checkpointer.read_meta(step)
     cfg = saved_config(meta.get("config", {}))
     return RunDir(path, cfg, step, meta, checkpointer, make_mesh(cfg.mesh), Rules.from_config(cfg.mesh))
+
+
+def run_tokenizer(data: DataConfig, workdir: str, vocab_size: int, command: str) -> Tokenizer:
+    """The run's tokenizer (its ``data.tokenizer`` or the one cached in the workdir); never trains
+    a new one: a model is only used with its own."""
+    path = data.tokenizer
+    if data.tokenizer_kind == "sentencepiece" and not path:
+        path = os.path.join(workdir, "tokenizer", tokenizers.MODEL_NAME)
+        if not os.path.isfile(path):
+            raise SlimjaxError(f"run '{workdir}' has no cached tokenizer {path}; give --tokenizer=FILE")
+    if data.tokenizer_kind == "huggingface" and not path:
+        raise SlimjaxError(f"run '{workdir}' has no tokenizer.json; give --tokenizer=FILE")
+
+    def no_training():
+        raise SlimjaxError(f"slimjax {command} does not train tokenizers")
+
+    return tokenizers.get_tokenizer(data.tokenizer_kind, path, workdir, vocab_size, data.tokenizer_type, no_training)
 
 
 def base_checkpoint_config():

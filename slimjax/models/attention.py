@@ -8,6 +8,7 @@ from flax import nnx
 
 from slimjax.config import ModelConfig
 from slimjax.models import layers
+from slimjax.models.cache import LayerCache
 from slimjax.sharding import constrain
 
 
@@ -46,14 +47,28 @@ class Attention(nnx.Module):
                              cfg.rope_high_freq_factor, cfg.rope_original_max_len)
         self.impl = attention_impl(cfg.attention, dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+        """Self-attention over ``x``; with ``cache``, over the cached tokens plus ``x``.
+
+        Without a cache the mask is causal within each packed segment. With one, the new keys and
+        values are written at the cache's index first and the queries attend to every written
+        slot of their own segment up to themselves; the result (and the updated cache) comes back
+        as a pair. The projections, RoPE and attention call are the same in both cases.
+        """
         q = constrain(self.wq(x), ("batch", "length", "act_heads", None))
         k = constrain(self.wk(x), ("batch", "length", "act_kv_heads", None))
         v = constrain(self.wv(x), ("batch", "length", "act_kv_heads", None))
         if self.rope_theta is not None:
             q = layers.rope(q, positions, self.rope_theta, self.rope_scaling)
             k = layers.rope(k, positions, self.rope_theta, self.rope_scaling)
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=segment_mask(segment_ids), is_causal=True, implementation=self.impl)
-        out = constrain(out, ("batch", "length", "act_heads", None))
-        return self.wo(out)
+        if cache is None:
+            mask, causal, impl = segment_mask(segment_ids), True, self.impl
+        else:
+            cache, k, v = cache.update(k, v)
+            # The query and key lengths differ and the mask is explicit: the XLA kernel takes
+            # both; cuDNN's fused kernel is kept for the training shapes it is built for.
+            mask, causal, impl = cache.mask(segment_ids), False, "xla"
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+        out = self.wo(constrain(out, ("batch", "length", "act_heads", None)))
+        return out if cache is None else (out, cache)

@@ -17,6 +17,7 @@ from flax import nnx
 from slimjax.config import ModelConfig
 from slimjax.models import layers
 from slimjax.models.attention import Attention
+from slimjax.models.cache import KVCache, LayerCache
 from slimjax.sharding import constrain
 
 # Logical names the model uses on activations (parameters carry theirs as metadata).
@@ -70,11 +71,15 @@ class Block(nnx.Module):
         self.mlp_norm = layers.Norm(cfg.d_model, **norm)
         self.mlp = Mlp(cfg, dtype, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-        x = constrain(x, ("batch", "length", "act_embed"))
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+        attn = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = constrain(x + attn, ("batch", "length", "act_embed"))
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return x if cache is None else (x, cache)
 
 
 class Decoder(nnx.Module):
@@ -116,16 +121,44 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
+        x = self._run_blocks(self._embed(tokens, positions), positions, segment_ids)
+        return self._logits(x)
+
+    def prefill(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs a prompt block ``[batch, length]`` through the model, writing its keys and values
+        into ``cache`` at the cache's index; returns the last position's logits ``[batch, vocab]``.
+
+        Prompts of different lengths are left-padded: padding has segment id 0 (it attends only
+        to padding and nothing real attends to it) and the real tokens carry their own positions
+        (0 at each row's first real token), so every row sees exactly its own prompt.
+        """
+        x, cache = self._run_blocks(self._embed(tokens, positions), positions, segment_ids, cache)
+        return self._logits(x[:, -1:])[:, 0], cache
+
+    def decode(self, token: jax.Array, position: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One step: ``token`` and ``position`` ``[batch]`` -> next-token logits ``[batch, vocab]``
+        and the cache holding this token's keys and values."""
+        tokens, positions = token[:, None], position[:, None]
+        x, cache = self._run_blocks(self._embed(tokens, positions), positions, jnp.ones_like(tokens), cache)
+        return self._logits(x)[:, 0], cache
+
+    def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
-        x = self._run_blocks(x, positions, segment_ids)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
-    def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                    cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+        if cache is not None:
+            return self._run_blocks_cached(x, positions, segment_ids, cache)
+
         # Each layer runs as a pure function of (its state, x) so scan and remat see plain arrays.
         def one_layer(graphdef, state, h):
             return nnx.merge(graphdef, state)(h, positions, segment_ids)
@@ -141,6 +174,23 @@ class Decoder(nnx.Module):
             graphdef, state = nnx.split(block)
             x = one_layer(graphdef, state, x)
         return x
+
+    def _run_blocks_cached(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                           cache: KVCache) -> tuple[jax.Array, KVCache]:
+        # The same blocks as training, unrolled even when stacked for scanning: a scan slices each
+        # layer's weights with a dynamic index, which XLA materialises as a copy of every weight
+        # at every decode step; a constant slice is a view.
+        cache = cache.claim(segment_ids)
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.blocks)
+            layers = [(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.cfg.n_layers)]
+        else:
+            layers = [nnx.split(block) for block in self.blocks]
+        written = []
+        for i, (graphdef, state) in enumerate(layers):
+            x, lc = nnx.merge(graphdef, state)(x, positions, segment_ids, cache.layer(i))
+            written.append(lc)
+        return x, cache.updated(written, segment_ids.shape[1])
 
 
 def param_axes(model: nnx.Module) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 from slimjax.config import Config, validate
 from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
+from slimjax.infer.generate import Generator, complete
 from slimjax.sharding import path_str
 from slimjax.train import distributed, flops
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
@@ -170,6 +171,10 @@ def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
     run.checkpointer.wait()
     wall = time.perf_counter() - t_start
     summary = _summary(run, tr, peak, peak_source, wall)
+    if t.sample_tokens:
+        summary["sample"] = sample_text(run)
+        if is_main:
+            print(f"sample: {summary['sample']}")
     if is_main:
         write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
         plot_loss_curve(read_metrics(os.path.join(run.workdir, METRICS_FILE)),
@@ -190,6 +195,14 @@ def evaluate_loss(run: Run) -> float:
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     return nll / max(tokens, 1.0)
+
+
+def sample_text(run: Run) -> str:
+    """A greedy continuation of ``train.sample_prompt`` by the trained model (every process takes
+    part, since the parameters are sharded over all of them)."""
+    t = run.cfg.train
+    generator = Generator(run.cfg.model, run.state.params, run.mesh, run.rules, run.dtype)
+    return t.sample_prompt + complete(generator, run.tok, [t.sample_prompt], t.sample_tokens)[0]
 
 
 def _excluding_time(tr: Tracker, fn: Callable[[int], None]) -> Callable[[int], None]:
