@@ -59,7 +59,7 @@ def test_z_loss_value_and_gradient():
     from flax import nnx
 
     from slimjax.train.state import build_model, params_of
-    from slimjax.train.step import forward, summed_loss
+    from slimjax.infer.scoring import forward, summed_loss
 
     cfg = small_config("llama")
     model = build_model(cfg.model, jax.random.key(0), np.float32)

@@ -21,11 +21,12 @@ from slimjax.config import Config
 from slimjax.data import loader, pipeline, tokenizer
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
+from slimjax.infer.scoring import make_eval_step
 from slimjax.models import compute_dtype
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
 from slimjax.train import optimizer as optim
 from slimjax.train.state import Setup, TrainState, init_state, make_setup
-from slimjax.train.step import StepOptions, make_eval_step, make_train_step
+from slimjax.train.step import StepOptions, make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-# The loss and the eval step live in infer/ (forward-only work that evaluation shares); re-exported here.
-from slimjax.infer.scoring import Batch, Metrics, forward, make_eval_step, summed_loss, token_losses  # noqa: F401
+# The loss lives in infer/scoring.py: evaluation shares it (forward-only work).
+from slimjax.infer.scoring import Batch, Metrics, summed_loss
 from slimjax.sharding import constrain
 from slimjax.train.state import TrainState
 
