@@ -96,7 +96,6 @@ def get_config() -> ml_collections.ConfigDict:
     t.global_batch_size = 16  # rows per step across all devices and microbatches
     t.microbatches = 1  # gradient accumulation: split each batch into this many sequential pieces
     t.seed = 0  # seeds parameter init and data shuffling
-    t.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
     t.log_every = 10  # steps between metric writes (TensorBoard, metrics.jsonl, progress bar)
     t.eval_every = 100  # steps between evaluations on the held-out plays
     t.eval_batches = 8  # batches per evaluation (0: the whole held-out set)
@@ -112,6 +111,24 @@ def get_config() -> ml_collections.ConfigDict:
     ck.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (0: off)
     ck.async_save = True  # write checkpoints in the background while training continues
     ck.init_from = ""  # fresh runs start from these params (a run dir, its checkpoints/ dir, or checkpoints/STEP); optimizer state starts fresh
+
+    c.objective = obj = ml_collections.ConfigDict()
+    # The train step minimises sum_i weight_i * term_i; every term is logged (train/terms/NAME).
+    obj.next_token = 1.0  # mean next-token cross-entropy over target tokens
+    obj.z_loss = 0.0  # mean log(Z)^2 over target tokens (PaLM uses 1e-4)
+
+    c.slim = slim = ml_collections.ConfigDict()
+    # Model transforms applied in this order before training (and recorded in every checkpoint's
+    # model spec): e.g. ("lora",). Each has its options in the section of the same name.
+    slim.recipe = ()
+    slim.lora = lora = ml_collections.ConfigDict()
+    lora.rank = 8  # adapter rank r (at most the smaller side of every adapted kernel)
+    lora.alpha = 16.0  # scaling numerator: the adapter output is multiplied by alpha / r
+    lora.rslora = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    lora.dropout = 0.0  # dropout on the adapter input during training
+    # Regexes searched in each Dense layer's path, per layer as "blocks/3/attn/wq" (also when layers
+    # are scanned): default every attention and MLP projection; "blocks/(0|1)/attn/wq" picks layers.
+    lora.targets = ("attn/w[qkvo]$", "mlp/(gate|up|down)$")
 
     c.distributed = dist = ml_collections.ConfigDict()
     # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values

@@ -1,9 +1,11 @@
 """Orbax checkpoints of the train state, with retention, fingerprints and typed restore errors.
 
-Layout of ``checkpoints/<step>/``: ``params`` and ``opt_state`` (separate items, so a params-only
-restore reads only the parameters), ``train`` (step, RNG key data, skipped-update counter),
-``data_<process>`` (each process's data-iterator state, JSON) and ``meta`` (JSON: step, resolved
-config and a fingerprint of every array leaf).
+Layout of ``checkpoints/<step>/``: ``params`` (trainable parameters), ``frozen`` (frozen ones, e.g.
+a LoRA run's base weights), ``slim`` (transform state such as masks), ``opt_state`` (separate
+items, so a params-only restore reads only the parameters; an item with no arrays is not
+written), ``train`` (step, RNG key data, skipped-update counter), ``data_<process>`` (each
+process's data-iterator state, JSON) and ``meta`` (JSON: step, resolved config, the model spec
+and a fingerprint of every array leaf).
 
 Atomicity: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when every
 item is complete, so a checkpoint is either whole or invisible; a leftover temporary directory
@@ -32,9 +34,10 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from slimjax.config import CheckpointConfig
 from slimjax.errors import SlimjaxError
-from slimjax.sharding import path_str
+from slimjax.sharding import path_str, tree_merge, tree_partition
 
-ARRAY_ITEMS = ("params", "opt_state", "train")  # state keys "step", "rng", "skipped" go in "train"
+ARRAY_ITEMS = ("params", "frozen", "slim", "opt_state", "train")  # "step", "rng", "skipped" go in "train"
+PARAM_ITEMS = ("params", "frozen")  # together: every parameter of the model
 TRAIN_KEYS = ("step", "rng", "skipped")
 EVAL_METRIC = "eval_loss"  # what checkpoint.keep_best ranks by (lower is better)
 
@@ -82,7 +85,7 @@ class Checkpointer:
         data-iterator state (gathered from every process into ``data_<i>`` items). ``eval_loss``
         ranks the checkpoint for ``keep_best``.
         """
-        items = _split(state)
+        items = {k: v for k, v in _split(state).items() if jax.tree.leaves(v)}
         meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
         args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
                                   meta=ocp.args.JsonSave(meta), **_data_items(data_state))
@@ -113,30 +116,53 @@ class Checkpointer:
         """
         meta = self.read_meta(step)
         abstract_items = _split(abstract_state)
-        self.check_shapes(step, "params", abstract_items["params"])
-        restored = self._restore(step, **{k: ocp.args.StandardRestore(v) for k, v in abstract_items.items()},
+        for name in PARAM_ITEMS:
+            self.check_shapes(step, name, abstract_items[name])
+        wanted = {k: v for k, v in abstract_items.items() if jax.tree.leaves(v)}
+        restored = self._restore(step, **{k: ocp.args.StandardRestore(v) for k, v in wanted.items()},
                                  **{_data_item(): ocp.args.JsonRestore()})
-        items = {k: restored[k] for k in ARRAY_ITEMS}
-        for name, tree in items.items():
-            self._verify(step, name, tree, meta)
-        state = {"params": items["params"], "opt_state": items["opt_state"], **items["train"]}
+        items = {k: restored[k] if k in wanted else abstract_items[k] for k in ARRAY_ITEMS}
+        for name in wanted:
+            self._verify(step, name, items[name], meta)
+        state = {k: items[k] for k in ARRAY_ITEMS if k != "train"} | items["train"]
         return state, restored[_data_item()], meta
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the parameters of ``step``, into the shapes and shardings of ``abstract_params``."""
+        """Every parameter of ``step`` (trainable and frozen, as one tree), into the shapes and
+        shardings of ``abstract_params``."""
         meta = self.read_meta(step)
-        self.check_shapes(step, "params", abstract_params)
-        params = self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params
-        self._verify(step, "params", params, meta)
-        return params
+        self.check_shapes(step, PARAM_ITEMS, abstract_params)
+        saved = {name: set(self._saved_shapes(step, name)) for name in PARAM_ITEMS}
+        parts = {}
+        for name in PARAM_ITEMS:  # each saved item holds a part of the tree: split the target alike
+            part, _ = tree_partition(abstract_params, lambda p, name=name: p in saved[name])
+            if jax.tree.leaves(part):
+                parts[name] = part
+        restored = self._restore(step, **{k: ocp.args.StandardRestore(v) for k, v in parts.items()})
+        out: dict = {}
+        for name in parts:
+            self._verify(step, name, restored[name], meta)
+            out = tree_merge(out, restored[name])
+        return out
 
-    def check_shapes(self, step: int, item: str, abstract: Any) -> None:
-        """Every leaf of ``abstract`` exists in the saved ``item`` with the same shape, else SlimjaxError."""
+    def _saved_shapes(self, step: int, item: str) -> dict[str, tuple[int, ...]]:
+        """{leaf path: shape} of a saved item ({} when the step did not write it)."""
         try:
             saved = self._manager.item_metadata(step)[item]
+        except KeyError:
+            return {}
         except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
             raise SlimjaxError(f"cannot read {self.step_dir(step)}/{item}: {_first_line(e)}") from None
-        saved = _shapes(saved)
+        return {} if saved is None else _shapes(saved)
+
+    def check_shapes(self, step: int, item: str | tuple[str, ...], abstract: Any) -> None:
+        """Every leaf of ``abstract`` exists in the saved ``item`` (or, for a tuple, in one of
+        those items) with the same shape, and nothing else is there; else SlimjaxError."""
+        names = (item,) if isinstance(item, str) else item
+        saved = {}
+        for name in names:
+            saved.update(self._saved_shapes(step, name))
+        item = "+".join(names)
         want = _shapes(abstract)
         where = f"{self.step_dir(step)}/{item}"
         for path, shape in want.items():
@@ -229,7 +255,8 @@ def resolve_source(path: str) -> tuple[str, int | None]:
 
 
 def _split(state: dict[str, Any]) -> dict[str, Any]:
-    return {"params": state["params"], "opt_state": state["opt_state"], "train": {k: state[k] for k in TRAIN_KEYS}}
+    items = {k: state.get(k, {}) for k in ARRAY_ITEMS if k != "train"}
+    return items | {"train": {k: state[k] for k in TRAIN_KEYS}}
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Any, Literal, Mapping
 
@@ -126,7 +127,6 @@ class TrainConfig:
     global_batch_size: int
     microbatches: int
     seed: int
-    z_loss: float
     log_every: int
     eval_every: int
     eval_batches: int
@@ -146,6 +146,37 @@ class CheckpointConfig:
     keep_best: int
     async_save: bool
     init_from: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (``slim.lora``): which layers, rank, scaling and dropout."""
+
+    rank: int
+    alpha: float
+    rslora: bool
+    dropout: float
+    targets: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimConfig:
+    """The ordered recipe of model transforms and each transform's options."""
+
+    recipe: tuple[str, ...]
+    lora: LoraConfig
+
+
+# Transforms a recipe may name (each has a section of the same name under ``slim``).
+TRANSFORMS = ("lora",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Weights of the named loss terms; the train step minimises their weighted sum."""
+
+    next_token: float
+    z_loss: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +204,8 @@ class Config:
     train: TrainConfig
     checkpoint: CheckpointConfig
     distributed: DistributedConfig
+    slim: SlimConfig
+    objective: ObjectiveConfig
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (tuples become lists) for run summaries and checkpoints."""
@@ -187,6 +220,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "distributed": DistributedConfig,
+    "slim": SlimConfig,
+    "objective": ObjectiveConfig,
 }
 
 
@@ -202,6 +237,32 @@ def validate(raw: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
     cfg = Config(**sections)
     _check_cross_fields(cfg)
     return cfg
+
+
+def from_saved(saved: Mapping[str, Any]) -> Config:
+    """The validated config a checkpoint recorded, over today's defaults: a run written before a
+    key existed still loads (the new key takes its default; a key since removed is ignored)."""
+    from slimjax.configs import base  # the defaults file; it imports nothing of slimjax's
+
+    c = base.get_config()
+    _overlay(c, saved)
+    return validate(c)
+
+
+def _overlay(c: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:
+    for key, value in saved.items():
+        if key not in c:
+            continue
+        if isinstance(c[key], ml_collections.ConfigDict):
+            if isinstance(value, Mapping):
+                _overlay(c[key], value)
+        else:
+            c[key] = tuple(value) if isinstance(value, list) else value
+
+
+def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
+    """A validated ModelConfig from a saved ``model`` section (over today's defaults)."""
+    return from_saved({"model": saved}).model
 
 
 def suggest(key: str, known: typing.Iterable[str]) -> str:
@@ -229,7 +290,10 @@ def _build(section: str, cls: type, values: Any) -> Any:
         key = f"{section}.{name}"
         if name not in values:
             raise SlimjaxError(f"config is missing '{key}'; start from configs/base.py")
-        kwargs[name] = _coerce(key, values[name], hints[name])
+        if dataclasses.is_dataclass(hints[name]):  # a nested section, e.g. slim.lora
+            kwargs[name] = _build(key, hints[name], values[name])
+        else:
+            kwargs[name] = _coerce(key, values[name], hints[name])
     return cls(**kwargs)
 
 
@@ -371,9 +435,11 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.sample_tokens < 0:
         raise SlimjaxError(f"config key 'train.sample_tokens' must be >= 0 (0 disables the sample), "
                            f"got {t.sample_tokens}")
-    if t.eval_batches < 0 or t.z_loss < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
-        raise SlimjaxError("train.eval_batches, train.z_loss, optimizer.weight_decay, optimizer.clip_norm "
+    if t.eval_batches < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
+        raise SlimjaxError("train.eval_batches, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")
+    _check_objective(cfg.objective)
+    _check_slim(cfg.slim)
     dist = cfg.distributed
     if dist.num_processes == 0 or dist.num_processes < -1:
         raise SlimjaxError(f"config key 'distributed.num_processes' must be >= 1 or -1 (environment/auto), "
@@ -390,6 +456,39 @@ def _check_cross_fields(cfg: Config) -> None:
                            f"got {dist.local_device_ids}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise SlimjaxError(f"optimizer.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
+
+
+def _check_objective(obj: ObjectiveConfig) -> None:
+    weights = dataclasses.asdict(obj)
+    for name, weight in weights.items():
+        if weight < 0:
+            raise SlimjaxError(f"config key 'objective.{name}' is a loss-term weight and must be >= 0, got {weight}")
+    if not any(weights.values()):
+        raise SlimjaxError("every objective.* weight is 0: nothing to minimise; set objective.next_token=1.0")
+
+
+def _check_slim(slim: SlimConfig) -> None:
+    for i, name in enumerate(slim.recipe):
+        if name not in TRANSFORMS:
+            raise SlimjaxError(f"config key 'slim.recipe[{i}]' names unknown transform '{name}'"
+                               f"{suggest(name, TRANSFORMS)}; transforms: {', '.join(TRANSFORMS)}")
+    if len(set(slim.recipe)) != len(slim.recipe):
+        raise SlimjaxError(f"config key 'slim.recipe' {slim.recipe} names a transform twice; keep one of each")
+    lora = slim.lora
+    if lora.rank <= 0:
+        raise SlimjaxError(f"config key 'slim.lora.rank' must be > 0, got {lora.rank}")
+    if not lora.alpha > 0:
+        raise SlimjaxError(f"config key 'slim.lora.alpha' must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise SlimjaxError(f"config key 'slim.lora.dropout' must lie in [0, 1), got {lora.dropout}")
+    if not lora.targets:
+        raise SlimjaxError("config key 'slim.lora.targets' is empty; give path patterns such as 'attn/w[qkvo]'")
+    for pattern in lora.targets:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SlimjaxError(f"config key 'slim.lora.targets' pattern {pattern!r} is not a regular expression: "
+                               f"{e}") from None
 
 
 def _jsonable(x: Any) -> Any:

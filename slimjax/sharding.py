@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -134,6 +134,39 @@ def path_str(path: Sequence[Any]) -> str:
         else:
             parts.append(str(k))
     return "/".join(parts)
+
+
+# --- parameter trees by path (shared by state, checkpoints and transforms) ---------------------
+
+def tree_paths(tree: Any) -> list[str]:
+    """Every leaf's path string (``blocks/attn/wq/kernel``), in leaf order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def tree_partition(tree: dict, keep: Callable[[str], bool]) -> tuple[dict, dict]:
+    """(leaves whose path satisfies ``keep``, the rest), each as a nested dict of only its leaves."""
+    yes: dict = {}
+    no: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = yes if keep(path_str(path)) else no
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = leaf
+    return yes, no
+
+
+def tree_merge(a: dict, b: dict) -> dict:
+    """The union of two nested dicts with disjoint leaves (the inverse of :func:`tree_partition`)."""
+    out = dict(a)
+    for key, value in b.items():
+        if key in out and isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = tree_merge(out[key], value)
+        elif key in out:
+            raise ValueError(f"leaf '{key}' is in both trees")
+        else:
+            out[key] = value
+    return out
 
 
 def _is_axes(x: Any) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,10 @@ class Generator:
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None, rules: Rules | None = None,
-                 dtype: Any = None):
+                 dtype: Any = None, abstract: Callable[..., tuple] = abstract_params):
+        """``abstract(model_cfg, dtype) -> (graphdef, axes, shapes)`` builds the model's structure:
+        the plain decoder by default; a model spec's (``slimjax.slim.spec.abstract_fn``) for
+        transformed models (LoRA adapters ...), whose extra parameters then decode too."""
         if (mesh is None) != (rules is None):
             raise ValueError("give both mesh and rules, or neither")
         self.mesh, self.rules = mesh, rules
@@ -75,7 +78,7 @@ class Generator:
         # the decode loop, XLA would copy every layer's weights at every step.
         place = functools.partial(unstacked, cfg) if scanned else (lambda p: p)
         self.cfg = cfg = dataclasses.replace(cfg, scan_layers=False)
-        self.graphdef, axes, shapes = abstract_params(cfg, self.dtype)
+        self.graphdef, axes, shapes = abstract(cfg, self.dtype)
         if mesh is None:
             self.param_shardings = None
             self.params = place(params)

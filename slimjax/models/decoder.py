@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slimjax.config import ModelConfig
-from slimjax.models import layers
+from slimjax.models import layers, scope
 from slimjax.models.attention import Attention
 from slimjax.models.cache import KVCache, LayerCache
 from slimjax.sharding import constrain
@@ -160,19 +160,21 @@ class Decoder(nnx.Module):
             return self._run_blocks_cached(x, positions, segment_ids, cache)
 
         # Each layer runs as a pure function of (its state, x) so scan and remat see plain arrays.
-        def one_layer(graphdef, state, h):
-            return nnx.merge(graphdef, state)(h, positions, segment_ids)
+        def one_layer(graphdef, state, h, index):
+            with scope.layer_scope(index):  # each layer draws its own dropout masks
+                return nnx.merge(graphdef, state)(h, positions, segment_ids)
 
         policy = self.cfg.remat
         if policy != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[policy], static_argnums=(0,))
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
-            x, _ = jax.lax.scan(lambda h, s: (one_layer(graphdef, s, h), None), x, state)
+            index = jnp.arange(self.cfg.n_layers)
+            x, _ = jax.lax.scan(lambda h, si: (one_layer(graphdef, si[0], h, si[1]), None), x, (state, index))
             return x
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             graphdef, state = nnx.split(block)
-            x = one_layer(graphdef, state, x)
+            x = one_layer(graphdef, state, x, i)
         return x
 
     def _run_blocks_cached(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -188,9 +190,14 @@ class Decoder(nnx.Module):
             layers = [nnx.split(block) for block in self.blocks]
         written = []
         for i, (graphdef, state) in enumerate(layers):
-            x, lc = nnx.merge(graphdef, state)(x, positions, segment_ids, cache.layer(i))
+            with scope.layer_scope(i):
+                x, lc = nnx.merge(graphdef, state)(x, positions, segment_ids, cache.layer(i))
             written.append(lc)
         return x, cache.updated(written, segment_ids.shape[1])
+
+
+# Model families a model spec may name, each a constructor (cfg, *, rngs, dtype) -> module.
+FAMILIES: dict[str, Callable[..., nnx.Module]] = {"decoder": Decoder}
 
 
 def param_axes(model: nnx.Module) -> dict:

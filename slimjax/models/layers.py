@@ -34,22 +34,40 @@ class Dense(nnx.Module):
     """A linear map contracting the trailing input dims into output dims (an einsum).
 
     ``kernel`` has shape ``in_shape + out_shape``: e.g. the query projection is
-    ``(embed, heads, head_dim)``, so heads stay a real axis that can be sharded by name.
+    ``(embed, heads, head_dim)``, so heads stay a real axis that can be sharded by name. The
+    kernel's metadata states its matrix view, ``matrix=(n_in, n_out)``: its last ``n_in + n_out``
+    dimensions are ``n_in`` input dims then ``n_out`` output dims (a stacked-layer dim, when
+    layers are scanned, comes before them), so transforms (LoRA, low-rank, quantization) read the
+    view instead of parsing the einsum.
+
+    ``tap`` is the one seam where a transform changes how this layer computes: when set, the
+    layer returns ``tap(self, x)`` instead of ``self.product(x)``; the tap may call
+    ``product`` with a substituted kernel or add a term of its own.
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
                  in_axes: Sequence[str], out_axes: Sequence[str], *, use_bias: bool,
                  std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.kernel = normal_param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), std)
+        self.kernel.set_metadata(matrix=(len(in_shape), len(out_shape)))
         self.bias = const_param(out_shape, out_axes, 0.0) if use_bias else None
         self.dtype = dtype
+        self.tap = nnx.data(None)
         letters = iter(string.ascii_lowercase[1:])  # 'a' is reserved for leading dims
         ins = "".join(next(letters) for _ in in_shape)
         outs = "".join(next(letters) for _ in out_shape)
         self.equation = f"...{ins},{ins}{outs}->...{outs}"
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        if self.tap is not None:
+            return self.tap(self, x)
+        return self.product(x)
+
+    def product(self, x: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """``x @ kernel + bias`` in the compute dtype (``kernel`` defaults to the stored one)."""
+        kernel = self.kernel[...] if kernel is None else kernel
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -28,7 +28,8 @@ from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, Metri
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
 from slimjax.train.run import Run, build_run, prepare_workdir
-from slimjax.train.step import LEAF_FINITE, tree_bytes
+from slimjax.slim.spec import abstract_fn
+from slimjax.train.step import LEAF_FINITE, model_view, tree_bytes
 
 
 @dataclasses.dataclass
@@ -134,7 +135,8 @@ def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
     def checkpoint(step: int) -> None:
         # Never save a state that followed a non-finite step under "stop" (log may not have run yet).
         stop_if_nonfinite([float(f) for f in jax.device_get([m["nonfinite"] for _, m in tr.pending])])
-        run.checkpointer.save(step, run.state.as_dict(), batches.get_state(), {"config": cfg.to_dict(), "step": step},
+        run.checkpointer.save(step, run.state.as_dict(), batches.get_state(),
+                              {"config": cfg.to_dict(), "spec": run.setup.spec.to_json(), "step": step},
                               eval_loss=tr.last_eval_loss if tr.last_eval_step == step else None)
         tr.last_saved_step = step
 
@@ -191,7 +193,7 @@ def evaluate_loss(run: Run) -> float:
     """Mean NLL per target token over the held-out batches."""
     nll = tokens = 0.0
     for batch in run.eval_data:
-        out = jax.device_get(run.eval_step(run.state.params, pipeline.to_global(batch, run.batch_sharding)))
+        out = jax.device_get(run.eval_step(run.state, pipeline.to_global(batch, run.batch_sharding)))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     return nll / max(tokens, 1.0)
@@ -201,7 +203,8 @@ def sample_text(run: Run) -> str:
     """A greedy continuation of ``train.sample_prompt`` by the trained model (every process takes
     part, since the parameters are sharded over all of them)."""
     t = run.cfg.train
-    generator = Generator(run.cfg.model, run.state.params, run.mesh, run.rules, run.dtype)
+    params = model_view(run.setup.built, run.state)
+    generator = Generator(run.cfg.model, params, run.mesh, run.rules, run.dtype, abstract=abstract_fn(run.setup.spec))
     return t.sample_prompt + complete(generator, run.tok, [t.sample_prompt], t.sample_tokens)[0]
 
 

@@ -17,16 +17,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.checkpoint import Checkpointer, resolve_source
-from slimjax.config import Config
+from slimjax.config import Config, from_saved
 from slimjax.data import loader, pipeline, tokenizer
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.infer.scoring import make_eval_step
 from slimjax.models import compute_dtype
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
+from slimjax.slim.spec import ModelSpec, build, rewrite_fn, spec_from_config
 from slimjax.train import optimizer as optim
-from slimjax.train.state import Setup, TrainState, init_state, make_setup
-from slimjax.train.step import StepOptions, make_train_step
+from slimjax.train.state import Setup, TrainState, init_state, make_setup, state_from_params
+from slimjax.train.step import StepOptions, make_state_eval_step, make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -49,7 +50,7 @@ class Run:
     start_step: int
     data_state: dict | None  # the data iterator's state at start_step (None: from the beginning)
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
-    eval_step: Callable[[dict, dict], dict]
+    eval_step: Callable[[TrainState, dict], dict]
     compile_seconds: float
     checkpointer: Checkpointer
     dtype: Any
@@ -91,14 +92,16 @@ def build_run(cfg: Config, workdir: str) -> Run:
     check_batch(cfg, mesh)
     dtype = compute_dtype(cfg.model.dtype)
     tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
-    setup = make_setup(cfg.model, dtype, tx, rules, mesh)  # validates rules against every name
+    # The model spec (family + slim recipe) builds the model; it validates the rules against every
+    # logical name and the transforms against the model before anything is written.
+    setup = make_setup(spec_from_config(cfg), dtype, tx, rules, mesh)
 
     share_tokenizer(cfg, workdir)
     data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
                         cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
 
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
-    state, start, data_state = restore_or_init(checkpointer, setup, cfg, dtype)
+    state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
     batch_sharding = pipeline.batch_sharding(mesh, rules)
     train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
@@ -134,43 +137,47 @@ def share_tokenizer(cfg: Config, workdir: str) -> None:
         os.replace(tmp, cached)  # atomic: a reader never sees half a model
 
 
-# Model keys that change how the step runs but not what the parameters mean.
-RESUMABLE_MODEL_KEYS = frozenset({"dtype", "remat", "attention"})
+def spec_of(meta: dict) -> ModelSpec:
+    """The model spec a checkpoint was written with (older checkpoints: the plain decoder of their config)."""
+    if "spec" in meta:
+        return ModelSpec.from_json(meta["spec"])
+    return ModelSpec("decoder", from_saved(meta.get("config", {})).model)
 
 
-def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, dtype
+def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, rules: Rules, mesh: Mesh
                     ) -> tuple[TrainState, int, dict | None]:
-    """(state, step, data iterator state): the latest checkpoint if the workdir has one (checked
-    against the config), else a fresh init at step 0 (with ``checkpoint.init_from``'s params if set).
+    """(state, step, data iterator state): the latest checkpoint if the workdir has one (its model
+    spec checked against the config's), else a fresh init at step 0 (with
+    ``checkpoint.init_from``'s params if set).
 
     The shardings in ``setup.abstract`` are the target: a checkpoint written on another mesh or
     device count is resharded while it is read.
     """
     step = checkpointer.latest_step()
     if step is None:
-        state = init_state(setup, cfg.model, dtype, cfg.train.seed)
         if cfg.checkpoint.init_from:
-            state = dataclasses.replace(state, params=params_from(cfg.checkpoint.init_from, setup, cfg))
-        return state, 0, None
+            return state_from_source(cfg.checkpoint.init_from, setup, cfg, rules, mesh), 0, None
+        return init_state(setup, cfg.train.seed), 0, None
     meta = checkpointer.read_meta(step)
     where = f"checkpoint {checkpointer.directory}/{step}"
-    saved = meta.get("config", {})
-    now = cfg.to_dict()
-    changed = [f"model.{k}" for k in sorted(now["model"]) if k in saved.get("model", {})
-               and saved["model"][k] != now["model"][k] and k not in RESUMABLE_MODEL_KEYS]
-    if saved.get("optimizer", {}).get("name", now["optimizer"]["name"]) != now["optimizer"]["name"]:
-        changed.append("optimizer.name")  # a different optimizer state layout
+    changed = spec_of(meta).difference(setup.spec)
+    saved_opt = meta.get("config", {}).get("optimizer", {}).get("name", cfg.optimizer.name)
+    if changed is None and saved_opt != cfg.optimizer.name:
+        changed = ("optimizer.name", saved_opt, cfg.optimizer.name)  # a different optimizer state layout
     if changed:
-        section, key = changed[0].split(".")
-        raise SlimjaxError(f"{where} was written with {changed[0]}={saved[section][key]!r}, the config now says "
-                           f"{now[section][key]!r}; use a new --workdir (or checkpoint.init_from to start from "
-                           "its params)")
+        key, saved, now = changed
+        raise SlimjaxError(f"{where} was written with {key}={saved!r}, the config now says {now!r}; use a new "
+                           "--workdir (or checkpoint.init_from to start from its params)")
     restored, data_state, _ = checkpointer.restore(step, setup.abstract.as_dict())
     return TrainState(**restored), step, data_state
 
 
-def params_from(source: str, setup: Setup, cfg: Config) -> dict:
-    """Parameters only from another run's checkpoint (``checkpoint.init_from``), into this run's shardings."""
+def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh: Mesh) -> TrainState:
+    """A step-0 state from another run's parameters (``checkpoint.init_from``), in this run's shardings.
+
+    The source's own model spec builds its parameters; transforms this run's recipe adds to the
+    source's (LoRA on an imported model) are then applied on the mesh by one jitted rewrite.
+    """
     directory, step = resolve_source(source)
     if not os.path.isdir(directory):
         raise SlimjaxError(f"checkpoint.init_from='{source}' is not a directory; give a run directory, its "
@@ -181,9 +188,25 @@ def params_from(source: str, setup: Setup, cfg: Config) -> dict:
         if step is None or step not in other.all_steps():
             raise SlimjaxError(f"checkpoint.init_from='{source}' holds no complete checkpoint"
                                + ("" if step is None else f" for step {step}"))
-        return other.restore_params(step, setup.abstract.params)
+        spec = spec_of(other.read_meta(step)).with_runtime(setup.spec.model)
+        if spec.difference(dataclasses.replace(setup.spec, recipe=spec.recipe)):
+            key, saved, now = spec.difference(dataclasses.replace(setup.spec, recipe=spec.recipe))
+            raise SlimjaxError(f"checkpoint.init_from='{source}' holds a model with {key}={saved!r}, the config says "
+                               f"{now!r}; fine-tune with the source's model config (e.g. the config.py that "
+                               "`slimjax import` wrote)")
+        source_built = build(spec, setup.built.dtype)
+        shardings = rules.tree_shardings(source_built.axes, source_built.shapes, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                source_built.shapes, shardings)
+        params = other.restore_params(step, abstract)
     finally:
         other.close()
+    rewrite = rewrite_fn(source_built, setup.built)  # a clear error when the recipes do not extend
+
+    def start(params, key):
+        return state_from_params(setup, rewrite(params, key), key)
+
+    return jax.jit(start, out_shardings=setup.shardings)(params, jax.random.key(cfg.train.seed))
 
 
 def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: NamedSharding):
@@ -196,24 +219,31 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
         for k in pipeline.BATCH_KEYS
     }
     lr = optim.schedule(cfg.optimizer, cfg.train.steps)
-    opts = StepOptions(cfg.train.microbatches, cfg.train.z_loss, skip_nonfinite=cfg.train.nonfinite == "skip")
-    step_fn = make_train_step(setup.graphdef, setup.tx, lr, opts)
+    opts = step_options(cfg)
+    step_fn = make_train_step(setup.built, setup.tx, lr, opts)
     t0 = time.perf_counter()
     with activation_rules(mesh, rules):  # constraints are resolved while tracing
         train_step = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
                              out_shardings=(setup.shardings, replicated), donate_argnums=0,
                              ).lower(setup.abstract, abstract_batch).compile()
-        eval_step = jax.jit(make_eval_step(setup.graphdef), in_shardings=(setup.shardings.params, batch_sharding),
-                            out_shardings=replicated).lower(setup.abstract.params, abstract_batch).compile()
+        eval_fn = make_state_eval_step(setup.built, make_eval_step(setup.graphdef))
+        eval_step = jax.jit(eval_fn, in_shardings=(setup.shardings, batch_sharding),
+                            out_shardings=replicated).lower(setup.abstract, abstract_batch).compile()
     return train_step, eval_step, time.perf_counter() - t0
+
+
+def step_options(cfg: Config) -> StepOptions:
+    """The train step's options: microbatches, objective weights, non-finite policy."""
+    weights = tuple(dataclasses.asdict(cfg.objective).items())
+    return StepOptions(cfg.train.microbatches, weights, skip_nonfinite=cfg.train.nonfinite == "skip")
 
 
 def fresh_state(cfg: Config, mesh: Mesh) -> tuple[Rules, Setup, TrainState]:
     """(rules, setup, freshly initialised sharded state) for ``cfg`` on ``mesh``."""
     rules = Rules.from_config(cfg.mesh)
     dtype = compute_dtype(cfg.model.dtype)
-    setup = make_setup(cfg.model, dtype, optim.make_optimizer(cfg.optimizer, cfg.train.steps), rules, mesh)
-    return rules, setup, init_state(setup, cfg.model, dtype, cfg.train.seed)
+    setup = make_setup(spec_from_config(cfg), dtype, optim.make_optimizer(cfg.optimizer, cfg.train.steps), rules, mesh)
+    return rules, setup, init_state(setup, cfg.train.seed)
 
 
 def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, Callable, NamedSharding]:

@@ -1,8 +1,12 @@
-"""Pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
+"""Pure train steps: ``train_step(state, batch) -> (state, metrics)``.
 
-The loss is normalised by the number of target tokens in the whole global batch, so splitting
-the batch into k microbatches (gradient accumulation) computes the same gradient as one big
-batch. Microbatches take strided rows so each device's shard splits evenly into them.
+The objective is a weighted sum of named loss terms, ``L = sum_i w_i L_i``: next-token
+cross-entropy and log(Z)^2 from ``objective.*``, plus any terms the model spec's transforms add.
+Per-token terms are summed over target tokens and normalised by the number of target tokens in
+the whole global batch, so splitting the batch into k microbatches (gradient accumulation)
+computes the same gradient as one big batch; parameter terms are computed once per step.
+Gradients and optimizer updates cover the trainable parameters only; the transforms' view of the
+parameters is taken inside the loss, and their after-update projection follows the update.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 # The loss lives in infer/scoring.py: evaluation shares it (forward-only work).
-from slimjax.infer.scoring import Batch, Metrics, summed_loss
-from slimjax.sharding import constrain
+from slimjax.infer.scoring import Batch, Metrics, forward, token_losses
+from slimjax.models import scope
+from slimjax.sharding import constrain, tree_merge
+from slimjax.slim.spec import Built
 from slimjax.train.state import TrainState
 
 # Metric key of the per-parameter-leaf finite flags (a bool vector, not a scalar to log).
 LEAF_FINITE = "leaf_finite"
+BUILTIN_TERMS = ("next_token", "z_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +35,7 @@ class StepOptions:
     """The step's slice of the config."""
 
     microbatches: int
-    z_loss: float
+    weights: tuple[tuple[str, float], ...] = (("next_token", 1.0), ("z_loss", 0.0))  # objective.*
     skip_nonfinite: bool = False  # count dropped updates in state.skipped (train.nonfinite = "skip")
 
 
@@ -45,52 +51,98 @@ def split_microbatches(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, opts: StepOptions) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The pure step; jit it with the state donated."""
-    grad_fn = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b, opts.z_loss), has_aux=True)
+def model_view(built: Built, state: TrainState, trainable: dict | None = None) -> dict:
+    """The full parameters as the model sees them: trainable + frozen, through the transforms' views."""
+    params = tree_merge(state.params if trainable is None else trainable, state.frozen)
+    return built.view(params, state.slim)
 
-    def sums_and_grads(params: dict, batch: Batch):
-        (_, (nll, z)), grads = grad_fn(params, batch)
-        return grads, nll, z
+
+def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    opts: StepOptions) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure step; jit it with the state donated."""
+    weights = dict(opts.weights)
+    terms = built.loss_terms()
+    token_terms = [t for t in terms if t.per_token]
+    param_terms = [t for t in terms if not t.per_token]
+
+    def token_objective(trainable: dict, state: TrainState, batch: Batch, key: jax.Array):
+        """(weighted sum, {term: sum over target tokens}) for one (micro)batch."""
+        params = model_view(built, state, trainable)
+        with scope.dropout_key(key):
+            logits = forward(built.graphdef, params, batch)
+        nll, log_z = token_losses(logits, batch["targets"])
+        mask = batch["loss_mask"]
+        sums = {"next_token": jnp.sum(nll * mask), "z_loss": jnp.sum(jnp.square(log_z) * mask)}
+        total = sum(weights[name] * sums[name] for name in BUILTIN_TERMS if weights[name])
+        for t in token_terms:
+            sums[t.name] = t.fn(params, state.slim, batch, logits)
+            total = total + t.weight * sums[t.name]
+        return total, sums
+
+    def param_objective(trainable: dict, state: TrainState):
+        values = {t.name: t.fn(model_view(built, state, trainable), state.slim) for t in param_terms}
+        return sum((t.weight * values[t.name] for t in param_terms), jnp.zeros(())), values
+
+    token_grad = jax.grad(token_objective, has_aux=True)
+    param_grad = jax.grad(param_objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         n_tokens = jnp.sum(batch["loss_mask"])
+        rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         if opts.microbatches == 1:
-            grads, nll, z = sums_and_grads(state.params, batch)
+            grads, sums = token_grad(state.params, state, batch, step_key)
         else:
-            def accumulate(carry, micro):
-                g, n, zz = sums_and_grads(state.params, micro)
-                return jax.tree.map(jnp.add, carry, (g, n, zz)), None
+            def accumulate(carry, xs):
+                micro, i = xs
+                g, s = token_grad(state.params, state, micro, jax.random.fold_in(step_key, i))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-            (grads, nll, z), _ = jax.lax.scan(accumulate, zeros, split_microbatches(batch, opts.microbatches))
+            zero_sums = jax.eval_shape(lambda: token_grad(state.params, state, batch, step_key)[1])
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(lambda s: jnp.zeros(s.shape), zero_sums))
+            micro = split_microbatches(batch, opts.microbatches)
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(opts.microbatches)))
         denom = jnp.maximum(n_tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        loss = nll / denom
+        values = {name: s / denom for name, s in sums.items()}
+        if param_terms:
+            pgrads, pvalues = param_grad(state.params, state)
+            grads = jax.tree.map(jnp.add, grads, pgrads)
+            values.update(pvalues)
+        objective = sum(weights[name] * values[name] for name in BUILTIN_TERMS if weights[name])
+        objective = objective + sum((t.weight * values[t.name] for t in terms), jnp.zeros(()))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params, slim = built.after_update(params, state.slim)
         leaf_finite = finite_leaves(state.params, grads, params)
-        ok = jnp.all(leaf_finite) & jnp.isfinite(loss)
+        ok = jnp.all(leaf_finite) & jnp.isfinite(objective)
         # A non-finite step never reaches the state (either policy): the loop stops or counts it.
         keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         params = jax.tree.map(keep_new, params, state.params)
         opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
+        slim = jax.tree.map(keep_new, slim, state.slim)
         skipped = state.skipped + (~ok).astype(jnp.int32) if opts.skip_nonfinite else state.skipped
-        rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))  # the step's key is the split's second half
         metrics = {
-            "loss": loss,
-            "z_loss": z / denom,
+            "loss": values["next_token"],
+            "z_loss": values["z_loss"],
+            "objective": objective,
+            **{f"terms/{name}": v for name, v in values.items() if name not in BUILTIN_TERMS},
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
             "tokens": n_tokens,
             "nonfinite": (~ok).astype(jnp.float32),
             LEAF_FINITE: leaf_finite,
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng),
-                          skipped=skipped), metrics
+        new = dataclasses.replace(state, step=state.step + 1, params=params, slim=slim, opt_state=opt_state,
+                                  rng=jax.random.key_data(rng), skipped=skipped)
+        return new, metrics
 
     return train_step
+
+
+def make_state_eval_step(built: Built, eval_step: Callable[[dict, Batch], Metrics]
+                         ) -> Callable[[TrainState, Batch], Metrics]:
+    """An eval step over a train state: the model's view of its parameters, no dropout."""
+    return lambda state, batch: eval_step(model_view(built, state), batch)
 
 
 def finite_leaves(params: dict, grads: dict, new_params: dict) -> jax.Array:

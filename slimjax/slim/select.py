@@ -1,0 +1,76 @@
+"""Selecting a model's matrix layers by path patterns, layer by layer even when layers are scanned.
+
+Each ``Dense`` is named by its module path (``blocks/attn/wq``; ``blocks/3/attn/wq`` when layers
+are unrolled). A scanned model holds all layers of one projection in a stacked kernel, so
+patterns are matched against the per-layer name ``blocks/{i}/attn/wq`` for each i and the
+selection of a stacked layer is a tuple of per-layer flags: ``"blocks/(0|1)/attn/wq$"`` picks the
+first two layers of either layout alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+from flax import nnx
+
+from slimjax.errors import SlimjaxError
+from slimjax.models.layers import Dense
+
+
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    """One matched Dense: its path, the module, and which stacked layers matched (None: unstacked)."""
+
+    path: tuple
+    dense: Dense
+    layers: tuple[bool, ...] | None
+
+    @property
+    def name(self) -> str:
+        return "/".join(map(str, self.path))
+
+
+def stacked_layers(dense: Dense) -> int:
+    """How many layers a Dense's kernel stacks (0 when it is one layer's kernel)."""
+    n_in, n_out = dense.kernel.get_metadata()["matrix"]
+    lead = len(dense.kernel.shape) - n_in - n_out
+    return dense.kernel.shape[0] if lead else 0
+
+
+def layer_names(path: tuple, n_stacked: int) -> list[str]:
+    """The per-layer names of a Dense: one per stacked layer, or its own path."""
+    if not n_stacked:
+        return ["/".join(map(str, path))]
+    head, rest = path[0], "/".join(map(str, path[1:]))
+    return [f"{head}/{i}/{rest}" for i in range(n_stacked)]
+
+
+def select_dense(model: nnx.Module, patterns: Sequence[str], key: str) -> list[Selected]:
+    """Every Dense whose (per-layer) name matches a pattern (``re.search``).
+
+    A pattern that matches no layer is an error naming ``key`` (the config key that holds it),
+    so a typo never silently adapts nothing.
+    """
+    compiled = [(p, re.compile(p)) for p in patterns]
+    used = set()
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, Dense):
+            continue
+        n = stacked_layers(node)
+        flags = []
+        for name in layer_names(path, n):
+            hits = {p for p, rx in compiled if rx.search(name)}
+            used |= hits
+            flags.append(bool(hits))
+        if any(flags):
+            out.append(Selected(tuple(path), node, tuple(flags) if n else None))
+    unused = [p for p, _ in compiled if p not in used]
+    if unused:
+        names = sorted({n for path, node in nnx.iter_graph(model) if isinstance(node, Dense)
+                        for n in layer_names(path, 0)})
+        raise SlimjaxError(f"{key} pattern {unused[0]!r} matches no layer; layers are named like "
+                           f"{', '.join(names[:4])} (per layer: blocks/0/attn/wq)")
+    return out

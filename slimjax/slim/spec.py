@@ -1,0 +1,246 @@
+"""The model spec: a model family plus the ordered recipe of transforms, and what it builds.
+
+Every consumer (train, resume, ``checkpoint.init_from``, eval, generate, export, import) builds
+the model from a spec, and every checkpoint records the spec it was written with, so a
+checkpoint whose parameter tree no longer follows from ``ModelConfig`` alone (LoRA adapters,
+factored or quantized weights, pruned shapes) is still read back exactly.
+
+``build(spec)`` runs the family constructor and each transform's ``rewrite`` under
+``nnx.eval_shape``: the graphdef, every parameter's logical axes, abstract shapes and the
+trainable flags come back without allocating. ``init_fn`` and ``rewrite_fn`` are the same code
+with values, meant for ``jax.jit`` with ``out_shardings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slimjax.config import Config, ModelConfig, model_config_from
+from slimjax.errors import SlimjaxError
+from slimjax.models import FAMILIES, param_axes
+from slimjax.sharding import tree_paths, tree_partition
+from slimjax.slim.transform import LossTerm, Transform
+
+# Model keys that change how the model runs, not what its parameters are: a resumed or restored
+# run may change them freely.
+RUNTIME_KEYS = frozenset({"dtype", "remat", "attention"})
+Recipe = tuple[tuple[str, Mapping[str, Any]], ...]
+
+
+def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
+    # Imported here: each transform module imports this one's neighbours, not the reverse.
+    from slimjax.config import LoraConfig
+    from slimjax.slim.lora import Lora
+
+    return {"lora": lambda opts: Lora(LoraConfig(**{**opts, "targets": tuple(opts["targets"])}))}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Family + model config + recipe ((transform name, options), ...): JSON-ready and comparable."""
+
+    family: str
+    model: ModelConfig
+    recipe: Recipe = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"family": self.family, "model": dataclasses.asdict(self.model),
+                "recipe": [[name, dict(opts)] for name, opts in self.recipe]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        recipe = tuple((name, _freeze(opts)) for name, opts in d.get("recipe", ()))
+        return cls(d.get("family", "decoder"), model_config_from(d["model"]), recipe)
+
+    def transforms(self) -> list[Transform]:
+        registry = _registry()
+        out = []
+        for name, opts in self.recipe:
+            if name not in registry:
+                raise SlimjaxError(f"the model spec names transform '{name}', which this slimjax does not have")
+            out.append(registry[name](dict(opts)))
+        return out
+
+    def with_runtime(self, model: ModelConfig) -> "ModelSpec":
+        """This spec with ``model``'s runtime keys (dtype, remat, attention)."""
+        return dataclasses.replace(self, model=dataclasses.replace(
+            self.model, **{k: getattr(model, k) for k in RUNTIME_KEYS}))
+
+    def with_model(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
+
+    def difference(self, other: "ModelSpec") -> str | None:
+        """The first difference that changes the parameters (runtime keys ignored), or None."""
+        if self.family != other.family:
+            return f"model family {self.family!r} vs {other.family!r}"
+        a, b = dataclasses.asdict(self.model), dataclasses.asdict(other.model)
+        for key in sorted(a):
+            if key not in RUNTIME_KEYS and a[key] != b.get(key):
+                return f"model.{key}={a[key]!r} vs {b.get(key)!r}"
+        if self.recipe != other.recipe:
+            return f"slim recipe {_describe(self.recipe)} vs {_describe(other.recipe)}"
+        return None
+
+
+def spec_from_config(cfg: Config) -> ModelSpec:
+    """The spec a config asks for: the decoder and ``slim.recipe`` with each transform's options."""
+    registry = _registry()
+    recipe = []
+    for name in cfg.slim.recipe:
+        opts = dataclasses.asdict(getattr(cfg.slim, name))
+        recipe.append((name, _freeze(registry[name](opts).options())))
+    return ModelSpec("decoder", cfg.model, tuple(recipe))
+
+
+def _freeze(opts: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Options as a hashable, order-independent mapping (lists become tuples)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(opts).items()))
+
+
+def _describe(recipe: Recipe) -> str:
+    if not recipe:
+        return "() (no transforms)"
+    return "(" + ", ".join(f"{name}{dict(opts)}" for name, opts in recipe) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """What a spec builds, abstractly: structure, logical axes, shapes, trainable flags, transforms."""
+
+    spec: ModelSpec
+    graphdef: nnx.GraphDef
+    axes: dict
+    shapes: dict
+    trainable: dict  # same tree as shapes, bool leaves
+    transforms: tuple[Transform, ...]
+    dtype: Any
+
+    def trainable_path(self, path: str) -> bool:
+        return self._trainable_paths[path]
+
+    @property
+    def _trainable_paths(self) -> dict[str, bool]:
+        return dict(zip(tree_paths(self.trainable), jax.tree.leaves(self.trainable)))
+
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """(trainable, frozen) parts of a full parameter tree."""
+        flags = self._trainable_paths
+        return tree_partition(params, lambda p: flags[p])
+
+    def loss_terms(self) -> list[LossTerm]:
+        return [term for t in self.transforms for term in t.loss_terms()]
+
+    def view(self, params: dict, state: dict) -> dict:
+        for t in self.transforms:
+            params = t.view(params, state.get(t.name, {}))
+        return params
+
+    def after_update(self, params: dict, state: dict) -> tuple[dict, dict]:
+        for t in self.transforms:
+            params, s = t.after_update(params, state.get(t.name, {}))
+            if s:
+                state = {**state, t.name: s}
+        return params, state
+
+    def state_axes(self) -> dict:
+        return {t.name: ax for t in self.transforms if (ax := t.state_axes(self.axes))}
+
+    def init_state(self, params: dict) -> dict:
+        return {t.name: s for t in self.transforms if (s := t.init_state(params))}
+
+
+def _construct(spec: ModelSpec, transforms: list[Transform], key: jax.Array, dtype: Any) -> nnx.Module:
+    model = FAMILIES[spec.family](spec.model, rngs=nnx.Rngs(params=key), dtype=dtype)
+    for i, t in enumerate(transforms):
+        t.rewrite(model, nnx.Rngs(params=jax.random.fold_in(key, 1_000_003 + i)))
+    return model
+
+
+def build(spec: ModelSpec, dtype: Any = jnp.float32) -> Built:
+    """The spec's model, abstractly (nothing allocated). Transform errors surface here."""
+    if spec.family not in FAMILIES:
+        raise SlimjaxError(f"model family {spec.family!r} is not one of {', '.join(FAMILIES)}")
+    transforms = spec.transforms()
+    model = nnx.eval_shape(lambda: _construct(spec, transforms, jax.random.key(0), dtype))
+    graphdef, _ = nnx.split(model)
+    shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flags = []
+    for path in tree_paths(shapes):
+        trainable = True
+        for t in transforms:
+            trainable = t.trainable(path, trainable)
+        flags.append(trainable)
+    trainable = jax.tree.unflatten(jax.tree.structure(shapes), flags)
+    return Built(spec, graphdef, param_axes(model), shapes, trainable, tuple(transforms), dtype)
+
+
+def init_fn(built: Built) -> Callable[[jax.Array], dict]:
+    """``key -> full parameters`` of a fresh model (jit it with the parameters' out_shardings)."""
+    transforms = list(built.transforms)
+
+    def init(key: jax.Array) -> dict:
+        model = _construct(built.spec, transforms, key, built.dtype)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return init
+
+
+def rewrite_fn(source: Built, target: Built) -> Callable[[dict, jax.Array], dict]:
+    """``(source params, key) -> target params``: applies the transforms the target's recipe adds
+    to the source's (the source recipe must be a prefix of the target's)."""
+    n = len(source.spec.recipe)
+    if target.spec.recipe[:n] != source.spec.recipe:
+        raise SlimjaxError(f"cannot turn a model with slim recipe {_describe(source.spec.recipe)} into one with "
+                           f"{_describe(target.spec.recipe)}: only transforms added after the source's can be applied")
+    extra = list(target.transforms[n:])
+
+    def rewrite(params: dict, key: jax.Array) -> dict:
+        model = nnx.merge(source.graphdef, params)
+        for i, t in enumerate(extra):
+            t.rewrite(model, nnx.Rngs(params=jax.random.fold_in(key, 1_000_003 + n + i)))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return rewrite
+
+
+def export_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec of the exported model: transforms that bake into plain weights leave the recipe."""
+    transforms = spec.transforms()
+    keep: dict[int, bool] = {}
+
+    def exported():
+        model = _construct(spec, transforms, jax.random.key(0), jnp.float32)
+        for i in reversed(range(len(transforms))):
+            keep[i] = transforms[i].export(model)
+        return nnx.state(model, nnx.Param)
+
+    nnx.eval_shape(exported)  # shapes only: what matters is which transforms stay
+    return dataclasses.replace(spec, recipe=tuple(e for i, e in enumerate(spec.recipe) if keep[i]))
+
+
+def export_fn(built: Built) -> Callable[[dict], dict]:
+    """``params -> exported params`` (adapters merged ...), matching :func:`export_spec`."""
+
+    def export(params: dict) -> dict:
+        model = nnx.merge(built.graphdef, params)
+        for t in reversed(built.transforms):
+            t.export(model)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return export
+
+
+def abstract_fn(spec: ModelSpec) -> Callable[[ModelConfig, Any], tuple[nnx.GraphDef, dict, dict]]:
+    """``(model config, dtype) -> (graphdef, axes, shapes)`` for this spec's recipe on another
+    layout of the same model (the generator asks for the unrolled one)."""
+
+    def abstract(model: ModelConfig, dtype: Any = jnp.float32):
+        b = build(dataclasses.replace(spec, model=model), dtype)
+        return b.graphdef, b.axes, b.shapes
+
+    return abstract
