@@ -40,24 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.data = -1  # data-parallel axis size (-1: all devices left over)
     mesh.fsdp = 1  # fully-sharded data-parallel axis size (shards parameters and optimizer state)
     mesh.tensor = 1  # tensor-parallel axis size (shards heads, MLP and vocabulary)
-    mesh.rules = (  # logical axis name -> mesh axes (None replicates); every name the model uses
-            ("batch", ("data", "fsdp")),  # activation batch rows
-            ("length", None),  # activation sequence positions
-            ("act_embed", None),  # activation residual width
-            ("act_heads", "tensor"),  # activation query heads
-            ("act_kv_heads", "tensor"),  # activation key/value heads
-            ("act_mlp", "tensor"),  # activation MLP hidden units
-            ("act_vocab", "tensor"),  # logits over the vocabulary
-            ("vocab", "tensor"),  # parameter vocabulary dimension
-            ("embed", "fsdp"),  # parameter residual dimension (FSDP shards here)
-            ("heads", "tensor"),  # parameter query heads
-            ("kv_heads", "tensor"),  # parameter key/value heads
-            ("head_dim", None),  # parameter per-head width
-            ("mlp", "tensor"),  # parameter MLP hidden units
-            ("layers", None),  # stacked-layer dimension when scanning
-            ("norm", None),  # normalisation scales and biases
-            ("positions", None),  # learned position table rows
-    )
+    # Overrides only: (logical_name, mesh_axes) pairs replacing entries of DEFAULT_RULES in
+    # slimjax/sharding.py, which maps every logical name; e.g. (("embed", None), ("mlp", ("fsdp", "tensor"))).
+    mesh.rules = ()  # logical axis name -> mesh axes (None replicates) for the names to change
 
     c.data = d = ml_collections.ConfigDict()
     # Weighted mixture of corpora. Each entry is "kind", "kind:path" or a dict with keys kind,

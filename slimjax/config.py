@@ -55,7 +55,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes (-1 fills the remaining devices) and the logical-axis rules table."""
+    """Mesh axis sizes (-1 fills the remaining devices) and overrides of the logical-axis rules
+    (``slimjax.sharding.DEFAULT_RULES`` holds the defaults; ``Rules.from_config`` merges them)."""
 
     data: int
     fsdp: int

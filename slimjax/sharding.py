@@ -18,12 +18,34 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slimjax.config import MeshConfig
+from slimjax.config import MeshConfig, suggest
 from slimjax.errors import SlimjaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Mesh axes that split the batch: a global batch must divide by their product.
 BATCH_AXES = ("data", "fsdp")
+
+# Every logical axis name slimjax defines -> the mesh axes it is split over (() replicates).
+# ``mesh.rules`` in a config overrides entries of this table; it never needs to restate it.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),  # activation and cache batch rows (data loader, every layer's input)
+    "length": (),  # activation and KV-cache sequence positions
+    "act_embed": (),  # residual stream between blocks (decoder)
+    "act_heads": ("tensor",),  # attention query heads and the attention output (attention)
+    "act_kv_heads": ("tensor",),  # attention keys/values and the KV cache (attention, cache)
+    "act_mlp": ("tensor",),  # MLP hidden units (decoder MLP)
+    "act_vocab": ("tensor",),  # output logits (decoder head)
+    "vocab": ("tensor",),  # vocabulary dimension of the token embedding and lm_head
+    "embed": ("fsdp",),  # model-width dimension of every weight matrix (FSDP shards here)
+    "heads": ("tensor",),  # query-head dimension of wq and wo
+    "kv_heads": ("tensor",),  # key/value-head dimension of wk and wv
+    "head_dim": (),  # per-head width of wq, wk, wv, wo and the KV cache
+    "mlp": ("tensor",),  # hidden dimension of the MLP's up, gate and down weights
+    "layers": (),  # leading dimension of stacked (scanned) layer parameters
+    "norm": (),  # normalisation scales and biases
+    "positions": (),  # rows of the learned position table (GPT-2)
+    "lora_rank": (),  # rank dimension of LoRA adapters: small, so replicated
+}
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
@@ -67,21 +89,36 @@ class Rules:
 
     @classmethod
     def from_config(cls, cfg: MeshConfig) -> "Rules":
+        """:data:`DEFAULT_RULES` with the config's ``mesh.rules`` entries replacing theirs.
+
+        An override may only name a known logical name and known mesh axes: a typo would
+        otherwise be silently ignored (its default would apply) instead of reported.
+        """
         for name, axes in cfg.rules:
+            if name not in DEFAULT_RULES:
+                raise SlimjaxError(
+                    f"mesh.rules overrides unknown logical axis name '{name}'{suggest(name, DEFAULT_RULES)}; "
+                    "mesh.rules overrides entries of DEFAULT_RULES in slimjax/sharding.py, whose names are "
+                    f"{', '.join(DEFAULT_RULES)}")
             for axis in axes:
                 if axis not in MESH_AXES:
                     raise SlimjaxError(
                         f"mesh.rules maps '{name}' to unknown mesh axis '{axis}'; mesh axes are "
                         f"{', '.join(MESH_AXES)}")
-        return cls(dict(cfg.rules))
+        return cls({**DEFAULT_RULES, **dict(cfg.rules)})
+
+    def describe(self) -> str:
+        """The effective table, one ``name -> mesh axes`` line per logical name."""
+        width = max(map(len, self.table))
+        return "\n".join(f"{n.ljust(width)}  {', '.join(a) if a else 'replicated'}" for n, a in self.table.items())
 
     def require(self, names: Sequence[str]) -> None:
         """Fails with the missing names unless every logical name has a rule."""
         missing = sorted({n for n in names if n is not None and n not in self.table})
         if missing:
             raise SlimjaxError(
-                f"logical axis name(s) {', '.join(repr(m) for m in missing)} used by the model are "
-                "not covered by mesh.rules; add a rule for each (map to None to replicate)")
+                f"logical axis name(s) {', '.join(repr(m) for m in missing)} used by the model have no "
+                "rule; register each in DEFAULT_RULES in slimjax/sharding.py")
 
     def spec(self, axes: Sequence[str | None], shape: Sequence[int] | None = None,
              mesh: Mesh | None = None, what: str = "array") -> PartitionSpec:

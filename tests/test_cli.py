@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from helpers import snapshot
-from slimjax.configs import base
 
 FAST = ["--config.train.steps=6", "--config.train.log_every=2", "--config.train.eval_every=3",
         "--config.checkpoint.every_steps=3", "--config.train.eval_batches=2",
@@ -66,18 +65,14 @@ def test_second_run_resumes_from_the_checkpoint(finished_run, spm_path):
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # no step trained twice
 
 
-def _rules_without(name):
-    return repr(tuple(r for r in base.get_config().mesh.rules if r[0] != name))
-
-
 BAD_INPUTS = {
     "unknown key": (["--config.train.stpes=3"], "unknown config key 'train.stpes' (did you mean 'train.steps'?)"),
     "mesh does not divide devices": (["--config.mesh.data=3"], "mesh (data=3, fsdp=1, tensor=1) needs 3 devices"),
     "batch not divisible": (["--config.mesh.data=8", "--config.train.global_batch_size=12"],
                             "train.global_batch_size=12 is not divisible by data x fsdp (8)"),
     "sequence too long": (["--config.data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
-    "logical name not covered": ([f"--config.mesh.rules={_rules_without('mlp')}"],
-                                 "logical axis name(s) 'mlp' used by the model are not covered by mesh.rules"),
+    "unknown logical name": (["--config.mesh.rules=(('embedd', None),)"],
+                             "mesh.rules overrides unknown logical axis name 'embedd' (did you mean 'embed'?)"),
 }
 
 
@@ -95,6 +90,16 @@ def test_bad_input_is_one_line_exit_2_and_harmless(case, finished_run, tmp_path)
     assert len(lines) == 1 and lines[0].startswith("slimjax: error: "), result.stderr[-3000:]
     assert expected in lines[0]
     assert snapshot(workdir) == before
+
+
+def test_unknown_logical_name_fails_before_the_workdir_exists(tmp_path):
+    """The rules check runs before anything is created: a new workdir is not even made."""
+    workdir = tmp_path / "new"
+    result = slimjax("train", "--config.mesh.rules=(('embedd', None),)", f"--workdir={workdir}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slimjax: error: ") and "'embedd'" in lines[0], result.stderr
+    assert not workdir.exists()
 
 
 def test_workdir_that_is_a_file(tmp_path):

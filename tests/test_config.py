@@ -80,11 +80,19 @@ def test_cross_field_checks():
         C.validate(c)
 
 
-def test_rules_reject_unknown_axes_and_reused_mesh_axes():
+def test_rules_reject_unknown_axes_unknown_names_and_reused_mesh_axes():
     c = base.get_config()
     c.mesh.rules = (("batch", "pipeline"),)
     with pytest.raises(SlimjaxError, match="unknown mesh axis 'pipeline'"):
         Rules.from_config(C.validate(c).mesh)
+    c.mesh.rules = (("embedd", None),)
+    with pytest.raises(SlimjaxError) as e:
+        Rules.from_config(C.validate(c).mesh)
+    msg = str(e.value)
+    assert "unknown logical axis name 'embedd' (did you mean 'embed'?)" in msg
+    assert "DEFAULT_RULES in slimjax/sharding.py" in msg
+    with pytest.raises(SlimjaxError, match="'lora_a' used by the model have no rule"):
+        Rules.from_config(C.validate(base.get_config()).mesh).require(("embed", "lora_a"))
     rules = Rules({"a": ("fsdp",), "b": ("fsdp",)})
     with pytest.raises(SlimjaxError, match="onto mesh axis 'fsdp'"):
         rules.spec(("a", "b"))

@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import build_state, small_config, with_mesh
-from slimjax.sharding import path_str
+from slimjax.sharding import DEFAULT_RULES, Rules, path_str
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -51,8 +51,8 @@ EXPECTED_AXES = {
 
 
 def expected_spec(axes, rules):
-    """The rules table applied by hand: logical name -> mesh axes (None/str/tuple)."""
-    table = dict(rules)
+    """The rules table applied by hand: the defaults with the config's overrides (None/str/tuple)."""
+    table = {**DEFAULT_RULES, **dict(rules)}
     out = []
     for name in axes:
         mesh_axes = table[name]
@@ -111,6 +111,68 @@ def test_hand_written_specs_on_the_2x4_mesh():
     assert p["final_norm"]["scale"].sharding.spec == P()
     local = p["blocks"]["attn"]["wq"]["kernel"].addressable_shards[0].data.shape
     assert local == (2, 64 // 2, 8 // 4, 8)
+
+
+def test_an_override_changes_only_its_entry_and_the_leaves_follow_it():
+    import dataclasses
+
+    cfg = with_mesh(small_config("llama"), 1, 2, 4)
+    overrides = (("embed", ()), ("mlp", ("fsdp", "tensor")))
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=overrides))
+    table = Rules.from_config(cfg.mesh).table
+    assert table == {**DEFAULT_RULES, "embed": (), "mlp": ("fsdp", "tensor")}
+    mesh, _, _, state = build_state(cfg)
+    for name, leaf in flat(state.params).items():
+        want = NamedSharding(mesh, expected_spec(EXPECTED_AXES["llama"][name], overrides))
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (name, leaf.sharding.spec, want.spec)
+    p = state.params
+    assert p["blocks"]["mlp"]["up"]["kernel"].sharding.spec == P(None, None, ("fsdp", "tensor"))
+    assert p["blocks"]["attn"]["wq"]["kernel"].sharding.spec == P(None, None, "tensor")  # defaults elsewhere
+    assert p["embed"]["embedding"].sharding.spec == P("tensor")
+
+
+def test_a_checkpoint_that_saved_the_full_legacy_table_still_opens(tmp_path):
+    """Runs written before DEFAULT_RULES recorded every rule; they load with new names defaulted."""
+    import dataclasses
+    import json
+
+    from slimjax.checkpoint import Checkpointer
+    from slimjax.cli.rundir import base_checkpoint_config, open_run
+
+    cfg = with_mesh(small_config("llama"), 1, 2, 4)
+    _, _, _, state = build_state(cfg)
+    saved = cfg.to_dict()
+    saved["mesh"]["rules"] = [[n, a] for n, a in LEGACY_RULES]  # as JSON metadata holds it
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), base_checkpoint_config())
+    ckpt.save_params(3, state.params, json.loads(json.dumps({"config": saved, "step": 3})))
+    ckpt.wait()
+    ckpt.close()
+    rd = open_run(str(tmp_path))
+    assert rd.rules.table == DEFAULT_RULES and rd.rules.table["lora_rank"] == ()
+    assert dataclasses.replace(rd.cfg, mesh=cfg.mesh) == cfg
+    restored = flat(rd.restore_params())
+    for name, leaf in flat(state.params).items():
+        assert restored[name].sharding.is_equivalent_to(leaf.sharding, leaf.ndim), name
+        assert (jax.device_get(restored[name]) == jax.device_get(leaf)).all(), name
+
+
+# configs/base.py's mesh.rules before the defaults moved into slimjax/sharding.py.
+LEGACY_RULES = (
+    ("batch", ("data", "fsdp")), ("length", None), ("act_embed", None), ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor"), ("vocab", "tensor"),
+    ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("mlp", "tensor"),
+    ("layers", None), ("norm", None), ("positions", None),
+)
+
+
+def test_the_full_legacy_table_is_the_defaults():
+    from slimjax import config as C
+    from slimjax.configs import base
+
+    c = base.get_config()
+    c.mesh.rules = LEGACY_RULES
+    assert Rules.from_config(C.validate(c).mesh).table == DEFAULT_RULES
+    assert Rules.from_config(C.validate(base.get_config()).mesh).table == DEFAULT_RULES
 
 
 def test_adafactor_factored_moments_keep_the_remaining_axes():

@@ -22,7 +22,7 @@ from slimjax.config import Config, validate
 from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
 from slimjax.infer.generate import Generator, complete
-from slimjax.sharding import path_str
+from slimjax.sharding import Rules, path_str
 from slimjax.train import distributed, flops
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
@@ -68,6 +68,9 @@ def train(config: ml_collections.ConfigDict | Config, workdir: str) -> dict[str,
     (nothing of that step is checkpointed).
     """
     cfg = config if isinstance(config, Config) else validate(config)
+    # Rules overrides are checked in sharding (config.py cannot import it); do it now, before joining
+    # other processes or creating the workdir, so a typo'd logical name leaves nothing behind.
+    Rules.from_config(cfg.mesh)
     distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
     workdir = prepare_workdir(workdir)
     run = build_run(cfg, workdir)
