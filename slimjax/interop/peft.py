@@ -302,6 +302,22 @@ def _read_tensor(tensors: TensorFile, key: str, want: tuple[int, ...]) -> np.nda
     return out
 
 
+def _base_copies(tensors: TensorFile, target: _Target, layers: list[int | None]) -> set[str]:
+    """Copies of a targeted module's base weight that PEFT saves next to the adapter (it does for
+    ``lm_head``, in case the vocabulary was resized). slimjax keeps the base model's own weight, so
+    a copy is skipped when its shape fits this model and refused when it does not."""
+    found = set()
+    for layer in layers:
+        key = f"{KEY_PREFIX}{target.module(layer)}.base_layer.weight"
+        if key in tensors.header:
+            want = (math.prod(target.out_shape), math.prod(target.in_shape))
+            if tensors.shape(key) != want:
+                raise SlimjaxError(f"tensor '{key}' in '{tensors.path}' has shape {tensors.shape(key)} but this "
+                                   f"model needs {want}; the adapter was made for a different base model")
+            found.add(key)
+    return found
+
+
 def import_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[LoraOptions, dict]:
     """(options, adapters) from a PEFT LoRA directory, for a model shaped like ``model_cfg``.
 
@@ -335,6 +351,7 @@ def import_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[LoraOption
         a = [_read_tensor(tensors, target.key(i, "A"), shape_a).T.reshape(*target.in_shape, rank) for i in layers]
         b = [_read_tensor(tensors, target.key(i, "B"), shape_b).T.reshape(rank, *target.out_shape) for i in layers]
         expected |= {target.key(i, w) for i in layers for w in "AB"}
+        expected |= _base_copies(tensors, target, layers)
         if target.link.per_layer and model_cfg.scan_layers:
             _set(adapters, target.path(None, True, "a"), np.stack(a))
             _set(adapters, target.path(None, True, "b"), np.stack(b))
