@@ -90,7 +90,6 @@ def test_merged_kernels_equal_peft_merge_and_unload(bases, adapter, variant, rsl
     links = kernel_links(cfg, options.targets)
     assert len(links) == 7
     for link in links:
-        lora = mapping.slim_path(link, 0, scan_layers)[:-1] + ("lora",)
         if scan_layers:  # merge all layers at once (the stacked form of merge_kernel)
             kernel = np.asarray(_at(params, link.path))
             whole = merge_kernel(kernel, *(_at(adapters, link.path[:-1] + ("lora", w)) for w in "ab"), options.scale)

@@ -93,7 +93,8 @@ class _Target:
 
 def _split_dims(kernel: tuple[int, ...], in_features: int) -> int:
     """How many leading kernel dims are inputs: the first split whose product is ``in_features``
-    (the Linear's in dim, from the link's own ``to_hf``)."""
+    (the Linear's in dim, from the link's own ``to_hf``). Only a size-1 dim at the boundary could
+    make this ambiguous, and either split then holds the same numbers."""
     for k in range(1, len(kernel)):
         if math.prod(kernel[:k]) == in_features:
             return k
@@ -115,7 +116,7 @@ def _targets(cfg: ModelConfig) -> dict[str, _Target]:
         for key in mapping.slim_path(link, 0, cfg.scan_layers):
             leaf = leaf[key]
         kernel = tuple(leaf.shape[1:] if link.per_layer and cfg.scan_layers else leaf.shape)
-        hf_out, hf_in = jax.eval_shape(link.to_hf, jax.ShapeDtypeStruct(kernel, np.float32)).shape
+        _, hf_in = jax.eval_shape(link.to_hf, jax.ShapeDtypeStruct(kernel, np.float32)).shape
         k = _split_dims(kernel, hf_in)
         name = link.path[-2]
         out[name] = _Target(name, link, kernel[:k], kernel[k:])
@@ -148,6 +149,12 @@ def _get(tree: dict, path: mapping.Path) -> Any:
     return tree
 
 
+def _set(tree: dict, path: mapping.Path, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
 def _host(value: Any) -> np.ndarray:
     """A float32 host copy; arrays spread over processes are gathered (a collective: all processes)."""
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
@@ -164,6 +171,31 @@ def _peft_config(options: LoraOptions, targets: dict[str, _Target], base_model: 
         "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": base_model or None,
     }
+
+
+def _peft_tensors(cfg: ModelConfig, adapters: dict, options: LoraOptions, targets: dict[str, _Target]
+                  ) -> dict[str, np.ndarray]:
+    """PEFT tensor name -> ``lora_A`` ``[r, in]`` / ``lora_B`` ``[out, r]``, checking each leaf's shape.
+    LoRA factors are small, so they are all gathered to the host at once (same order everywhere)."""
+    tensors: dict[str, np.ndarray] = {}
+    r, scan = options.rank, cfg.scan_layers
+    for name in options.targets:
+        target = targets[name]
+        stacked = target.link.per_layer and scan
+        lead = (cfg.n_layers,) if stacked else ()
+        for layer in ([None] if stacked else target.layers(cfg.n_layers)):
+            a = _host(_get(adapters, target.path(layer, scan, "a")))
+            b = _host(_get(adapters, target.path(layer, scan, "b")))
+            for which, value, want in (("a", a, (*lead, *target.in_shape, r)), ("b", b, (*lead, r, *target.out_shape))):
+                if value.shape != want:
+                    raise SlimjaxError(f"'{'/'.join(map(str, target.path(layer, scan, which)))}' has shape "
+                                       f"{value.shape} but rank {r} on this model needs {want}")
+            for i in (range(cfg.n_layers) if stacked else [layer]):
+                la, lb = (a[i], b[i]) if stacked else (a, b)
+                # C-order flattening of in/out dims, as the kernel links' to_hf do.
+                tensors[target.key(i, "A")] = la.reshape(-1, r).T
+                tensors[target.key(i, "B")] = lb.reshape(r, -1).T
+    return tensors
 
 
 def export_adapter(model_cfg: ModelConfig, adapters: dict, options: LoraOptions, out_dir: str,
@@ -185,23 +217,7 @@ def export_adapter(model_cfg: ModelConfig, adapters: dict, options: LoraOptions,
         raise SlimjaxError(f"--out '{out_dir}' exists and is not an empty directory; give a new one")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("slimjax export_adapter: out_dir checked")
-    tensors: dict[str, np.ndarray] = {}
-    r, scan = options.rank, model_cfg.scan_layers
-    for name in options.targets:
-        target = targets[name]
-        stacked = target.link.per_layer and scan
-        for layer in ([None] if stacked else target.layers(model_cfg.n_layers)):
-            a = _host(_get(adapters, target.path(layer, scan, "a")))
-            b = _host(_get(adapters, target.path(layer, scan, "b")))
-            lead = (model_cfg.n_layers,) if stacked else ()
-            for which, value, want in (("a", a, (*lead, *target.in_shape, r)), ("b", b, (*lead, r, *target.out_shape))):
-                if value.shape != want:
-                    raise SlimjaxError(f"'{'/'.join(map(str, target.path(layer, scan, which)))}' has shape "
-                                       f"{value.shape} but rank {r} on this model needs {want}")
-            for i in (range(model_cfg.n_layers) if stacked else [layer]):
-                la, lb = (a[i], b[i]) if stacked else (a, b)
-                tensors[target.key(i, "A")] = la.reshape(-1, r).T
-                tensors[target.key(i, "B")] = lb.reshape(r, -1).T
+    tensors = _peft_tensors(model_cfg, adapters, options, targets)
     if jax.process_index() != 0:
         return []
     os.makedirs(out_dir, exist_ok=True)
@@ -364,8 +380,3 @@ def import_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[LoraOption
                            "slimjax cannot place it (DoRA, embedding adapters or extra trained modules?)")
     return options, adapters
 
-
-def _set(tree: dict, path: mapping.Path, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
