@@ -73,8 +73,8 @@ BUILTIN_HOOKS = ("train", "eval", "checkpoint", "sample")
 def train(config: ml_collections.ConfigDict | Config, workdir: str, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary.
 
-    ``hooks`` run at each step they are due, after the built-in ones (log, eval, checkpoint, sample),
-    in the order given; an exception from one ends the run and propagates. Raises ``Preempted`` after
+    ``hooks`` run at each step this call trains that they are due, after the built-in ones (log, eval,
+    checkpoint, sample), in the order given; an exception from one ends the run and propagates. Raises ``Preempted`` after
     saving a checkpoint when SIGTERM arrives (the handler is installed only while this runs), and
     ``SlimjaxError`` for a bad hook (before the workdir is touched) or a non-finite step under
     ``train.nonfinite="stop"`` (nothing of that step is checkpointed).
