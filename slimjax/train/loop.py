@@ -73,11 +73,12 @@ BUILTIN_HOOKS = ("train", "eval", "checkpoint", "sample")
 def train(config: ml_collections.ConfigDict | Config, workdir: str, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary.
 
-    ``hooks`` run at each step this call trains that they are due, after the built-in ones (log, eval,
-    checkpoint, sample), in the order given; an exception from one ends the run and propagates. Raises ``Preempted`` after
-    saving a checkpoint when SIGTERM arrives (the handler is installed only while this runs), and
-    ``SlimjaxError`` for a bad hook (before the workdir is touched) or a non-finite step under
-    ``train.nonfinite="stop"`` (nothing of that step is checkpointed).
+    ``hooks`` run at each step this call trains that they are due, after the built-in ones (log,
+    eval, checkpoint, sample), in the order given; an exception from one ends the run and propagates.
+
+    Raises ``Preempted`` after saving a checkpoint when SIGTERM arrives (the handler is installed
+    only while this runs), and ``SlimjaxError`` for a bad hook (before the workdir is touched) or a
+    non-finite step under ``train.nonfinite="stop"`` (nothing of that step is checkpointed).
     """
     cfg = config if isinstance(config, Config) else validate(config)
     user_hooks = check_hooks(hooks, BUILTIN_HOOKS)
@@ -101,8 +102,11 @@ def _loop(run: Run, watch: PreemptionWatch, user_hooks: Sequence[Hook]) -> dict[
     leaf_names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.setup.abstract.params)[0]]
 
     t_start = time.perf_counter()
-    lp = Loop(run, Tracker(), writer, bar, pipeline.iterate(run.train_data, run.data_state, cfg.data.prefetch),
-              peak, tokens_per_step, flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step, leaf_names)
+    lp = Loop(run=run, tr=Tracker(), writer=writer, bar=bar,
+              batches=pipeline.iterate(run.train_data, run.data_state, cfg.data.prefetch), peak=peak,
+              tokens_per_step=tokens_per_step,
+              flops_per_step=flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
+              leaf_names=leaf_names)
     tr = lp.tr
     builtin = builtin_hooks(lp)
     hooks = [*builtin.values(), *user_hooks]
