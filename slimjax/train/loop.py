@@ -1,6 +1,7 @@
 """The training loop: a readable function that steps and runs periodic work.
 
-Periodic work (log, evaluate, checkpoint) is a list of plain callables with a cadence. Metrics
+Periodic work is a list of hooks (``slimjax.train.hooks``): the built-in log, eval, checkpoint and
+end-of-training sample, then the caller's, each a callable with a cadence. Metrics
 stay on device between log points; fetching them is the only host sync, so the step time
 reported is honest wall time per step over each logging interval.
 """
@@ -8,11 +9,12 @@ reported is honest wall time per step over each logging interval.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -24,24 +26,13 @@ from slimjax.errors import Preempted, SlimjaxError
 from slimjax.infer.generate import Generator, complete
 from slimjax.sharding import Rules, path_str
 from slimjax.train import distributed, flops
+from slimjax.train.hooks import Hook, HookContext, check_hooks
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
 from slimjax.train.run import Run, build_run, prepare_workdir
 from slimjax.slim.spec import abstract_fn
 from slimjax.train.step import LEAF_FINITE, model_view, tree_bytes
-
-
-@dataclasses.dataclass
-class Periodic:
-    """Calls ``fn(step)`` every ``every`` steps and at the last step."""
-
-    every: int
-    fn: Callable[[int], None]
-
-    def __call__(self, step: int, last: bool) -> None:
-        if step % self.every == 0 or last:
-            self.fn(step)
 
 
 @dataclasses.dataclass
@@ -60,110 +51,86 @@ class Tracker:
     last_saved_step: int = -1
 
 
-def train(config: ml_collections.ConfigDict | Config, workdir: str) -> dict[str, Any]:
+@dataclasses.dataclass
+class Loop:
+    """What the built-in hooks share: the run, its outputs and the bookkeeping between log points."""
+
+    run: Run
+    tr: Tracker
+    writer: MetricsWriter
+    bar: Any  # the tqdm progress bar (disabled off process 0)
+    batches: Any  # the data iterator: its state goes into each checkpoint
+    peak: float  # FLOP/s of all devices, for MFU
+    tokens_per_step: int
+    flops_per_step: float
+    leaf_names: list[str]  # parameter paths, to name the non-finite ones
+    sample: str | None = None  # the end-of-training sample, once taken
+
+
+# The names of the built-in hooks (also the prefixes of what they write), in the order they run.
+BUILTIN_HOOKS = ("train", "eval", "checkpoint", "sample")
+
+
+def train(config: ml_collections.ConfigDict | Config, workdir: str, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Trains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the summary.
 
+    ``hooks`` run at each step this call trains that they are due, after the built-in ones (log,
+    eval, checkpoint, sample), in the order given; an exception from one ends the run and propagates.
+
     Raises ``Preempted`` after saving a checkpoint when SIGTERM arrives (the handler is installed
-    only while this runs), and ``SlimjaxError`` for a non-finite step under ``train.nonfinite="stop"``
-    (nothing of that step is checkpointed).
+    only while this runs), and ``SlimjaxError`` for a bad hook (before the workdir is touched) or a
+    non-finite step under ``train.nonfinite="stop"`` (nothing of that step is checkpointed).
     """
     cfg = config if isinstance(config, Config) else validate(config)
     # Rules overrides are checked in sharding (config.py cannot import it); do it now, before joining
     # other processes or creating the workdir, so a typo'd logical name leaves nothing behind.
     Rules.from_config(cfg.mesh)
+    user_hooks = check_hooks(hooks, BUILTIN_HOOKS)
     distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
     workdir = prepare_workdir(workdir)
     run = build_run(cfg, workdir)
     try:
         with PreemptionWatch() as watch:
-            return _loop(run, watch)
+            return _loop(run, watch, user_hooks)
     finally:
         run.checkpointer.close()
 
 
-def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
+def _loop(run: Run, watch: PreemptionWatch, user_hooks: Sequence[Hook]) -> dict[str, Any]:
     cfg, t = run.cfg, run.cfg.train
     is_main = jax.process_index() == 0
     writer = MetricsWriter(run.workdir, enabled=is_main)
     peak, peak_source = flops.system_peak(jax.devices())
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    flops_per_step = flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    tr = Tracker()
     bar = _progress(run, enabled=is_main and t.progress)
     leaf_names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.setup.abstract.params)[0]]
 
-    def stop_if_nonfinite(flags: list[float]) -> None:
-        """Under "stop", the first pending step whose loss or gradient was non-finite ends the run."""
-        if t.nonfinite != "stop":
-            return
-        for (s, m), flag in zip(tr.pending, flags):
-            if flag > 0:
-                ok = np.asarray(jax.device_get(m[LEAF_FINITE]))  # fetched only now that it matters
-                bad = [n for n, good in zip(leaf_names, ok) if not good]
-                names = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-                run.checkpointer.wait()
-                last = run.checkpointer.latest_step()
-                raise SlimjaxError(
-                    f"step {s}: non-finite loss or gradient ({'parameters: ' + names if bad else 'loss only'}); "
-                    f"stopped without checkpointing it (last good checkpoint: "
-                    f"{'none' if last is None else f'{run.checkpointer.directory}/{last}'}); lower "
-                    "optimizer.learning_rate or set train.nonfinite=skip")
-
-    def log(step: int) -> None:
-        fetched = jax.device_get([{k: v for k, v in m.items() if k != LEAF_FINITE} for _, m in tr.pending])
-        stop_if_nonfinite([float(m["nonfinite"]) for m in fetched])
-        elapsed = time.perf_counter() - tr.interval_start
-        n = len(fetched)
-        timing = {"step_time_s": elapsed / n, "tokens_per_s": n * tokens_per_step / elapsed,
-                  "mfu": n * flops_per_step / elapsed / peak, "data_wait_frac": tr.data_wait / elapsed}
-        for (s, _), m in zip(tr.pending, fetched):
-            writer.write(s, {k: float(v) for k, v in m.items()} | (timing if s == step else {}), "train")
-        tr.step_times.append(timing["step_time_s"])
-        tr.throughput.append(timing["tokens_per_s"])
-        tr.data_wait_fracs.append(timing["data_wait_frac"])
-        tr.last_train_loss = float(np.mean([float(m["loss"]) for m in fetched]))
-        bar.set_postfix(loss=f"{tr.last_train_loss:.3f}", tok_s=f"{timing['tokens_per_s']:,.0f}",
-                        mfu=f"{timing['mfu']:.1%}", refresh=False)
-        tr.pending.clear()
-        tr.data_wait = 0.0
-        tr.interval_start = time.perf_counter()
-
-    def evaluate(step: int) -> None:
-        tr.last_eval_loss = evaluate_loss(run)
-        tr.last_eval_step = step
-        writer.write(step, {"loss": tr.last_eval_loss, "perplexity": math.exp(min(tr.last_eval_loss, 50))}, "eval")
-        if is_main:
-            bar.write(f"step {step}: eval loss {tr.last_eval_loss:.4f}")
-
-    def checkpoint(step: int) -> None:
-        # Never save a state that followed a non-finite step under "stop" (log may not have run yet).
-        stop_if_nonfinite([float(f) for f in jax.device_get([m["nonfinite"] for _, m in tr.pending])])
-        run.checkpointer.save(step, run.state.as_dict(), batches.get_state(),
-                              {"config": cfg.to_dict(), "spec": run.setup.spec.to_json(), "step": step},
-                              eval_loss=tr.last_eval_loss if tr.last_eval_step == step else None)
-        tr.last_saved_step = step
-
-    # Log first: it closes the timing interval, so evaluation and checkpoint time stay out of it.
-    hooks = [Periodic(t.log_every, log), Periodic(t.eval_every, _excluding_time(tr, evaluate)),
-             Periodic(cfg.checkpoint.every_steps, _excluding_time(tr, checkpoint))]
-
     t_start = time.perf_counter()
-    batches = pipeline.iterate(run.train_data, run.data_state, cfg.data.prefetch)
+    lp = Loop(run=run, tr=Tracker(), writer=writer, bar=bar,
+              batches=pipeline.iterate(run.train_data, run.data_state, cfg.data.prefetch), peak=peak,
+              tokens_per_step=tokens_per_step,
+              flops_per_step=flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
+              leaf_names=leaf_names)
+    tr = lp.tr
+    builtin = builtin_hooks(lp)
+    hooks = [*builtin.values(), *user_hooks]
     tr.interval_start = time.perf_counter()
     try:
         for step in range(run.start_step + 1, t.steps + 1):
             t0 = time.perf_counter()
-            batch = pipeline.to_global(next(batches), run.batch_sharding)
+            batch = pipeline.to_global(next(lp.batches), run.batch_sharding)
             tr.data_wait += time.perf_counter() - t0
             run.state, metrics = run.train_step(run.state, batch)
             tr.pending.append((step, metrics))
             bar.update(1)
+            last = step == t.steps
             for hook in hooks:
-                hook(step, last=step == t.steps)
+                if hook.due(step, last):
+                    _call(lp, hook, step, last)
             # SIGTERM: checkpoint this step boundary and stop (at the last step, just finish).
             if step < t.steps and watch.requested(step, agree=step % t.log_every == 0):
                 if tr.last_saved_step != step:
-                    checkpoint(step)
+                    _call(lp, builtin["checkpoint"], step, last=False)
                 run.checkpointer.wait()
                 raise Preempted(step, run.checkpointer.directory)
     except BaseException:
@@ -171,15 +138,15 @@ def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
         raise
     finally:
         bar.close()
-    if run.start_step >= t.steps:  # already complete: report the restored model's eval loss
-        evaluate(run.start_step)
+    if run.start_step >= t.steps:  # already complete: report the restored model's eval loss (and sample)
+        for name in ("eval", "sample"):
+            if name in builtin:
+                _call(lp, builtin[name], run.start_step, last=True)
     run.checkpointer.wait()
     wall = time.perf_counter() - t_start
     summary = _summary(run, tr, peak, peak_source, wall)
-    if t.sample_tokens:
-        summary["sample"] = sample_text(run)
-        if is_main:
-            print(f"sample: {summary['sample']}")
+    if lp.sample is not None:
+        summary["sample"] = lp.sample
     if is_main:
         write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
         plot_loss_curve(read_metrics(os.path.join(run.workdir, METRICS_FILE)),
@@ -190,6 +157,94 @@ def _loop(run: Run, watch: PreemptionWatch) -> dict[str, Any]:
 
         multihost_utils.sync_global_devices("slimjax: run outputs written")
     return summary
+
+
+def _call(lp: Loop, hook: Hook, step: int, last: bool) -> None:
+    """Runs ``hook`` at ``step``; unless it is ``in_step_time``, its wall time is taken out of the
+    current timing interval, so it does not count as training step time."""
+    t0 = time.perf_counter()
+    hook.fn(HookContext(step, last, lp.run, hook.name, lp.writer))
+    if not hook.in_step_time:
+        lp.tr.interval_start += time.perf_counter() - t0
+
+
+def builtin_hooks(lp: Loop) -> dict[str, Hook]:
+    """The built-in hooks by name, in the order they run. Log comes first: it closes the timing
+    interval (so eval and checkpoint time stay out of it) and stops a non-finite run before anything
+    else; checkpoint comes after eval, so a checkpoint at an eval step is saved with its eval loss."""
+    cfg = lp.run.cfg
+    hooks = [Hook(cfg.train.log_every, functools.partial(_log, lp), "train", in_step_time=True),
+             Hook(cfg.train.eval_every, functools.partial(_evaluate, lp), "eval"),
+             Hook(cfg.checkpoint.every_steps, functools.partial(_checkpoint, lp), "checkpoint")]
+    if cfg.train.sample_tokens:
+        hooks.append(Hook(0, functools.partial(_sample, lp), "sample"))  # once, at the end
+    return {hook.name: hook for hook in hooks}
+
+
+def _stop_if_nonfinite(lp: Loop, flags: list[float]) -> None:
+    """Under "stop", the first pending step whose loss or gradient was non-finite ends the run."""
+    run = lp.run
+    if run.cfg.train.nonfinite != "stop":
+        return
+    for (s, m), flag in zip(lp.tr.pending, flags):
+        if flag > 0:
+            ok = np.asarray(jax.device_get(m[LEAF_FINITE]))  # fetched only now that it matters
+            bad = [n for n, good in zip(lp.leaf_names, ok) if not good]
+            names = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            run.checkpointer.wait()
+            last = run.checkpointer.latest_step()
+            raise SlimjaxError(
+                f"step {s}: non-finite loss or gradient ({'parameters: ' + names if bad else 'loss only'}); "
+                f"stopped without checkpointing it (last good checkpoint: "
+                f"{'none' if last is None else f'{run.checkpointer.directory}/{last}'}); lower "
+                "optimizer.learning_rate or set train.nonfinite=skip")
+
+
+def _log(lp: Loop, ctx: HookContext) -> None:
+    """Fetches the pending steps' metrics, writes them (timing at the log step), closes the interval."""
+    tr = lp.tr
+    fetched = jax.device_get([{k: v for k, v in m.items() if k != LEAF_FINITE} for _, m in tr.pending])
+    _stop_if_nonfinite(lp, [float(m["nonfinite"]) for m in fetched])
+    elapsed = time.perf_counter() - tr.interval_start
+    n = len(fetched)
+    timing = {"step_time_s": elapsed / n, "tokens_per_s": n * lp.tokens_per_step / elapsed,
+              "mfu": n * lp.flops_per_step / elapsed / lp.peak, "data_wait_frac": tr.data_wait / elapsed}
+    for (s, _), m in zip(tr.pending, fetched):
+        ctx.write({k: float(v) for k, v in m.items()} | (timing if s == ctx.step else {}), step=s)
+    tr.step_times.append(timing["step_time_s"])
+    tr.throughput.append(timing["tokens_per_s"])
+    tr.data_wait_fracs.append(timing["data_wait_frac"])
+    tr.last_train_loss = float(np.mean([float(m["loss"]) for m in fetched]))
+    lp.bar.set_postfix(loss=f"{tr.last_train_loss:.3f}", tok_s=f"{timing['tokens_per_s']:,.0f}",
+                       mfu=f"{timing['mfu']:.1%}", refresh=False)
+    tr.pending.clear()
+    tr.data_wait = 0.0
+    tr.interval_start = time.perf_counter()
+
+
+def _evaluate(lp: Loop, ctx: HookContext) -> None:
+    tr = lp.tr
+    tr.last_eval_loss = evaluate_loss(lp.run)
+    tr.last_eval_step = ctx.step
+    ctx.write({"loss": tr.last_eval_loss, "perplexity": math.exp(min(tr.last_eval_loss, 50))})
+    if ctx.is_main:
+        lp.bar.write(f"step {ctx.step}: eval loss {tr.last_eval_loss:.4f}")
+
+
+def _checkpoint(lp: Loop, ctx: HookContext) -> None:
+    run, cfg, tr, batches, step = lp.run, lp.run.cfg, lp.tr, lp.batches, ctx.step
+    # Never save a state that followed a non-finite step under "stop" (log may not have run yet).
+    _stop_if_nonfinite(lp, [float(f) for f in jax.device_get([m["nonfinite"] for _, m in tr.pending])])
+    run.checkpointer.save(step, run.state.as_dict(), batches.get_state(),
+                          {"config": cfg.to_dict(), "spec": run.setup.spec.to_json(), "step": step},
+                          eval_loss=tr.last_eval_loss if tr.last_eval_step == step else None)
+    tr.last_saved_step = step
+
+
+def _sample(lp: Loop, ctx: HookContext) -> None:
+    lp.sample = sample_text(lp.run)
+    if ctx.is_main:
+        print(f"sample: {lp.sample}")
 
 
 def evaluate_loss(run: Run) -> float:
@@ -209,17 +264,6 @@ def sample_text(run: Run) -> str:
     params = model_view(run.setup.built, run.state)
     generator = Generator(run.cfg.model, params, run.mesh, run.rules, run.dtype, abstract=abstract_fn(run.setup.spec))
     return t.sample_prompt + complete(generator, run.tok, [t.sample_prompt], t.sample_tokens)[0]
-
-
-def _excluding_time(tr: Tracker, fn: Callable[[int], None]) -> Callable[[int], None]:
-    """Wraps periodic work so its wall time does not count as training step time."""
-
-    def wrapped(step: int) -> None:
-        t0 = time.perf_counter()
-        fn(step)
-        tr.interval_start += time.perf_counter() - t0
-
-    return wrapped
 
 
 def _summary(run: Run, tr: Tracker, peak: float, peak_source: str, wall: float) -> dict[str, Any]:
