@@ -53,6 +53,21 @@ def with_train(cfg: C.Config, **kw) -> C.Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
 
 
+def with_lora(cfg: C.Config, rank: int = 4, **lora) -> C.Config:
+    """``cfg`` with the LoRA recipe (``slim.recipe=("lora",)``) and these ``slim.lora`` options."""
+    if "targets" in lora:
+        lora["targets"] = tuple(lora["targets"])
+    return dataclasses.replace(cfg, slim=dataclasses.replace(
+        cfg.slim, recipe=("lora",), lora=dataclasses.replace(cfg.slim.lora, rank=rank, **lora)))
+
+
+def flat(tree) -> dict:
+    """{'blocks/attn/wq/kernel': leaf} for a nested tree."""
+    from slimjax.sharding import path_str
+
+    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def synthetic_rows(cfg: C.Config, n_rows: int, seed: int = 0) -> pipeline.PackedRows:
     """Random documents of random lengths packed like real data (several segments per row)."""
     rng = np.random.default_rng(seed)

@@ -74,16 +74,17 @@ class ModelSpec:
     def with_model(self, **changes: Any) -> "ModelSpec":
         return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
 
-    def difference(self, other: "ModelSpec") -> str | None:
-        """The first difference that changes the parameters (runtime keys ignored), or None."""
+    def difference(self, other: "ModelSpec") -> tuple[str, Any, Any] | None:
+        """The first difference that changes the parameters (runtime keys ignored) as
+        ``(key, this value, other value)``, or None."""
         if self.family != other.family:
-            return f"model family {self.family!r} vs {other.family!r}"
+            return "model family", self.family, other.family
         a, b = dataclasses.asdict(self.model), dataclasses.asdict(other.model)
         for key in sorted(a):
             if key not in RUNTIME_KEYS and a[key] != b.get(key):
-                return f"model.{key}={a[key]!r} vs {b.get(key)!r}"
+                return f"model.{key}", a[key], b.get(key)
         if self.recipe != other.recipe:
-            return f"slim recipe {_describe(self.recipe)} vs {_describe(other.recipe)}"
+            return "slim.recipe", _describe(self.recipe), _describe(other.recipe)
         return None
 
 
