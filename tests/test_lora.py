@@ -245,3 +245,237 @@ def test_dropout_is_deterministic_active_in_training_and_off_in_eval():
     batch = pipeline.to_global(batches[0], sharding)
     e_half, e_zero = host(eval_half(trained, batch)), host(eval_zero(trained, batch))
     assert jax.tree.map(np.array_equal, e_half, e_zero) == jax.tree.map(lambda _: True, e_half)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real runs: the CLI (through tests/train_driver.py, as tests/test_fault.py does) on Shakespeare.
+
+from test_fault import DRIVER, FLAGS, fingerprints, one_line_error, steps_on_disk, wait_for  # noqa: E402
+
+LORA_FLAGS = ["--config.slim.recipe=('lora',)", "--config.slim.lora.rank=4"]
+STEPS, EVERY = 40, 4
+
+
+def train_argv(workdir, *extra, steps=STEPS, every=EVERY, lora=True):
+    return [sys.executable, DRIVER, "train", *FLAGS, *(LORA_FLAGS if lora else []), f"--config.train.steps={steps}",
+            f"--config.checkpoint.every_steps={every}", "--config.train.sample_tokens=0", f"--workdir={workdir}",
+            *extra]
+
+
+def run(args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)
+
+
+def cli(*args):
+    return run([sys.executable, "-m", "slimjax.cli", *args])
+
+
+def meta(workdir, step):
+    return json.load(open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")))
+
+
+def config_dict(flags):
+    """The ConfigDict the CLI builds from ``--config.KEY=VALUE`` flags (Python literals, else strings)."""
+    import ast
+
+    from slimjax.configs import base
+
+    c = base.get_config()
+    for flag in flags:
+        key, value = flag[len("--config."):].split("=", 1)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def restore_model(workdir):
+    """(built, full host params, config) of a run's latest checkpoint, through the spec it records."""
+    from slimjax.checkpoint import Checkpointer
+    from slimjax.config import from_saved
+    from slimjax.sharding import make_mesh
+    from slimjax.train import optimizer as optim
+    from slimjax.train.run import spec_of
+    from slimjax.train.state import TrainState
+
+    step = max(steps_on_disk(workdir))
+    m = meta(workdir, step)
+    cfg = from_saved(m["config"])
+    mesh = make_mesh(cfg.mesh)
+    setup = make_setup(spec_of(m), jnp.float32, optim.make_optimizer(cfg.optimizer, cfg.train.steps),
+                       Rules.from_config(cfg.mesh), mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint, read_only=True)
+    try:
+        restored, _, _ = ckpt.restore(step, setup.abstract.as_dict())
+    finally:
+        ckpt.close()
+    return setup.built, host(TrainState(**restored).model_params()), cfg
+
+
+def model_logits(built, params, tokens):
+    return np.asarray(nnx.merge(built.graphdef, params)(tokens))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """An uninterrupted 40-step LoRA run (rank 4) with checkpoints every 4 steps."""
+    workdir = str(tmp_path_factory.mktemp("lora"))
+    result = run(train_argv(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_kill9_then_resume_of_a_lora_run_is_bit_identical(lora_run, tmp_path):
+    """kill -9 mid-run, resume: every item (adapters, frozen base, optimizer, RNG) ends bit-equal."""
+    workdir = str(tmp_path / "killed")
+    proc = subprocess.Popen(train_argv(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: any(s >= 8 for s in steps_on_disk(workdir)), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = max(steps_on_disk(workdir))
+    assert killed_at < STEPS
+    result = run(train_argv(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["start_step"] == killed_at and summary["final_step"] == STEPS
+    got, want = fingerprints(workdir, STEPS), fingerprints(lora_run, STEPS)
+    assert {"params", "frozen", "opt_state"} <= set(want) and got == want
+
+
+def test_the_checkpoint_records_the_spec_and_a_different_recipe_is_refused(lora_run, tmp_path):
+    """meta holds the LoRA recipe; resuming with no LoRA or another rank raises one SlimjaxError line
+    naming slim.recipe (in process), and through the CLI prints one line, exits 2, changes nothing."""
+    import slimjax
+    from slimjax.errors import SlimjaxError
+
+    spec = meta(lora_run, STEPS)["spec"]
+    assert [name for name, _ in spec["recipe"]] == ["lora"] and spec["recipe"][0][1]["rank"] == 4
+    workdir = str(tmp_path / "resume")
+    shutil.copytree(lora_run, workdir)
+    before = snapshot(workdir)
+    common = [*FLAGS, f"--config.train.steps={STEPS + 4}", "--config.train.sample_tokens=0"]
+    for recipe in ([], [*LORA_FLAGS, "--config.slim.lora.rank=8"]):
+        with pytest.raises(SlimjaxError) as e:
+            slimjax.train(config_dict([*common, *recipe]), workdir)
+        assert "slim.recipe" in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert snapshot(workdir) == before
+    for recipe in ([], [*LORA_FLAGS, "--config.slim.lora.rank=8"]):
+        line = one_line_error(run([sys.executable, DRIVER, "train", *common, *recipe, f"--workdir={workdir}"]))
+        assert "slim.recipe" in line, line
+        assert snapshot(workdir) == before
+
+
+def test_init_from_a_plain_run_starts_from_its_params_and_its_eval_loss(tmp_path):
+    """A LoRA run with checkpoint.init_from=<plain run>: the frozen base is the plain run's params bit
+    for bit at step 0, and its first eval loss is the plain run's final eval loss."""
+    from slimjax.checkpoint import fingerprints as fingerprints_of
+    from slimjax.config import validate
+    from slimjax.train.loop import evaluate_loss
+    from slimjax.train.run import build_run
+
+    plain = str(tmp_path / "plain")
+    result = run(train_argv(plain, steps=6, every=6, lora=False))
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain_loss = json.load(open(os.path.join(plain, "summary.json")))["final_eval_loss"]
+    assert plain_loss is not None
+    cfg = validate(config_dict([*FLAGS, *LORA_FLAGS, "--config.train.steps=4", f"--config.checkpoint.init_from={plain}"]))
+    r = build_run(cfg, str(tmp_path / "lora"))
+    try:
+        assert r.start_step == 0 and int(r.state.step) == 0
+        frozen, want = fingerprints_of(r.state.frozen), fingerprints(plain, 6)["params"]
+        assert frozen and set(frozen) == set(want) - {k for k in want if is_adapter(k)}
+        assert all(frozen[k] == want[k] for k in frozen)
+        assert set(flat(r.state.params)) and all(is_adapter(k) for k in flat(r.state.params))
+        assert evaluate_loss(r) == plain_loss
+    finally:
+        r.checkpointer.close()
+
+
+BAD = [
+    ("--config.slim.lora.targets=('attn/wz$',)", "attn/wz"),
+    ("--config.slim.lora.rank=0", "slim.lora.rank"),
+    ("--config.slim.lora.rank=1000", "slim.lora.rank=1000"),
+    ("--config.objective.next_token=-1", "objective.next_token"),
+    ("--config.objective.kd=1.0", "objective.kd"),
+    ("--config.slim.recipe=('lora','prune')", "prune"),
+]
+
+
+@pytest.mark.parametrize("flag,named", BAD, ids=[b[1] for b in BAD])
+def test_bad_lora_and_objective_input_is_one_line_exit_2_and_writes_nothing(flag, named, tmp_path):
+    """Each bad value: one line on stderr naming it, exit 2, nothing written in the fresh workdir."""
+    workdir = str(tmp_path / "fresh")
+    line = one_line_error(cli("train", *FLAGS, *LORA_FLAGS, flag, f"--workdir={workdir}"))
+    assert named in line, line
+    assert not os.path.exists(workdir) or snapshot(workdir) == {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval / generate / export of a LoRA run (depends on the CLI reading the model spec).
+
+TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 24))
+
+
+def test_eval_generate_and_export_of_a_lora_run_need_no_extra_flags(lora_run, tmp_path):
+    """eval, generate and export read the run's spec; the exported HF Llama gives the LoRA model's logits."""
+    from transformers import LlamaForCausalLM
+
+    from hf_models import hf_logits
+
+    for args in (["eval", f"--workdir={lora_run}"], ["generate", f"--workdir={lora_run}", "--prompt=ROMEO:"]):
+        result = cli(*args)
+        assert result.returncode == 0, (args, result.stderr[-3000:])
+    out = str(tmp_path / "hf")
+    result = cli("export", f"--workdir={lora_run}", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    built, params, _ = restore_model(lora_run)
+    want = model_logits(built, params, TOKENS)
+    _, base = built.split(params)
+    assert rel_err(model_logits(build(export_spec(built.spec)).graphdef, base, TOKENS), want) > 1e-4  # adapters matter
+    got = hf_logits(LlamaForCausalLM.from_pretrained(out).eval(), TOKENS)
+    assert rel_err(got, want) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_lora_run(tmp_path_factory):
+    """(HF base dir, LoRA run): a tiny HF Llama imported, then LoRA-fine-tuned with init_from."""
+    import hf_models
+
+    root = tmp_path_factory.mktemp("hf_lora")
+    hf_dir = hf_models.save("llama_gqa", str(root / "hf"))
+    imported, workdir = str(root / "imported"), str(root / "lora")
+    result = cli("import", f"--hf_dir={hf_dir}", f"--workdir={imported}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = cli("train", f"--config={imported}/config.py", f"--config.checkpoint.init_from={imported}", *LORA_FLAGS,
+                 "--config.train.steps=4", "--config.checkpoint.every_steps=4", "--config.optimizer.warmup_steps=1",
+                 "--config.train.global_batch_size=8", "--config.data.seq_len=32", "--config.train.eval_batches=1",
+                 "--config.train.sample_tokens=0", "--config.train.progress=False", "--config.mesh.data=2",
+                 "--config.mesh.fsdp=2", "--config.mesh.tensor=2", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return hf_dir, workdir
+
+
+def test_exported_adapters_load_in_peft_on_the_hf_base_with_the_same_logits(hf_lora_run, tmp_path):
+    """export --adapters writes a PEFT adapter that PeftModel puts on the HF base with the LoRA model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_models import hf_logits
+
+    hf_dir, workdir = hf_lora_run
+    out = str(tmp_path / "adapters")
+    result = cli("export", "--adapters", f"--workdir={workdir}", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(out))
+    built, params, _ = restore_model(workdir)
+    want = model_logits(built, params, TOKENS)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert rel_err(hf_logits(base, TOKENS), want) > 1e-4  # the trained adapters change the logits
+    got = hf_logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), out).eval(), TOKENS)
+    assert rel_err(got, want) <= 1e-4
