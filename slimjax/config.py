@@ -263,7 +263,12 @@ def _overlay(c: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:
 
 def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
     """A validated ModelConfig from a saved ``model`` section (over today's defaults)."""
-    return from_saved({"model": saved}).model
+    from slimjax.configs import base
+
+    c = base.get_config()
+    _overlay(c.model, saved)
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)  # only the model section is being read
+    return validate(c).model
 
 
 def suggest(key: str, known: typing.Iterable[str]) -> str:
