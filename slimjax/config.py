@@ -262,10 +262,13 @@ def _overlay(c: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:
 
 
 def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
-    """A validated ModelConfig from a saved ``model`` section (over today's defaults). The other
-    sections are defaults, so data.seq_len is set to 1: a model shorter than the default seq_len
-    (max_seq_len < 128) must not fail a cross-field check of a data config it is not part of."""
-    return from_saved({"model": saved, "data": {"seq_len": 1}}).model
+    """A validated ModelConfig from a saved ``model`` section (over today's defaults)."""
+    from slimjax.configs import base
+
+    c = base.get_config()
+    _overlay(c.model, saved)
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)  # only the model section is being read
+    return validate(c).model
 
 
 def suggest(key: str, known: typing.Iterable[str]) -> str:

@@ -92,13 +92,13 @@ def test_merged_kernels_equal_peft_merge_and_unload(bases, adapter, variant, rsl
     for link in links:
         if scan_layers:  # merge all layers at once (the stacked form of merge_kernel)
             kernel = np.asarray(_at(params, link.path))
-            whole = merge_kernel(kernel, *(_at(adapters, link.path[:-1] + ("lora", w)) for w in "ab"), options.scale)
+            whole = merge_kernel(kernel, *(_at(adapters, link.path[:-1] + ("tap", w)) for w in "ab"), options.scale)
         for layer in range(cfg.n_layers):
             path = mapping.slim_path(link, layer, scan_layers)
             if scan_layers:
                 base, got = kernel[layer], whole[layer]
             else:
-                lora = path[:-1] + ("lora",)
+                lora = path[:-1] + ("tap",)
                 base = np.asarray(_at(params, path))
                 got = merge_kernel(base, _at(adapters, lora + ("a",)), _at(adapters, lora + ("b",)), options.scale)
             want = merged[link.hf_name(layer)]
@@ -247,8 +247,53 @@ def test_export_refuses_a_non_empty_directory_and_wrong_shapes(adapter, tmp_path
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(SlimjaxError, match="not an empty directory"):
         export_adapter(cfg, adapters, options, str(tmp_path / "full"))
-    adapters["blocks"]["attn"]["wo"]["lora"]["b"] = np.zeros((2, 4, 32), np.float32)
-    with pytest.raises(SlimjaxError, match=r"blocks/attn/wo/lora/b.*\(2, 4, 32\).*\(2, 4, 64\)"):
+    adapters["blocks"]["attn"]["wo"]["tap"]["b"] = np.zeros((2, 4, 32), np.float32)
+    with pytest.raises(SlimjaxError, match=r"blocks/attn/wo/tap/b.*\(2, 4, 32\).*\(2, 4, 64\)"):
         export_adapter(cfg, adapters, options, str(tmp_path / "out"))
     with pytest.raises(SlimjaxError, match="lm_head"):  # not in this adapter tree
         export_adapter(cfg, adapters, LoraOptions(4, 8.0, False, 0.0, ("lm_head",)), str(tmp_path / "out"))
+
+
+def test_cli_import_adapter_then_export_merged_and_adapters_match_peft(bases, adapter, tmp_path):
+    """`slimjax import --adapter` builds the LoRA model spec on the imported base: its logits equal
+    peft's (the adapter applied in the Dense seam, not merged); `slimjax export` writes the merged
+    model and `slimjax export --adapters` a PEFT directory that peft loads, both with peft's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slimjax.cli import main
+    from slimjax.cli.rundir import open_run
+    from slimjax.infer.scoring import forward
+
+    want = hf_logits(make_peft("llama_gqa"), TOKENS)
+    run = str(tmp_path / "run")
+    assert main(["import", f"--hf_dir={bases['llama_gqa']}", f"--adapter={adapter('llama_gqa')}",
+                 f"--workdir={run}"]) == 0
+    rd = open_run(run)
+    assert [name for name, _ in rd.spec.recipe] == ["lora"]
+    batch = {"inputs": TOKENS, "positions": np.broadcast_to(np.arange(TOKENS.shape[1]), TOKENS.shape),
+             "segment_ids": np.ones_like(TOKENS)}
+    got = np.asarray(forward(rd.built.graphdef, rd.restore_params(), batch))
+    assert rel_err(got, want) < 1e-4
+
+    merged, adapters = str(tmp_path / "merged"), str(tmp_path / "adapters")
+    assert main(["export", f"--workdir={run}", f"--out={merged}"]) == 0
+    assert rel_err(hf_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), TOKENS),
+                   want) < 1e-4
+    assert main(["export", "--adapters", f"--workdir={run}", f"--out={adapters}"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(bases["llama_gqa"], dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, adapters).eval()
+    assert rel_err(hf_logits(loaded, TOKENS), want) < 1e-4
+
+
+def test_cli_import_adapter_for_another_base_fails_in_one_line_and_writes_nothing(bases, adapter, tmp_path, capsys):
+    """An adapter whose shapes do not match the base model: one line, exit 2, no workdir."""
+    from slimjax.cli import main
+
+    run = tmp_path / "run"
+    assert main(["import", f"--hf_dir={bases['llama_gqa']}", f"--adapter={adapter('mistral')}",
+                 f"--workdir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different base model" in err[0]
+    assert not run.exists()

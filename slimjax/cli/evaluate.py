@@ -55,7 +55,6 @@ def run(argv: Sequence[str]) -> int:
 
     from slimjax.cli.rundir import open_run, run_tokenizer
     from slimjax.infer import evaluate
-    from slimjax.models import abstract_params, compute_dtype
     from slimjax.sharding import BATCH_AXES
     from slimjax.train.metrics import MetricsWriter, write_json
 
@@ -79,10 +78,9 @@ def run(argv: Sequence[str]) -> int:
         raise SlimjaxError(f"no documents in the '{opts['split']}' split of "
                            f"{', '.join(s.name for s in data.sources)}; try --split=train or another --source")
 
-    graphdef, axes, shapes = abstract_params(cfg.model, compute_dtype(cfg.model.dtype))
-    shardings = rd.rules.tree_shardings(axes, shapes, rd.mesh)
     params = rd.restore_params()
-    step_fn = evaluate.compile_eval_step(graphdef, shapes, shardings, rd.mesh, rd.rules, rows, data.seq_len)
+    step_fn = evaluate.compile_eval_step(rd.built.graphdef, rd.built.shapes, rd.shardings(), rd.mesh, rd.rules, rows,
+                                         data.seq_len)
     score = evaluate.score_documents(step_fn, params, data, tok, docs, rows, rd.mesh, rd.rules)
     result = {"step": rd.step, "split": opts["split"], "sources": [s.name for s in data.sources],
               "tokenizer": tok.path, "seq_len": data.seq_len, **score.as_dict()}

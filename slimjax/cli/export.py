@@ -1,4 +1,11 @@
-"""``slimjax export``: a run's checkpoint -> a Hugging Face directory that ``transformers`` loads."""
+"""``slimjax export``: a run's checkpoint -> a Hugging Face directory that ``transformers`` loads.
+
+The model is built from the checkpoint's own spec. Transforms that bake into plain weights are
+baked in first (LoRA adapters merged into their kernels), so a LoRA run exports as the merged
+model; ``--adapters`` writes the adapters alone as a PEFT directory instead
+(``adapter_model.safetensors`` + ``adapter_config.json``), for ``peft.PeftModel.from_pretrained``
+on the base model.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,14 @@ from slimjax.cli.flags import iter_flags
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
-USAGE = "slimjax export --workdir=RUN --out=DIR [--step=N] [--architecture=LlamaForCausalLM|MistralForCausalLM|GPT2LMHeadModel]"
-FLAGS = ("workdir", "out", "step", "architecture")
+USAGE = ("slimjax export --workdir=RUN --out=DIR [--step=N] [--architecture=LlamaForCausalLM|MistralForCausalLM|"
+         "GPT2LMHeadModel] [--adapters]   (--adapters: a LoRA run's adapters alone, as a PEFT directory)")
+FLAGS = ("workdir", "out", "step", "architecture", "adapters")
 
 
 def run(argv: Sequence[str]) -> int:
     values = {}
-    for name, value in iter_flags(argv, example="--out=DIR"):
+    for name, value in iter_flags(argv, switches=frozenset({"adapters"}), example="--out=DIR"):
         if name not in FLAGS:
             raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
         values[name] = value
@@ -37,11 +45,17 @@ def run(argv: Sequence[str]) -> int:
     if arch is not None and arch not in hf_config.ARCHITECTURES:
         raise SlimjaxError(f"--architecture {arch!r} is not one of {', '.join(hf_config.ARCHITECTURES)}")
     rd = open_run(values["workdir"], step)
+    if "adapters" in values:
+        return export_adapters(rd, out)
     arch = arch or rd.meta.get("hf", {}).get("architecture")
-    hf_config.family(rd.cfg.model)  # an unexportable model fails before anything is read or written
+    hf_config.family(rd.spec.model)  # an unexportable model fails before anything is read or written
     data = rd.cfg.data
     tokenizer = data.tokenizer if data.tokenizer_kind == "huggingface" and os.path.isfile(data.tokenizer) else None
-    files = hf.export_hf(rd.cfg.model, rd.restore_params(), out, architecture=arch, tokenizer=tokenizer)
+    spec, params = rd.exported_params()
+    if spec.recipe:
+        raise SlimjaxError(f"run '{rd.workdir}' has transforms that a Hugging Face checkpoint cannot hold "
+                           f"({', '.join(name for name, _ in spec.recipe)}); nothing was written")
+    files = hf.export_hf(spec.model, params, out, architecture=arch, tokenizer=tokenizer)
     if jax.process_index() != 0:  # process 0 wrote the files
         return 0
     spm = os.path.join(rd.workdir, "tokenizer", "spm.model") if not data.tokenizer else data.tokenizer
@@ -49,6 +63,30 @@ def run(argv: Sequence[str]) -> int:
         shutil.copyfile(spm, os.path.join(out, "tokenizer.model"))  # what LlamaTokenizer reads
         files.append("tokenizer.model")
     print(f"exported step {rd.step} of {rd.workdir} -> {out}: {', '.join(files)}")
+    return 0
+
+
+def export_adapters(rd, out: str) -> int:
+    """Writes a LoRA run's adapters as a PEFT directory (Llama/Mistral)."""
+    import jax
+
+    from slimjax.interop import peft
+    from slimjax.sharding import tree_partition
+    from slimjax.slim.lora import is_adapter
+
+    names = [name for name, _ in rd.spec.recipe]
+    if names != ["lora"]:
+        raise SlimjaxError(f"--adapters exports a LoRA run's adapters; run '{rd.workdir}' has slim recipe "
+                           f"{tuple(names) or '()'}; export the whole model without --adapters")
+    lora = dict(dict(rd.spec.recipe)["lora"])
+    params = rd.restore_params()
+    adapters, _ = tree_partition(params, is_adapter)
+    targets = peft.adapted_targets(rd.spec.model, adapters)
+    options = peft.LoraOptions(lora["rank"], lora["alpha"], lora["rslora"], lora["dropout"], targets)
+    base = rd.meta.get("hf", {}).get("source", "")
+    files = peft.export_adapter(rd.spec.model, adapters, options, out, base_model=base)
+    if jax.process_index() == 0:
+        print(f"exported the LoRA adapters of step {rd.step} of {rd.workdir} -> {out}: {', '.join(files)}")
     return 0
 
 

@@ -60,6 +60,7 @@ def run(argv: Sequence[str]) -> int:
     from slimjax.cli.rundir import open_run, run_tokenizer
     from slimjax.infer.generate import Generator, complete
     from slimjax.infer.sampling import Sampling
+    from slimjax.slim.spec import abstract_fn
 
     sampling = Sampling(opts["temperature"], opts["top_k"], opts["top_p"], opts["repetition_penalty"])
     rd = open_run(workdir, opts["step"])
@@ -67,7 +68,7 @@ def run(argv: Sequence[str]) -> int:
     if opts["tokenizer"]:
         data = dataclasses.replace(data, tokenizer=opts["tokenizer"])
     tok = run_tokenizer(data, rd.workdir, rd.cfg.model.vocab_size, "generate")
-    generator = Generator(rd.cfg.model, rd.restore_params(), rd.mesh, rd.rules)
+    generator = Generator(rd.spec.model, rd.restore_params(), rd.mesh, rd.rules, abstract=abstract_fn(rd.spec))
     texts = complete(generator, tok, prompts, opts["max_new_tokens"], sampling, opts["seed"])
     if jax.process_index() == 0:
         for i, (prompt, text) in enumerate(zip(prompts, texts)):

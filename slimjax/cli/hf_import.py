@@ -1,7 +1,10 @@
 """``slimjax import``: a Hugging Face model directory -> a run workdir (checkpoint, config, tokenizer).
 
 The workdir serves ``slimjax eval``, ``slimjax export`` and fine-tuning by pointing a new run's
-``checkpoint.init_from`` at it. Parameters stream from the safetensors straight into their
+``checkpoint.init_from`` at it. With ``--adapter`` a PEFT LoRA directory is imported on top of
+the base model: the checkpoint's model spec then carries the LoRA transform (its rank, alpha,
+rsLoRA flag and targets), so eval, generate, export (merged or ``--adapters``) and fine-tuning
+use the adapted model. Parameters stream from the safetensors straight into their
 shardings on the mesh (``slimjax.interop.hf.import_hf``).
 """
 
@@ -15,9 +18,10 @@ from slimjax.cli.flags import iter_flags
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
-USAGE = ("slimjax import --hf_dir=DIR --workdir=RUN   (DIR: config.json + *.safetensors [+ tokenizer.json], "
-         "Llama / Mistral / GPT-2)")
-FLAGS = ("hf_dir", "workdir")
+USAGE = ("slimjax import --hf_dir=DIR --workdir=RUN [--adapter=PEFT_DIR]   (DIR: config.json + *.safetensors "
+         "[+ tokenizer.json], Llama / Mistral / GPT-2; PEFT_DIR: a LoRA adapter made with peft for that model)")
+FLAGS = ("hf_dir", "workdir", "adapter")
+REQUIRED = ("hf_dir", "workdir")
 CONFIG_FILE = "config.py"  # the imported model as a --config file (for fine-tuning with checkpoint.init_from)
 
 
@@ -27,7 +31,7 @@ def run(argv: Sequence[str]) -> int:
         if name not in FLAGS:
             raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
         values[name] = value
-    missing = [f for f in FLAGS if not values.get(f)]
+    missing = [f for f in REQUIRED if not values.get(f)]
     if missing:
         raise SlimjaxError(f"slimjax import needs --{missing[0]}; usage: {USAGE}")
     hf_dir, workdir = os.path.abspath(values["hf_dir"]), os.path.abspath(values["workdir"])
@@ -43,6 +47,7 @@ def run(argv: Sequence[str]) -> int:
     from slimjax.data.hf_tokenizer import HFTokenizer
     from slimjax.interop import hf, hf_config
     from slimjax.sharding import Rules, make_mesh
+    from slimjax.slim.spec import ModelSpec
     from slimjax.train.run import CHECKPOINT_DIR
 
     raw = hf_config.read_config(hf_dir)
@@ -62,6 +67,9 @@ def run(argv: Sequence[str]) -> int:
         multihost_utils.sync_global_devices("slimjax import: workdir checked")
     mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
     model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
+    spec = ModelSpec("decoder", model_cfg)
+    if values.get("adapter"):  # read and checked against the model before anything is written
+        cfg, spec, params = with_adapter(values["adapter"], c, model_cfg, params, mesh, rules)
 
     is_main = jax.process_index() == 0  # the checkpoint is written by all processes, files by process 0
     if is_main:
@@ -71,7 +79,7 @@ def run(argv: Sequence[str]) -> int:
             os.makedirs(os.path.dirname(tok_dst), exist_ok=True)
             shutil.copyfile(tok_src, tok_dst)
         checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), base_checkpoint_config())
-        checkpointer.save_params(0, params, {"config": cfg.to_dict(), "step": 0,
+        checkpointer.save_params(0, params, {"config": cfg.to_dict(), "spec": spec.to_json(), "step": 0,
                                              "hf": {"architecture": arch, "source": hf_dir}})
         checkpointer.wait()
         checkpointer.close()
@@ -88,6 +96,32 @@ def run(argv: Sequence[str]) -> int:
     print(f"imported {arch} ({n_params:,} parameters, {model_cfg.n_layers} layers) from {hf_dir} -> "
           f"{workdir}{note}")
     return 0
+
+
+def with_adapter(adapter_dir: str, c, model_cfg, base: dict, mesh, rules):
+    """(config, LoRA model spec, base + adapter parameters on the mesh) for a PEFT LoRA directory."""
+    import jax
+
+    from slimjax.config import validate
+    from slimjax.interop import peft
+    from slimjax.sharding import tree_merge, tree_partition
+    from slimjax.slim.lora import is_adapter
+    from slimjax.slim.spec import build, spec_from_config
+
+    options, adapters = peft.import_adapter(os.path.abspath(adapter_dir), model_cfg)
+    c.slim.recipe = ("lora",)
+    c.slim.lora.update(rank=options.rank, alpha=options.alpha, rslora=options.rslora, dropout=options.dropout,
+                       targets=peft.slim_patterns(options.targets, model_cfg))
+    cfg = validate(c)
+    spec = spec_from_config(cfg)
+    built = build(spec)
+    shardings, _ = tree_partition(rules.tree_shardings(built.axes, built.shapes, mesh), is_adapter)
+    if jax.tree.structure(shardings) != jax.tree.structure(adapters):
+        raise SlimjaxError(f"the adapter in '{adapter_dir}' does not cover the layers its own target_modules "
+                           "name in this model; re-save it with peft")
+    placed = jax.tree.map(lambda a, sh: jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]),
+                          adapters, shardings)
+    return cfg, spec, tree_merge(base, placed)
 
 
 def write_config_file(path: str, cfg, arch: str, hf_dir: str) -> None:

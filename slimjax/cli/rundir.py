@@ -1,13 +1,15 @@
 """A run workdir as the inference commands (import, export, eval) read and write it.
 
-A run keeps its checkpoints in ``<workdir>/checkpoints`` and the resolved config in each
-checkpoint's metadata. Reading a config back overlays it on configs/base.py, so a run written
+A run keeps its checkpoints in ``<workdir>/checkpoints`` and the resolved config and model spec
+in each checkpoint's metadata; the model is always built from that spec (so LoRA adapters and
+other transforms come back as they were trained). Reading a config back overlays it on configs/base.py, so a run written
 before a key existed still loads (the new key takes its default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -15,45 +17,52 @@ import jax
 from jax.sharding import Mesh
 
 from slimjax.checkpoint import Checkpointer
-from slimjax.config import Config, DataConfig, validate
+from slimjax.config import Config, DataConfig, from_saved, validate
 from slimjax.configs import base
 from slimjax.data import tokenizer as tokenizers
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
-from slimjax.models import abstract_params
+from slimjax.models import compute_dtype
 from slimjax.sharding import Rules, make_mesh
-from slimjax.train.run import CHECKPOINT_DIR
+from slimjax.slim.spec import Built, ModelSpec, build, export_fn, export_spec
+from slimjax.train.run import CHECKPOINT_DIR, spec_of
 
 
 @dataclasses.dataclass
 class RunDir:
-    """A run's checkpoint at one step: its config, metadata and the mesh to restore it onto."""
+    """A run's checkpoint at one step: its config, model spec, metadata and the mesh to restore it onto."""
 
     workdir: str
     cfg: Config
+    spec: ModelSpec
     step: int
     meta: dict[str, Any]
     checkpointer: Checkpointer
     mesh: Mesh
     rules: Rules
 
+    @functools.cached_property
+    def built(self) -> Built:
+        """The saved spec's model (graphdef, logical axes, shapes), in the run's compute dtype."""
+        return build(self.spec, compute_dtype(self.spec.model.dtype))
+
+    def shardings(self) -> dict:
+        """Every parameter's sharding by the rules on the mesh."""
+        return self.rules.tree_shardings(self.built.axes, self.built.shapes, self.mesh)
+
     def restore_params(self) -> dict:
-        """The step's parameters, each sharded by the rules on the mesh."""
-        _, axes, shapes = abstract_params(self.cfg.model)
-        shardings = self.rules.tree_shardings(axes, shapes, self.mesh)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+        """The step's parameters (trainable and frozen, one tree), each sharded by the rules on the mesh."""
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                self.built.shapes, self.shardings())
         return self.checkpointer.restore_params(self.step, abstract)
 
-
-def saved_config(saved: dict[str, Any]) -> Config:
-    """The validated config a checkpoint recorded, over today's defaults."""
-    c = base.get_config()
-    for section, values in saved.items():
-        if section in c and isinstance(values, dict):
-            for key, value in values.items():
-                if key in c[section]:
-                    c[section][key] = tuple(value) if isinstance(value, list) else value
-    return validate(c)
+    def exported_params(self) -> tuple[ModelSpec, dict]:
+        """(spec, parameters) with every transform that can be baked into plain weights baked in
+        (LoRA adapters merged into their kernels), computed on the mesh by one jitted program."""
+        target = export_spec(self.spec)
+        target_built = build(target)
+        out = self.rules.tree_shardings(target_built.axes, target_built.shapes, self.mesh)
+        return target, jax.jit(export_fn(self.built), out_shardings=out)(self.restore_params())
 
 
 def open_run(workdir: str, step: int | None = None) -> RunDir:
@@ -73,8 +82,8 @@ def open_run(workdir: str, step: int | None = None) -> RunDir:
         raise SlimjaxError(f"--step {step} is not a checkpoint of '{workdir}'; it has steps "
                            f"{', '.join(map(str, sorted(steps)))}")
     meta = checkpointer.read_meta(step)
-    cfg = saved_config(meta.get("config", {}))
-    return RunDir(path, cfg, step, meta, checkpointer, make_mesh(cfg.mesh), Rules.from_config(cfg.mesh))
+    cfg = from_saved(meta.get("config", {}))
+    return RunDir(path, cfg, spec_of(meta), step, meta, checkpointer, make_mesh(cfg.mesh), Rules.from_config(cfg.mesh))
 
 
 def run_tokenizer(data: DataConfig, workdir: str, vocab_size: int, command: str) -> Tokenizer:

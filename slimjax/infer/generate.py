@@ -30,7 +30,7 @@ from slimjax.errors import SlimjaxError
 from slimjax.infer.sampling import Sampling, sample
 from slimjax.models import abstract_params, compute_dtype
 from slimjax.models.cache import KVCache
-from slimjax.sharding import Rules, activation_rules
+from slimjax.sharding import Rules, activation_rules, tree_partition, tree_paths
 
 MIN_BUCKET = 8
 PAD_ID = 0
@@ -76,9 +76,15 @@ class Generator:
         scanned = cfg.scan_layers
         # Decoding runs the layers unrolled with the weights unstacked once, here: sliced inside
         # the decode loop, XLA would copy every layer's weights at every step.
-        place = functools.partial(unstacked, cfg) if scanned else (lambda p: p)
         self.cfg = cfg = dataclasses.replace(cfg, scan_layers=False)
         self.graphdef, axes, shapes = abstract(cfg, self.dtype)
+        if scanned:
+            # A transform may act on some stacked layers only (a layer-selective adapter, gated to
+            # zero elsewhere): unrolled, the others have no such parameter, so they are dropped.
+            wanted = set(tree_paths(shapes))
+            place = lambda p: tree_partition(unstacked(cfg, p), lambda path: path in wanted)[0]  # noqa: E731
+        else:
+            place = lambda p: p  # noqa: E731
         if mesh is None:
             self.param_shardings = None
             self.params = place(params)

@@ -1,7 +1,7 @@
 """LoRA adapters between slimjax's parameter layout and Hugging Face PEFT adapter directories.
 
 A LoRA adapter on the slimjax ``Dense`` at path ``P`` (kernel ``[*in_shape, *out_shape]``) is
-``P/lora/a`` ``[*in_shape, r]`` and ``P/lora/b`` ``[r, *out_shape]`` (with a leading ``[n_layers]``
+``P/tap/a`` ``[*in_shape, r]`` and ``P/tap/b`` ``[r, *out_shape]`` (with a leading ``[n_layers]``
 dim when layers are stacked); the effective kernel is ``kernel + scale * a @ b``. PEFT stores
 ``lora_A.weight`` ``[r, in_features]`` and ``lora_B.weight`` ``[out_features, r]`` with
 ``delta W = scaling * B @ A`` on the ``[out, in]`` Linear weight. The kernels' own ``to_hf``
@@ -38,6 +38,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # PeftModelForCausalLM wraps the base model twice (PeftModel.base_model -> LoraModel.model), and
 # the saved tensor names keep that prefix.
 KEY_PREFIX = "base_model.model."
+ADAPTER_KEY = "tap"  # the Dense attribute LoRA's adapter sits in (slimjax.models.layers.Dense.tap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,9 @@ class _Target:
         return f"{KEY_PREFIX}{self.module(layer)}.lora_{which}.weight"
 
     def path(self, layer: int | None, scan_layers: bool, which: str) -> mapping.Path:
-        """slimjax path of ``lora/a`` or ``lora/b`` (``which`` = "a"/"b"), next to the kernel."""
-        return (*mapping.slim_path(self.link, layer, scan_layers)[:-1], "lora", which)
+        """slimjax path of the adapter's ``a`` or ``b`` (``which``), in the Dense's ``tap`` seam
+        next to the kernel (where ``slimjax.slim.lora`` puts it)."""
+        return (*mapping.slim_path(self.link, layer, scan_layers)[:-1], ADAPTER_KEY, which)
 
     def hf_shapes(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(lora_A shape, lora_B shape) in PEFT's layout."""
@@ -143,7 +145,7 @@ def merge_kernel(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float)
 def _get(tree: dict, path: mapping.Path) -> Any:
     for key in path:
         if not isinstance(tree, dict) or key not in tree:
-            raise SlimjaxError(f"the adapter tree has no '{'/'.join(map(str, path))}'; give lora/a and lora/b for "
+            raise SlimjaxError(f"the adapter tree has no '{'/'.join(map(str, path))}'; give tap/a and tap/b for "
                                "every target (in the layout model.scan_layers says)")
         tree = tree[key]
     return tree
@@ -203,7 +205,7 @@ def export_adapter(model_cfg: ModelConfig, adapters: dict, options: LoraOptions,
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` that
     ``peft.PeftModel.from_pretrained(base, out_dir)`` loads; returns the file names.
 
-    ``adapters`` holds the ``lora/a``, ``lora/b`` leaves of ``options.targets`` at their slimjax
+    ``adapters`` holds the ``tap/a``, ``tap/b`` leaves of ``options.targets`` at their slimjax
     paths (stacked or unrolled as ``model_cfg.scan_layers`` says). ``out_dir`` must be new or
     empty. With several processes every one must call this (arrays are gathered collectively);
     process 0 writes and gets the names, the others get ``[]``.
@@ -334,10 +336,31 @@ def _base_copies(tensors: TensorFile, target: _Target, layers: list[int | None])
     return found
 
 
+def adapted_targets(cfg: ModelConfig, adapters: dict) -> tuple[str, ...]:
+    """The slimjax target names (``wq`` ... ``lm_head``) that hold an adapter in ``adapters``."""
+    out = []
+    for name, target in _targets(cfg).items():
+        try:
+            _get(adapters, target.path(target.layers(cfg.n_layers)[0], cfg.scan_layers, "a"))
+        except (KeyError, SlimjaxError):
+            continue
+        out.append(name)
+    return tuple(out)
+
+
+def slim_patterns(targets: tuple[str, ...], cfg: ModelConfig) -> tuple[str, ...]:
+    """``slim.lora.targets`` regexes selecting exactly these targets (``attn/wq$``, ``^lm_head$``)."""
+    out = []
+    for name in targets:
+        path = _targets(cfg)[name].link.path[:-1]
+        out.append(f"{path[-2]}/{name}$" if len(path) > 1 else f"^{name}$")
+    return tuple(out)
+
+
 def import_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[LoraOptions, dict]:
     """(options, adapters) from a PEFT LoRA directory, for a model shaped like ``model_cfg``.
 
-    ``adapters`` is a nested dict of float32 NumPy ``lora/a``, ``lora/b`` leaves at their slimjax
+    ``adapters`` is a nested dict of float32 NumPy ``tap/a``, ``tap/b`` leaves at their slimjax
     paths, stacked per ``model_cfg.scan_layers``. Anything slimjax cannot reproduce exactly
     (DoRA, biases, per-module ranks, other trained modules, a different base model) is refused
     with a one-line :class:`SlimjaxError`.
