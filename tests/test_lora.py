@@ -267,7 +267,18 @@ def run(args, **kw):
 
 
 def cli(*args):
+    """The CLI in a subprocess, as a user runs it."""
     return run([sys.executable, "-m", "slimjax.cli", *args])
+
+
+def cli_here(capsys, *args):
+    """The CLI's entry point in this process (no interpreter and JAX start-up): a CompletedProcess."""
+    from slimjax.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def meta(workdir, step):
@@ -348,7 +359,7 @@ def test_kill9_then_resume_of_a_lora_run_is_bit_identical(lora_run, tmp_path):
     assert {"params", "frozen", "opt_state"} <= set(want) and got == want
 
 
-def test_the_checkpoint_records_the_spec_and_a_different_recipe_is_refused(lora_run, tmp_path):
+def test_the_checkpoint_records_the_spec_and_a_different_recipe_is_refused(lora_run, tmp_path, capsys):
     """meta holds the LoRA recipe; resuming with no LoRA or another rank raises one SlimjaxError line
     naming slim.recipe (in process), and through the CLI prints one line, exits 2, changes nothing."""
     import slimjax
@@ -366,7 +377,7 @@ def test_the_checkpoint_records_the_spec_and_a_different_recipe_is_refused(lora_
         assert "slim.recipe" in str(e.value) and "\n" not in str(e.value), str(e.value)
         assert snapshot(workdir) == before
     for recipe in ([], [*LORA_FLAGS, "--config.slim.lora.rank=8"]):
-        line = one_line_error(run([sys.executable, DRIVER, "train", *common, *recipe, f"--workdir={workdir}"]))
+        line = one_line_error(cli_here(capsys, "train", *common, *recipe, f"--workdir={workdir}"))
         assert "slim.recipe" in line, line
         assert snapshot(workdir) == before
 
@@ -408,10 +419,10 @@ BAD = [
 
 
 @pytest.mark.parametrize("flag,named", BAD, ids=[b[1] for b in BAD])
-def test_bad_lora_and_objective_input_is_one_line_exit_2_and_writes_nothing(flag, named, tmp_path):
+def test_bad_lora_and_objective_input_is_one_line_exit_2_and_writes_nothing(flag, named, tmp_path, capsys):
     """Each bad value: one line on stderr naming it, exit 2, nothing written in the fresh workdir."""
     workdir = str(tmp_path / "fresh")
-    line = one_line_error(cli("train", *FLAGS, *LORA_FLAGS, flag, f"--workdir={workdir}"))
+    line = one_line_error(cli_here(capsys, "train", *FLAGS, *LORA_FLAGS, flag, f"--workdir={workdir}"))
     assert named in line, line
     assert not os.path.exists(workdir) or snapshot(workdir) == {}
 
