@@ -433,17 +433,17 @@ def test_bad_lora_and_objective_input_is_one_line_exit_2_and_writes_nothing(flag
 TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 24))
 
 
-def test_eval_generate_and_export_of_a_lora_run_need_no_extra_flags(lora_run, tmp_path):
+def test_eval_generate_and_export_of_a_lora_run_need_no_extra_flags(lora_run, tmp_path, capsys):
     """eval, generate and export read the run's spec; the exported HF Llama gives the LoRA model's logits."""
     from transformers import LlamaForCausalLM
 
     from hf_models import hf_logits
 
     for args in (["eval", f"--workdir={lora_run}"], ["generate", f"--workdir={lora_run}", "--prompt=ROMEO:"]):
-        result = cli(*args)
+        result = cli_here(capsys, *args)
         assert result.returncode == 0, (args, result.stderr[-3000:])
     out = str(tmp_path / "hf")
-    result = cli("export", f"--workdir={lora_run}", f"--out={out}")
+    result = cli_here(capsys, "export", f"--workdir={lora_run}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     built, params, _ = restore_model(lora_run)
     want = model_logits(built, params, TOKENS)
@@ -472,7 +472,7 @@ def hf_lora_run(tmp_path_factory):
     return hf_dir, workdir
 
 
-def test_exported_adapters_load_in_peft_on_the_hf_base_with_the_same_logits(hf_lora_run, tmp_path):
+def test_exported_adapters_load_in_peft_on_the_hf_base_with_the_same_logits(hf_lora_run, tmp_path, capsys):
     """export --adapters writes a PEFT adapter that PeftModel puts on the HF base with the LoRA model's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -481,7 +481,7 @@ def test_exported_adapters_load_in_peft_on_the_hf_base_with_the_same_logits(hf_l
 
     hf_dir, workdir = hf_lora_run
     out = str(tmp_path / "adapters")
-    result = cli("export", "--adapters", f"--workdir={workdir}", f"--out={out}")
+    result = cli_here(capsys, "export", "--adapters", f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(out))
     built, params, _ = restore_model(workdir)
