@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from helpers import (build as build_run_parts, build_state, flat, small_config, snapshot, synthetic_batch, with_lora,
                      with_mesh)
