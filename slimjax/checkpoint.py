@@ -159,10 +159,12 @@ class Checkpointer:
         """Every leaf of ``abstract`` exists in the saved ``item`` (or, for a tuple, in one of
         those items) with the same shape, and nothing else is there; else SlimjaxError."""
         names = (item,) if isinstance(item, str) else item
-        saved = {}
+        saved, present = {}, []
         for name in names:
-            saved.update(self._saved_shapes(step, name))
-        item = "+".join(names)
+            shapes = self._saved_shapes(step, name)
+            saved.update(shapes)
+            present += [name] if shapes else []
+        item = "+".join(present or names)  # for messages: the items this step wrote
         want = _shapes(abstract)
         where = f"{self.step_dir(step)}/{item}"
         for path, shape in want.items():

@@ -13,7 +13,7 @@ any process count dividing ``L``, and the batch for step ``s`` is a pure functio
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import grain
 from grain.experimental import ZipMapDataset
@@ -25,7 +25,18 @@ from jax.sharding import Mesh, NamedSharding
 from slimjax.data.packing import PackedRows, pack_concat_split, to_example  # noqa: F401
 from slimjax.sharding import Rules
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# A batch is a dict of named arrays, each described by the logical names of its dimensions and
+# its dtype; "batch" rows are split over the batch mesh axes like every activation. This is the
+# language-model batch; other tasks add arrays of their own (e.g. "labels": (("batch",), int32)).
+BatchSpec = dict[str, tuple[tuple[str, ...], Any]]
+LM_BATCH: BatchSpec = {
+    "inputs": (("batch", "length"), np.int32),
+    "targets": (("batch", "length"), np.int32),
+    "segment_ids": (("batch", "length"), np.int32),
+    "positions": (("batch", "length"), np.int32),
+    "loss_mask": (("batch", "length"), np.float32),
+}
+BATCH_KEYS = tuple(LM_BATCH)
 
 
 def shard_stream(rows_per_source: Sequence[PackedRows], weights: Sequence[float], seed: int,
@@ -95,11 +106,27 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, rules.spec(("batch", "length")))
 
 
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Process-local numpy rows -> global ``jax.Array``s (each process passes only its rows)."""
+def batch_shardings(mesh: Mesh, rules: Rules, spec: BatchSpec = LM_BATCH) -> dict[str, NamedSharding]:
+    """Each named array's sharding from the logical names of its dimensions."""
+    return {key: NamedSharding(mesh, rules.spec(axes, what=f"batch array '{key}'")) for key, (axes, _) in spec.items()}
+
+
+def abstract_batch(spec: BatchSpec, sizes: dict[str, int], shardings: dict[str, NamedSharding]
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes of a batch (``sizes`` gives each logical name's length, e.g. batch and length)."""
+    return {key: jax.ShapeDtypeStruct(tuple(sizes[a] for a in axes), dtype, sharding=shardings[key])
+            for key, (axes, dtype) in spec.items()}
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding | dict[str, NamedSharding]
+              ) -> dict[str, jax.Array]:
+    """Process-local numpy rows -> global ``jax.Array``s (each process passes only its rows).
+
+    ``sharding`` is one for every array or a dict by name; every array of the batch is converted.
+    """
     out = {}
-    for key in BATCH_KEYS:
-        local = batch[key]
+    for key, local in batch.items():
+        sh = sharding[key] if isinstance(sharding, dict) else sharding
         global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        out[key] = jax.make_array_from_process_local_data(sh, local, global_shape)
     return out

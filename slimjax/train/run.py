@@ -44,7 +44,7 @@ class Run:
     train_data: Any  # grain.MapDataset of this process's local batches
     eval_data: list[dict[str, np.ndarray]]
     data_stats: dict[str, Any]  # documents and rows per source (this process's shards), skipped records
-    batch_sharding: NamedSharding
+    batch_sharding: dict[str, NamedSharding]  # by batch array name
     setup: Setup
     state: TrainState
     start_step: int
@@ -103,7 +103,7 @@ def build_run(cfg: Config, workdir: str) -> Run:
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
     state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
-    batch_sharding = pipeline.batch_sharding(mesh, rules)
+    batch_sharding = pipeline.batch_shardings(mesh, rules)
     train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules, tok=data.tokenizer, train_data=data.train,
                eval_data=data.eval, data_stats=data.stats, batch_sharding=batch_sharding, setup=setup, state=state,
@@ -188,12 +188,13 @@ def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh
         if step is None or step not in other.all_steps():
             raise SlimjaxError(f"checkpoint.init_from='{source}' holds no complete checkpoint"
                                + ("" if step is None else f" for step {step}"))
-        spec = spec_of(other.read_meta(step)).with_runtime(setup.spec.model)
-        if spec.difference(dataclasses.replace(setup.spec, recipe=spec.recipe)):
-            key, saved, now = spec.difference(dataclasses.replace(setup.spec, recipe=spec.recipe))
-            raise SlimjaxError(f"checkpoint.init_from='{source}' holds a model with {key}={saved!r}, the config says "
-                               f"{now!r}; fine-tune with the source's model config (e.g. the config.py that "
-                               "`slimjax import` wrote)")
+        # The source's recipe on this run's model config: a checkpoint of another shape then fails
+        # while its parameters are read, naming the first parameter that differs.
+        source = spec_of(other.read_meta(step))
+        if source.family != setup.spec.family:
+            raise SlimjaxError(f"checkpoint.init_from='{source}' holds a {source.family!r} model, the config asks "
+                               f"for a {setup.spec.family!r}")
+        spec = dataclasses.replace(setup.spec, recipe=source.recipe)
         source_built = build(spec, setup.built.dtype)
         shardings = rules.tree_shardings(source_built.axes, source_built.shapes, mesh)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -209,15 +210,13 @@ def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh
     return jax.jit(start, out_shardings=setup.shardings)(params, jax.random.key(cfg.train.seed))
 
 
-def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: NamedSharding):
-    """AOT-compiles the train step (state donated) and the eval step; returns them and the seconds taken."""
+def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: dict[str, NamedSharding],
+                  batch_spec: pipeline.BatchSpec = pipeline.LM_BATCH):
+    """AOT-compiles the train step (state donated) and the eval step for batches of ``batch_spec``
+    (named arrays sharded by their logical names); returns them and the seconds taken."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    local_rows = cfg.train.global_batch_size
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct((local_rows, cfg.data.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                sharding=batch_sharding)
-        for k in pipeline.BATCH_KEYS
-    }
+    sizes = {"batch": cfg.train.global_batch_size, "length": cfg.data.seq_len}
+    abstract_batch = pipeline.abstract_batch(batch_spec, sizes, batch_sharding)
     lr = optim.schedule(cfg.optimizer, cfg.train.steps)
     opts = step_options(cfg)
     step_fn = make_train_step(setup.built, setup.tx, lr, opts)
@@ -246,10 +245,10 @@ def fresh_state(cfg: Config, mesh: Mesh) -> tuple[Rules, Setup, TrainState]:
     return rules, setup, init_state(setup, cfg.train.seed)
 
 
-def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, Callable, NamedSharding]:
+def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, Callable, dict[str, NamedSharding]]:
     """(setup, fresh state, compiled train step, compiled eval step, batch sharding) without data
     or checkpoints: what benchmarks and tests need to drive steps on batches of their own."""
     rules, setup, state = fresh_state(cfg, mesh)
-    batch_sharding = pipeline.batch_sharding(mesh, rules)
+    batch_sharding = pipeline.batch_shardings(mesh, rules)
     train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, batch_sharding)
     return setup, state, train_step, eval_step, batch_sharding
