@@ -42,18 +42,6 @@ def base_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
     return c
 
 
-def _get(tree: dict, path: mapping.Path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: mapping.Path, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def _hf_shape(link: mapping.Link, slim_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The Hugging Face shape a parameter of ``slim_shape`` maps to (computed without data)."""
     return tuple(jax.eval_shape(link.to_hf, jax.ShapeDtypeStruct(slim_shape, np.float32)).shape)
@@ -66,7 +54,7 @@ def expected_tensors(cfg: ModelConfig, links: list[mapping.Link], shapes: dict |
     shapes = abstract_params(cfg)[2] if shapes is None else shapes
     by_template: dict[str, tuple[int, ...]] = {}
     for link in links:
-        shape = tuple(_get(shapes, mapping.slim_path(link, 0, cfg.scan_layers)).shape)
+        shape = tuple(mapping.get_at(shapes, mapping.slim_path(link, 0, cfg.scan_layers)).shape)
         hf_shape = _hf_shape(link, shape[1:] if link.per_layer and cfg.scan_layers else shape)
         if link.part:  # a slice of a fused tensor: the whole runs to the furthest part's end
             axis, _, stop = link.part
@@ -147,7 +135,7 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
         stacked = link.per_layer and cfg.scan_layers
         for layer in ([None] if stacked or not link.per_layer else range(cfg.n_layers)):
             path = mapping.slim_path(link, layer, cfg.scan_layers)
-            shape, sharding = _get(shapes, path).shape, _get(shardings, path)
+            shape, sharding = mapping.get_at(shapes, path).shape, mapping.get_at(shardings, path)
 
             def shard(index, read=read, layer=layer, stacked=stacked, shape=shape):
                 dims = [len(range(n)[i]) for n, i in zip(shape, index)]
@@ -159,7 +147,7 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
                     fill_float32(out, read(layer)[index])
                 return out
 
-            _set(params, path, jax.make_array_from_callback(shape, sharding, shard))
+            mapping.set_at(params, path, jax.make_array_from_callback(shape, sharding, shard))
     return cfg, params
 
 
@@ -193,7 +181,7 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str
         if path not in host:
             if len(host) == 3:
                 host.pop(next(iter(host)))
-            value = _get(params, path)
+            value = mapping.get_at(params, path)
             if isinstance(value, jax.Array) and not value.is_fully_addressable:  # collective: all processes
                 value = multihost_utils.process_allgather(value, tiled=True)
             host[path] = np.asarray(jax.device_get(value), np.float32)

@@ -30,6 +30,11 @@ def read_config(hf_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise SlimjaxError(f"'{hf_dir}' has no {CONFIG_FILE}; a Hugging Face model directory needs config.json "
                            "next to its safetensors")
+    return read_json_object(path)
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, adapter_config.json); one-line errors otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)

@@ -152,6 +152,20 @@ def hf_names(links: list[Link], n_layers: int) -> list[str]:
     return out
 
 
+def get_at(tree: dict, path: Path) -> Any:
+    """The leaf (or subtree) of a nested parameter dict at ``path``."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_at(tree: dict, path: Path, value: Any) -> None:
+    """Sets ``path`` in a nested dict, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
 def slim_path(link: Link, layer: int | None, scan_layers: bool) -> Path:
     """Where a link's parameter lives in the param dict: unrolled layers add the layer index."""
     if link.per_layer and not scan_layers:

@@ -143,18 +143,11 @@ def merge_kernel(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float)
 
 
 def _get(tree: dict, path: mapping.Path) -> Any:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            raise SlimjaxError(f"the adapter tree has no '{'/'.join(map(str, path))}'; give tap/a and tap/b for "
-                               "every target (in the layout model.scan_layers says)")
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: mapping.Path, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    try:
+        return mapping.get_at(tree, path)
+    except (KeyError, TypeError):
+        raise SlimjaxError(f"the adapter tree has no '{'/'.join(map(str, path))}'; give tap/a and tap/b for "
+                           "every target (in the layout model.scan_layers says)") from None
 
 
 def _host(value: Any) -> np.ndarray:
@@ -241,14 +234,7 @@ def _read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise SlimjaxError(f"'{adapter_dir}' has no {CONFIG_FILE}; a PEFT adapter directory needs it next to "
                            f"{WEIGHTS_FILE}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SlimjaxError(f"'{path}' is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise SlimjaxError(f"'{path}' must hold a JSON object")
-    return raw
+    return hf_config.read_json_object(path)
 
 
 def _check_supported(raw: dict[str, Any], path: str) -> None:
@@ -392,12 +378,12 @@ def import_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[LoraOption
         expected |= {target.key(i, w) for i in layers for w in "AB"}
         expected |= _base_copies(tensors, target, layers)
         if target.link.per_layer and model_cfg.scan_layers:
-            _set(adapters, target.path(None, True, "a"), np.stack(a))
-            _set(adapters, target.path(None, True, "b"), np.stack(b))
+            mapping.set_at(adapters, target.path(None, True, "a"), np.stack(a))
+            mapping.set_at(adapters, target.path(None, True, "b"), np.stack(b))
         else:
             for i, la, lb in zip(layers, a, b):
-                _set(adapters, target.path(i, model_cfg.scan_layers, "a"), np.ascontiguousarray(la))
-                _set(adapters, target.path(i, model_cfg.scan_layers, "b"), np.ascontiguousarray(lb))
+                mapping.set_at(adapters, target.path(i, model_cfg.scan_layers, "a"), np.ascontiguousarray(la))
+                mapping.set_at(adapters, target.path(i, model_cfg.scan_layers, "b"), np.ascontiguousarray(lb))
     for key in sorted(set(tensors.header) - expected):
         raise SlimjaxError(f"tensor '{key}' in '{weights}' is not a LoRA A/B of a module target_modules selects; "
                            "slimjax cannot place it (DoRA, embedding adapters or extra trained modules?)")
