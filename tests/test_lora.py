@@ -142,6 +142,31 @@ def test_merged_export_equals_the_adapter_model_and_unmerge_restores_the_kernels
     assert changed == len([n for n in flat(params) if n.endswith("/tap/a")])  # every adapted kernel was merged
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_adapter_merges_exactly_and_reaches_the_tied_output_layer(tied):
+    """``^embed$`` puts an adapter on the table (a [vocab, r], b [r, embed], sharded like the table):
+    zero B leaves the logits bit-equal; nonzero B changes lookups (and, when tied, the output layer)
+    and merging it into the table gives the same logits."""
+    cfg = small_config(tie_embeddings=tied)
+    lcfg = with_lora(cfg, targets=("attn/wq$", "^embed$"))
+    spec = spec_from_config(lcfg)
+    built, plain = build(spec), build(spec_from_config(cfg))
+    assert built.axes["embed"]["tap"] == {"a": ("vocab", "lora_rank"), "b": ("lora_rank", "embed")}
+    key = jax.random.key(3)
+    params, base = init_fn(built)(key), init_fn(plain)(key)
+    batch = synthetic_batch(cfg)
+    want = np.asarray(forward(plain.graphdef, base, batch))
+    np.testing.assert_array_equal(np.asarray(forward(built.graphdef, params, batch)), want)
+    params = with_random_b(params, jax.random.key(4), only=lambda n: n.startswith("embed/"))
+    adapted = np.asarray(forward(built.graphdef, params, batch))
+    assert rel_err(adapted, want) > 1e-3
+    merged = export_fn(built)(params)
+    assert rel_err(np.asarray(forward(build(export_spec(spec)).graphdef, merged, batch)), adapted) <= 1e-5
+    delta = np.asarray(merged["embed"]["embedding"]) - np.asarray(base["embed"]["embedding"])
+    a, b = (np.asarray(params["embed"]["tap"][k]) for k in "ab")
+    np.testing.assert_allclose(delta, (lcfg.slim.lora.alpha / lcfg.slim.lora.rank) * a @ b, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
 @pytest.mark.parametrize("rank_rule", [None, "data"])
 def test_adapters_are_sharded_like_their_kernel_with_the_rank_by_its_rule(shape, rank_rule):

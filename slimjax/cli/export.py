@@ -82,6 +82,9 @@ def export_adapters(rd, out: str) -> int:
     params = rd.restore_params()
     adapters, _ = tree_partition(params, is_adapter)
     targets = peft.adapted_targets(rd.spec.model, adapters)
+    if "embed" in adapters:  # PEFT's embedding LoRA leaves a tied output layer unadapted: not the same model
+        raise SlimjaxError(f"run '{rd.workdir}' adapts the embedding table, which the PEFT format cannot hold "
+                           "with slimjax's meaning (tied output layer); export the merged model without --adapters")
     options = peft.LoraOptions(lora["rank"], lora["alpha"], lora["rslora"], lora["dropout"], targets)
     base = rd.meta.get("hf", {}).get("source", "")
     files = peft.export_adapter(rd.spec.model, adapters, options, out, base_model=base)

@@ -74,16 +74,36 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table ``(vocab, embed)``; ``attend`` reuses it as the output layer."""
+    """Token embedding table ``(vocab, embed)``; ``attend`` reuses it as the output layer.
+
+    As for ``Dense``, ``tap`` is the seam a transform uses to change how the table is read: when
+    set, lookups go through ``tap.lookup(self, tokens)`` and the output layer through
+    ``tap.attend(self, x)``; ``lookup`` and ``project`` are the plain reads. The table's matrix
+    view is ``matrix=(1, 1)``: rows are tokens, columns the residual width.
+    """
 
     def __init__(self, vocab: int, dim: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.embedding = normal_param(rngs, (vocab, dim), ("vocab", "embed"), std)
+        self.embedding.set_metadata(matrix=(1, 1))
         self.dtype = dtype
+        self.tap = nnx.data(None)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        if self.tap is not None:
+            return self.tap.lookup(self, tokens)
+        return self.lookup(tokens)
 
     def attend(self, x: jax.Array) -> jax.Array:
+        if self.tap is not None:
+            return self.tap.attend(self, x)
+        return self.project(x)
+
+    def lookup(self, tokens: jax.Array) -> jax.Array:
+        """The table's rows for ``tokens``, in the compute dtype."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """``x @ table.T``: logits over the vocabulary."""
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
 
 

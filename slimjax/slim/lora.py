@@ -9,7 +9,9 @@ so the first forward pass equals the base model's exactly. ``scale`` is ``alpha 
 rsLoRA, ``alpha / sqrt(r)``. Only adapters are trainable: the base weights get no gradient and no
 optimizer state. ``export`` merges each adapter into its kernel (``W + scale * A @ B``).
 
-Patterns may pick some layers of a scanned (stacked) projection: the adapter then spans all
+The embedding table takes an adapter too when a pattern names it (``^embed$``): rows of ``A``
+are gathered on lookup and, when the output layer is tied, logits add ``scale * (x @ B.T) @ A.T``,
+so the table is never materialised. Patterns may pick some layers of a scanned (stacked) projection: the adapter then spans all
 layers and a static per-layer gate, read from the decoder's layer index, zeroes the others.
 """
 
@@ -26,8 +28,8 @@ from flax import nnx
 from slimjax.config import LoraConfig
 from slimjax.errors import SlimjaxError
 from slimjax.models import scope
-from slimjax.models.layers import Dense
-from slimjax.slim.select import Selected, select_dense
+from slimjax.models.layers import Dense, Embed
+from slimjax.slim.select import Selected, select_layers, weight
 from slimjax.slim.transform import Transform
 
 RANK_AXIS = "lora_rank"
@@ -89,6 +91,35 @@ class LoraTap(nnx.Module):
         return self.scale * gates * d
 
 
+class LoraEmbedTap(nnx.Module):
+    """The adapter of the embedding table: ``table + scale * A @ B`` with ``A [vocab, r]`` and
+    ``B [r, embed]``, read without materialising the table (lookups gather rows of ``A``; the
+    tied output layer projects through ``B`` then ``A``). Like PEFT's embedding LoRA it has no
+    dropout (a lookup has no input to drop)."""
+
+    def __init__(self, embed: Embed, rank: int, scale: float, rngs: nnx.Rngs):
+        vocab, dim = embed.embedding.shape
+        axes = tuple(embed.embedding.get_metadata()["axes"])
+        bound = 1.0 / math.sqrt(dim)
+        self.a = nnx.Param(jax.random.uniform(rngs.params(), (vocab, rank), jnp.float32, -bound, bound),
+                           axes=(axes[0], RANK_AXIS), matrix=(1, 1))
+        self.b = nnx.Param(jnp.zeros((rank, dim), jnp.float32), axes=(RANK_AXIS, axes[1]), matrix=(1, 1))
+        self.scale = scale
+
+    def lookup(self, embed: Embed, tokens: jax.Array) -> jax.Array:
+        rows = jnp.take(self.a[...], tokens, axis=0).astype(embed.dtype)
+        return embed.lookup(tokens) + jnp.asarray(self.scale, embed.dtype) * (rows @ self.b[...].astype(embed.dtype))
+
+    def attend(self, embed: Embed, x: jax.Array) -> jax.Array:
+        x = x.astype(embed.dtype)
+        low = jnp.einsum("...d,rd->...r", x, self.b[...].astype(embed.dtype))
+        update = jnp.einsum("...r,vr->...v", low, self.a[...].astype(embed.dtype))
+        return embed.project(x) + jnp.asarray(self.scale, embed.dtype) * update
+
+    def delta(self) -> jax.Array:
+        return self.scale * (self.a[...] @ self.b[...])
+
+
 class Lora(Transform):
     """The LoRA transform from ``slim.lora``."""
 
@@ -102,11 +133,11 @@ class Lora(Transform):
                 "dropout": self.cfg.dropout, "targets": list(self.cfg.targets)}
 
     def targets(self, model: nnx.Module) -> list[Selected]:
-        """The selected Dense layers, each checked against the rank."""
-        chosen = select_dense(model, self.cfg.targets, "slim.lora.targets")
+        """The selected matrix layers, each checked against the rank."""
+        chosen = select_layers(model, self.cfg.targets, "slim.lora.targets")
         for sel in chosen:
-            n_in, n_out = sel.dense.kernel.get_metadata()["matrix"]
-            shape = sel.dense.kernel.shape
+            n_in, n_out = weight(sel.dense).get_metadata()["matrix"]
+            shape = weight(sel.dense).shape
             fan_in, fan_out = math.prod(shape[-n_in - n_out:-n_out]), math.prod(shape[-n_out:])
             if self.cfg.rank > min(fan_in, fan_out):
                 raise SlimjaxError(f"slim.lora.rank={self.cfg.rank} exceeds the smaller side of layer '{sel.name}' "
@@ -119,8 +150,11 @@ class Lora(Transform):
     def rewrite(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
         scale = lora_scale(self.cfg)
         for sel in self.targets(model):
-            sel.dense.tap = LoraTap(sel.dense, self.cfg.rank, scale, self.cfg.dropout,
-                                    scope.salt_of(sel.name), sel.layers, rngs)
+            if isinstance(sel.dense, Embed):
+                sel.dense.tap = LoraEmbedTap(sel.dense, self.cfg.rank, scale, rngs)
+            else:
+                sel.dense.tap = LoraTap(sel.dense, self.cfg.rank, scale, self.cfg.dropout,
+                                        scope.salt_of(sel.name), sel.layers, rngs)
 
     def trainable(self, path: str, current: bool) -> bool:
         return is_adapter(path)
@@ -136,20 +170,26 @@ def is_adapter(path: str) -> bool:
     return len(parts) >= 2 and parts[-2] == TAP_NAME and parts[-1] in ("a", "b")
 
 
+LORA_TAPS = (LoraTap, LoraEmbedTap)
+
+
 def merge_adapters(model: nnx.Module) -> None:
-    """Folds every adapter into its kernel (``W + scale * A @ B``) and removes it, in place."""
+    """Folds every adapter into its matrix (``W + scale * A @ B``) and removes it, in place."""
     for _, node in list(nnx.iter_graph(model)):
-        if isinstance(node, Dense) and isinstance(node.tap, LoraTap):
-            node.kernel[...] = node.kernel[...] + node.tap.delta().astype(node.kernel.dtype)
+        if isinstance(node, (Dense, Embed)) and isinstance(node.tap, LORA_TAPS):
+            w = weight(node)
+            w[...] = w[...] + node.tap.delta().astype(w.dtype)
             node.tap = None
 
 
 def unmerge_adapters(model: nnx.Module, adapters: nnx.Module) -> None:
     """The inverse of :func:`merge_adapters`: subtracts each adapter of ``adapters`` (a model with
-    the same structure still holding its taps) from ``model``'s kernels and re-attaches it."""
-    found = {tuple(p): n for p, n in nnx.iter_graph(adapters) if isinstance(n, Dense) and isinstance(n.tap, LoraTap)}
+    the same structure still holding its taps) from ``model``'s matrices and re-attaches it."""
+    found = {tuple(p): n for p, n in nnx.iter_graph(adapters)
+             if isinstance(n, (Dense, Embed)) and isinstance(n.tap, LORA_TAPS)}
     for path, node in list(nnx.iter_graph(model)):
-        if isinstance(node, Dense) and tuple(path) in found:
+        if isinstance(node, (Dense, Embed)) and tuple(path) in found:
             tap = found[tuple(path)].tap
-            node.kernel[...] = node.kernel[...] - tap.delta().astype(node.kernel.dtype)
+            w = weight(node)
+            w[...] = w[...] - tap.delta().astype(w.dtype)
             node.tap = tap

@@ -1,6 +1,7 @@
 """Selecting a model's matrix layers by path patterns, layer by layer even when layers are scanned.
 
-Each ``Dense`` is named by its module path (``blocks/attn/wq``; ``blocks/3/attn/wq`` when layers
+Matrix layers are ``Dense`` projections and the ``Embed`` table (named ``embed``). Each is named
+by its module path (``blocks/attn/wq``; ``blocks/3/attn/wq`` when layers
 are unrolled). A scanned model holds all layers of one projection in a stacked kernel, so
 patterns are matched against the per-layer name ``blocks/{i}/attn/wq`` for each i and the
 selection of a stacked layer is a tuple of per-layer flags: ``"blocks/(0|1)/attn/wq$"`` picks the
@@ -16,15 +17,17 @@ from typing import Sequence
 from flax import nnx
 
 from slimjax.errors import SlimjaxError
-from slimjax.models.layers import Dense
+from slimjax.models.layers import Dense, Embed
+
+MATRIX_LAYERS = (Dense, Embed)
 
 
 @dataclasses.dataclass(frozen=True)
 class Selected:
-    """One matched Dense: its path, the module, and which stacked layers matched (None: unstacked)."""
+    """One matched layer: its path, the module, and which stacked layers matched (None: unstacked)."""
 
     path: tuple
-    dense: Dense
+    dense: Dense | Embed
     layers: tuple[bool, ...] | None
 
     @property
@@ -32,11 +35,17 @@ class Selected:
         return "/".join(map(str, self.path))
 
 
-def stacked_layers(dense: Dense) -> int:
-    """How many layers a Dense's kernel stacks (0 when it is one layer's kernel)."""
-    n_in, n_out = dense.kernel.get_metadata()["matrix"]
-    lead = len(dense.kernel.shape) - n_in - n_out
-    return dense.kernel.shape[0] if lead else 0
+def weight(layer: Dense | Embed) -> nnx.Param:
+    """The layer's matrix: a Dense's kernel or the embedding table."""
+    return layer.kernel if isinstance(layer, Dense) else layer.embedding
+
+
+def stacked_layers(layer: Dense | Embed) -> int:
+    """How many layers a matrix layer stacks (0 when it is one layer's)."""
+    w = weight(layer)
+    n_in, n_out = w.get_metadata()["matrix"]
+    lead = len(w.shape) - n_in - n_out
+    return w.shape[0] if lead else 0
 
 
 def layer_names(path: tuple, n_stacked: int) -> list[str]:
@@ -47,8 +56,8 @@ def layer_names(path: tuple, n_stacked: int) -> list[str]:
     return [f"{head}/{i}/{rest}" for i in range(n_stacked)]
 
 
-def select_dense(model: nnx.Module, patterns: Sequence[str], key: str) -> list[Selected]:
-    """Every Dense whose (per-layer) name matches a pattern (``re.search``).
+def select_layers(model: nnx.Module, patterns: Sequence[str], key: str) -> list[Selected]:
+    """Every matrix layer whose (per-layer) name matches a pattern (``re.search``).
 
     A pattern that matches no layer is an error naming ``key`` (the config key that holds it),
     so a typo never silently adapts nothing.
@@ -57,7 +66,7 @@ def select_dense(model: nnx.Module, patterns: Sequence[str], key: str) -> list[S
     used = set()
     out = []
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, Dense):
+        if not isinstance(node, MATRIX_LAYERS):
             continue
         n = stacked_layers(node)
         flags = []
@@ -69,7 +78,7 @@ def select_dense(model: nnx.Module, patterns: Sequence[str], key: str) -> list[S
             out.append(Selected(tuple(path), node, tuple(flags) if n else None))
     unused = [p for p, _ in compiled if p not in used]
     if unused:
-        names = sorted({n for path, node in nnx.iter_graph(model) if isinstance(node, Dense)
+        names = sorted({n for path, node in nnx.iter_graph(model) if isinstance(node, MATRIX_LAYERS)
                         for n in layer_names(path, 0)})
         raise SlimjaxError(f"{key} pattern {unused[0]!r} matches no layer; layers are named like "
                            f"{', '.join(names[:4])} (per layer: blocks/0/attn/wq)")
