@@ -12,7 +12,6 @@ from helpers import small_config, synthetic_batch, with_train
 from slimjax.data import pipeline
 from slimjax.infer.scoring import forward, token_losses
 from slimjax.sharding import Rules, activation_rules, make_mesh
-from slimjax.slim.spec import build, spec_from_config
 from slimjax.slim.transform import LossTerm, Transform
 from slimjax.train.run import fresh_state
 from slimjax.train.step import StepOptions, make_train_step

@@ -30,13 +30,17 @@ def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> jax.Array:
     return model(batch["inputs"], batch["positions"], batch["segment_ids"])
 
 
+def token_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """The built-in loss terms summed over target tokens: ``next_token`` (NLL) and ``z_loss`` (log(Z)^2)."""
+    nll, log_z = token_losses(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    return {"next_token": jnp.sum(nll * mask), "z_loss": jnp.sum(jnp.square(log_z) * mask)}
+
+
 def summed_loss(graphdef: nnx.GraphDef, params: dict, batch: Batch, z_loss: float):
     """(nll + z_loss * log(Z)^2) summed over target tokens, plus the two parts separately."""
-    nll, log_z = token_losses(forward(graphdef, params, batch), batch["targets"])
-    mask = batch["loss_mask"]
-    nll_sum = jnp.sum(nll * mask)
-    z_sum = jnp.sum(jnp.square(log_z) * mask)
-    return nll_sum + z_loss * z_sum, (nll_sum, z_sum)
+    sums = token_sums(forward(graphdef, params, batch), batch)
+    return sums["next_token"] + z_loss * sums["z_loss"], (sums["next_token"], sums["z_loss"])
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[dict, Batch], Metrics]:

@@ -66,14 +66,6 @@ class ModelSpec:
             out.append(registry[name](dict(opts)))
         return out
 
-    def with_runtime(self, model: ModelConfig) -> "ModelSpec":
-        """This spec with ``model``'s runtime keys (dtype, remat, attention)."""
-        return dataclasses.replace(self, model=dataclasses.replace(
-            self.model, **{k: getattr(model, k) for k in RUNTIME_KEYS}))
-
-    def with_model(self, **changes: Any) -> "ModelSpec":
-        return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
-
     def difference(self, other: "ModelSpec") -> tuple[str, Any, Any] | None:
         """The first difference that changes the parameters (runtime keys ignored) as
         ``(key, this value, other value)``, or None."""
@@ -121,16 +113,9 @@ class Built:
     transforms: tuple[Transform, ...]
     dtype: Any
 
-    def trainable_path(self, path: str) -> bool:
-        return self._trainable_paths[path]
-
-    @property
-    def _trainable_paths(self) -> dict[str, bool]:
-        return dict(zip(tree_paths(self.trainable), jax.tree.leaves(self.trainable)))
-
     def split(self, params: dict) -> tuple[dict, dict]:
         """(trainable, frozen) parts of a full parameter tree."""
-        flags = self._trainable_paths
+        flags = dict(zip(tree_paths(self.trainable), jax.tree.leaves(self.trainable)))
         return tree_partition(params, lambda p: flags[p])
 
     def loss_terms(self) -> list[LossTerm]:
@@ -155,10 +140,16 @@ class Built:
         return {t.name: s for t in self.transforms if (s := t.init_state(params))}
 
 
+def _rewrite_rngs(key: jax.Array, position: int) -> nnx.Rngs:
+    """The keys of the transform at ``position`` in the recipe: the same whether it is applied at
+    init or later to restored parameters, and apart from the family's init keys."""
+    return nnx.Rngs(params=jax.random.fold_in(key, 1_000_003 + position))
+
+
 def _construct(spec: ModelSpec, transforms: list[Transform], key: jax.Array, dtype: Any) -> nnx.Module:
     model = FAMILIES[spec.family](spec.model, rngs=nnx.Rngs(params=key), dtype=dtype)
     for i, t in enumerate(transforms):
-        t.rewrite(model, nnx.Rngs(params=jax.random.fold_in(key, 1_000_003 + i)))
+        t.rewrite(model, _rewrite_rngs(key, i))
     return model
 
 
@@ -203,7 +194,7 @@ def rewrite_fn(source: Built, target: Built) -> Callable[[dict, jax.Array], dict
     def rewrite(params: dict, key: jax.Array) -> dict:
         model = nnx.merge(source.graphdef, params)
         for i, t in enumerate(extra):
-            t.rewrite(model, nnx.Rngs(params=jax.random.fold_in(key, 1_000_003 + n + i)))
+            t.rewrite(model, _rewrite_rngs(key, n + i))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     return rewrite

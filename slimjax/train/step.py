@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 # The loss lives in infer/scoring.py: evaluation shares it (forward-only work).
-from slimjax.infer.scoring import Batch, Metrics, forward, token_losses
+from slimjax.infer.scoring import Batch, Metrics, forward, token_sums
 from slimjax.models import scope
 from slimjax.sharding import constrain, tree_merge
 from slimjax.slim.spec import Built
@@ -60,28 +60,28 @@ def model_view(built: Built, state: TrainState, trainable: dict | None = None) -
 def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     opts: StepOptions) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure step; jit it with the state donated."""
-    weights = dict(opts.weights)
     terms = built.loss_terms()
     token_terms = [t for t in terms if t.per_token]
     param_terms = [t for t in terms if not t.per_token]
+    weights = dict(opts.weights) | {t.name: t.weight for t in terms}
+
+    def weighted(values: dict[str, jax.Array]) -> jax.Array:
+        """``sum_i w_i L_i`` over the terms in ``values`` (terms weighted 0 are left out)."""
+        return sum((w * values[name] for name, w in weights.items() if w and name in values), jnp.zeros(()))
 
     def token_objective(trainable: dict, state: TrainState, batch: Batch, key: jax.Array):
         """(weighted sum, {term: sum over target tokens}) for one (micro)batch."""
         params = model_view(built, state, trainable)
         with scope.dropout_key(key):
             logits = forward(built.graphdef, params, batch)
-        nll, log_z = token_losses(logits, batch["targets"])
-        mask = batch["loss_mask"]
-        sums = {"next_token": jnp.sum(nll * mask), "z_loss": jnp.sum(jnp.square(log_z) * mask)}
-        total = sum(weights[name] * sums[name] for name in BUILTIN_TERMS if weights[name])
+        sums = token_sums(logits, batch)
         for t in token_terms:
             sums[t.name] = t.fn(params, state.slim, batch, logits)
-            total = total + t.weight * sums[t.name]
-        return total, sums
+        return weighted(sums), sums
 
     def param_objective(trainable: dict, state: TrainState):
         values = {t.name: t.fn(model_view(built, state, trainable), state.slim) for t in param_terms}
-        return sum((t.weight * values[t.name] for t in param_terms), jnp.zeros(())), values
+        return weighted(values), values
 
     token_grad = jax.grad(token_objective, has_aux=True)
     param_grad = jax.grad(param_objective, has_aux=True)
@@ -97,8 +97,8 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
                 g, s = token_grad(state.params, state, micro, jax.random.fold_in(step_key, i))
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zero_sums = jax.eval_shape(lambda: token_grad(state.params, state, batch, step_key)[1])
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(lambda s: jnp.zeros(s.shape), zero_sums))
+            zero_sums = {name: jnp.zeros(()) for name in (*BUILTIN_TERMS, *(t.name for t in token_terms))}
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
             micro = split_microbatches(batch, opts.microbatches)
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(opts.microbatches)))
         denom = jnp.maximum(n_tokens, 1.0)
@@ -108,8 +108,7 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
             pgrads, pvalues = param_grad(state.params, state)
             grads = jax.tree.map(jnp.add, grads, pgrads)
             values.update(pvalues)
-        objective = sum(weights[name] * values[name] for name in BUILTIN_TERMS if weights[name])
-        objective = objective + sum((t.weight * values[t.name] for t in terms), jnp.zeros(()))
+        objective = weighted(values)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params, slim = built.after_update(params, state.slim)
