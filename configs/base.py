@@ -114,6 +114,24 @@ def get_config() -> ml_collections.ConfigDict:
     # Regexes searched in each Dense layer's path, per layer as "blocks/3/attn/wq" (also when layers
     # are scanned): default every attention and MLP projection; "blocks/(0|1)/attn/wq" picks layers.
     lora.targets = ("attn/w[qkvo]$", "mlp/(gate|up|down)$")
+    slim.prune = prune = ml_collections.ConfigDict()
+    # Sparsity masks on matrix kernels, kept as transform state (sharded like their kernels): the
+    # masked weights are exactly zero after every update and get no optimizer update.
+    prune.targets = ("^blocks/",)  # per-layer kernel patterns; default every block projection
+    # How masks change while training: "fixed" (as `slimjax prune` or the checkpoint left them;
+    # dense when fresh), "gradual" (Zhu & Gupta 2017 cubic schedule from initial_sparsity to
+    # sparsity between begin_step and end_step), "rigl" (Evci et al. 2020: drop by magnitude, grow
+    # by gradient) or "set" (Mocanu et al. 2018: grow at random) at constant sparsity.
+    prune.schedule = "fixed"
+    prune.sparsity = 0.5  # target fraction of zeros (gradual: final; rigl/set: throughout)
+    prune.initial_sparsity = 0.0  # gradual: sparsity at begin_step
+    prune.begin_step = 0  # first step of mask updates (gradual, rigl, set)
+    prune.end_step = 0  # last step of mask updates
+    prune.every = 100  # steps between mask updates
+    prune.drop_fraction = 0.3  # rigl/set: fraction of active weights swapped, cosine-decayed to 0 at end_step
+    prune.distribution = "uniform"  # rigl/set/gradual per-layer densities: "uniform" or "erk"
+    prune.l1 = 0.0  # weight of the L1 loss term sum |w| over the targeted kernels (logged as terms/l1)
+    prune.seed = 0  # rigl/set/from-scratch masks: random draws (stored with the masks)
 
     c.distributed = dist = ml_collections.ConfigDict()
     # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values

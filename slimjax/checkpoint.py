@@ -101,12 +101,27 @@ class Checkpointer:
         restored = self._restore(step, meta=ocp.args.JsonRestore())
         return restored.meta
 
-    def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any]) -> bool:
-        """Writes only ``params`` and ``meta`` for ``step`` (an imported model has no optimizer
-        state); such a checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
-        meta = dict(meta, fingerprints={"params": fingerprints(params)})
-        args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    def save_params(self, step: int, params: dict[str, Any], meta: dict[str, Any],
+                    slim: dict[str, Any] | None = None) -> bool:
+        """Writes only ``params`` (and the transforms' ``slim`` state, e.g. pruning masks) and
+        ``meta`` for ``step`` (an imported or pruned model has no optimizer state); such a
+        checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
+        items = {"params": params, **({"slim": slim} if slim and jax.tree.leaves(slim) else {})}
+        meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
+        args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
+                                  meta=ocp.args.JsonSave(meta))
         return self._manager.save(step, args=args, force=True)
+
+    def restore_slim(self, step: int, abstract_slim: dict[str, Any]) -> dict[str, Any] | None:
+        """The transforms' state saved at ``step`` in the shapes and shardings of ``abstract_slim``,
+        or None when the step holds none."""
+        if not jax.tree.leaves(abstract_slim) or not self._saved_shapes(step, "slim"):
+            return None
+        meta = self.read_meta(step)
+        self.check_shapes(step, "slim", abstract_slim)
+        restored = self._restore(step, slim=ocp.args.StandardRestore(abstract_slim))
+        self._verify(step, "slim", restored["slim"], meta)
+        return restored["slim"]
 
     def restore(self, step: int, abstract_state: dict[str, Any]
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

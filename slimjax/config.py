@@ -161,15 +161,33 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Sparsity masks (``slim.prune``): which kernels, and how the masks change during training."""
+
+    targets: tuple[str, ...]
+    schedule: Literal["fixed", "gradual", "rigl", "set"]
+    sparsity: float
+    initial_sparsity: float
+    begin_step: int
+    end_step: int
+    every: int
+    drop_fraction: float
+    distribution: Literal["uniform", "erk"]
+    l1: float
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
 class SlimConfig:
     """The ordered recipe of model transforms and each transform's options."""
 
     recipe: tuple[str, ...]
     lora: LoraConfig
+    prune: PruneConfig
 
 
 # Transforms a recipe may name (each has a section of the same name under ``slim``).
-TRANSFORMS = ("lora",)
+TRANSFORMS = ("lora", "prune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,11 +261,17 @@ def validate(raw: ml_collections.ConfigDict | Mapping[str, Any]) -> Config:
 def from_saved(saved: Mapping[str, Any]) -> Config:
     """The validated config a checkpoint recorded, over today's defaults: a run written before a
     key existed still loads (the new key takes its default; a key since removed is ignored)."""
+    return validate(saved_config_dict(saved))
+
+
+def saved_config_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A resolved config (``Config.to_dict()``, e.g. from a checkpoint) as a ConfigDict over
+    today's defaults, ready for flag overrides (the ``get_config()`` of a written config file)."""
     from slimjax.configs import base  # the defaults file; it imports nothing of slimjax's
 
     c = base.get_config()
     _overlay(c, saved)
-    return validate(c)
+    return c
 
 
 def _overlay(c: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:
@@ -480,21 +504,45 @@ def _check_slim(slim: SlimConfig) -> None:
                                f"{suggest(name, TRANSFORMS)}; transforms: {', '.join(TRANSFORMS)}")
     if len(set(slim.recipe)) != len(slim.recipe):
         raise SlimjaxError(f"config key 'slim.recipe' {slim.recipe} names a transform twice; keep one of each")
-    lora = slim.lora
+    _check_lora(slim.lora)
+    _check_prune(slim.prune)
+
+
+def _check_patterns(key: str, patterns: tuple[str, ...]) -> None:
+    if not patterns:
+        raise SlimjaxError(f"config key '{key}' is empty; give path patterns such as 'attn/w[qkvo]'")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SlimjaxError(f"config key '{key}' pattern {pattern!r} is not a regular expression: {e}") from None
+
+
+def _check_lora(lora: LoraConfig) -> None:
     if lora.rank <= 0:
         raise SlimjaxError(f"config key 'slim.lora.rank' must be > 0, got {lora.rank}")
     if not lora.alpha > 0:
         raise SlimjaxError(f"config key 'slim.lora.alpha' must be > 0, got {lora.alpha}")
     if not 0.0 <= lora.dropout < 1.0:
         raise SlimjaxError(f"config key 'slim.lora.dropout' must lie in [0, 1), got {lora.dropout}")
-    if not lora.targets:
-        raise SlimjaxError("config key 'slim.lora.targets' is empty; give path patterns such as 'attn/w[qkvo]'")
-    for pattern in lora.targets:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise SlimjaxError(f"config key 'slim.lora.targets' pattern {pattern!r} is not a regular expression: "
-                               f"{e}") from None
+    _check_patterns("slim.lora.targets", lora.targets)
+
+
+def _check_prune(p: PruneConfig) -> None:
+    _check_patterns("slim.prune.targets", p.targets)
+    for key in ("sparsity", "initial_sparsity", "drop_fraction"):
+        if not 0.0 <= getattr(p, key) < 1.0:
+            raise SlimjaxError(f"config key 'slim.prune.{key}' must lie in [0, 1), got {getattr(p, key)}")
+    if p.every <= 0:
+        raise SlimjaxError(f"config key 'slim.prune.every' must be > 0 (steps between mask updates), got {p.every}")
+    if p.l1 < 0:
+        raise SlimjaxError(f"config key 'slim.prune.l1' is a loss-term weight and must be >= 0, got {p.l1}")
+    if p.schedule in ("gradual", "rigl", "set") and not 0 <= p.begin_step < p.end_step:
+        raise SlimjaxError(f"slim.prune.schedule={p.schedule!r} needs 0 <= slim.prune.begin_step < "
+                           f"slim.prune.end_step, got {p.begin_step} and {p.end_step}")
+    if p.schedule == "gradual" and p.initial_sparsity > p.sparsity:
+        raise SlimjaxError(f"config key 'slim.prune.initial_sparsity'={p.initial_sparsity} exceeds "
+                           f"slim.prune.sparsity={p.sparsity}: gradual pruning only removes weights")
 
 
 def _jsonable(x: Any) -> Any:

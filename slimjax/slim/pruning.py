@@ -93,6 +93,11 @@ def _top_mask(scores: jax.Array, k, axis: int) -> jax.Array:
     return _ranks((-scores,), axis) < k
 
 
+def keep_top(scores: jax.Array, k) -> jax.Array:
+    """True at the ``k`` highest ``scores`` of the whole array (``k`` may be traced; ties: lower index)."""
+    return _top_mask(scores.reshape(-1), k, 0).reshape(scores.shape)
+
+
 def keep_mask(scores: jax.Array, sparsity: float, *, per: str = "matrix",
               nm: tuple[int, int] | None = None) -> jax.Array:
     """The mask (True = keep) of the highest ``scores [d_in, d_out]``, with exact counts.

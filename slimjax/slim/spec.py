@@ -24,7 +24,7 @@ from slimjax.config import Config, ModelConfig, model_config_from
 from slimjax.errors import SlimjaxError
 from slimjax.models import FAMILIES, param_axes
 from slimjax.sharding import tree_paths, tree_partition
-from slimjax.slim.transform import LossTerm, Transform
+from slimjax.slim.transform import LossTerm, Transform, UpdateContext
 
 # Model keys that change how the model runs, not what its parameters are: a resumed or restored
 # run may change them freely.
@@ -34,10 +34,15 @@ Recipe = tuple[tuple[str, Mapping[str, Any]], ...]
 
 def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
     # Imported here: each transform module imports this one's neighbours, not the reverse.
-    from slimjax.config import LoraConfig
+    from slimjax.config import LoraConfig, PruneConfig
     from slimjax.slim.lora import Lora
+    from slimjax.slim.prune import Prune
 
-    return {"lora": lambda opts: Lora(LoraConfig(**{**opts, "targets": tuple(opts["targets"])}))}
+    def options(opts: Mapping[str, Any]) -> dict[str, Any]:
+        return {**opts, "targets": tuple(opts["targets"])}
+
+    return {"lora": lambda opts: Lora(LoraConfig(**options(opts))),
+            "prune": lambda opts: Prune(PruneConfig(**options(opts)))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +80,19 @@ class ModelSpec:
         for key in sorted(a):
             if key not in RUNTIME_KEYS and a[key] != b.get(key):
                 return f"model.{key}", a[key], b.get(key)
-        if self.recipe != other.recipe:
+        if structure(self.recipe) != structure(other.recipe):
             return "slim.recipe", _describe(self.recipe), _describe(other.recipe)
         return None
+
+
+def structure(recipe: Recipe) -> Recipe:
+    """The recipe without each transform's runtime options (what the parameters and state depend on)."""
+    registry = _registry()
+    out = []
+    for name, opts in recipe:
+        runtime = registry[name](dict(opts)).runtime_options if name in registry else frozenset()
+        out.append((name, tuple((k, v) for k, v in opts if k not in runtime)))
+    return tuple(out)
 
 
 def spec_from_config(cfg: Config) -> ModelSpec:
@@ -126,12 +141,20 @@ class Built:
             params = t.view(params, state.get(t.name, {}))
         return params
 
-    def after_update(self, params: dict, state: dict) -> tuple[dict, dict]:
+    def after_update(self, params: dict, state: dict, ctx: UpdateContext) -> tuple[dict, dict]:
         for t in self.transforms:
-            params, s = t.after_update(params, state.get(t.name, {}))
+            params, s = t.after_update(params, state.get(t.name, {}), ctx)
             if s:
                 state = {**state, t.name: s}
         return params, state
+
+    def masks(self, state: dict) -> dict[str, jax.Array]:
+        """Every transform's masks by parameter path (a path masked twice gets both: their AND)."""
+        out: dict[str, jax.Array] = {}
+        for t in self.transforms:
+            for path, m in t.masks(state.get(t.name, {})).items():
+                out[path] = m & out[path] if path in out else m
+        return out
 
     def state_axes(self) -> dict:
         return {t.name: ax for t in self.transforms if (ax := t.state_axes(self.axes))}
@@ -186,7 +209,7 @@ def rewrite_fn(source: Built, target: Built) -> Callable[[dict, jax.Array], dict
     """``(source params, key) -> target params``: applies the transforms the target's recipe adds
     to the source's (the source recipe must be a prefix of the target's)."""
     n = len(source.spec.recipe)
-    if target.spec.recipe[:n] != source.spec.recipe:
+    if structure(target.spec.recipe[:n]) != structure(source.spec.recipe):
         raise SlimjaxError(f"cannot turn a model with slim recipe {_describe(source.spec.recipe)} into one with "
                            f"{_describe(target.spec.recipe)}: only transforms added after the source's can be applied")
     extra = list(target.transforms[n:])

@@ -12,7 +12,11 @@ module graph that the caller runs under ``nnx.eval_shape`` (shapes only) or insi
   parameters, scales), with logical axes so they are sharded by the same rules.
 - ``view(params, state)``: the parameters as the loss sees them (masking, fake quantization).
 - ``loss_terms()``: named terms added to the objective, each with its weight.
-- ``after_update(params, state)``: a projection after each optimizer update (re-apply a mask).
+- ``masks(state)``: parameters (by path) held at zero where a mask is False: the step zeroes
+  their gradients before the optimizer, their optimizer moments, and their updated values.
+- ``after_update(params, state, ctx)``: runs after each optimizer update with the step, the raw
+  gradients and a key (RigL regrows by gradient, gradual pruning tightens masks); the masks it
+  returns are then applied.
 - ``export(model)``: undo the structure for export (merge adapters); returns whether the
   transform remains in the exported model's recipe.
 
@@ -25,10 +29,23 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from slimjax.sharding import tree_paths
 
 Params = dict
 State = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateContext:
+    """What ``after_update`` may read: the step just taken (0-based, traced), the raw gradients of
+    the trainable parameters (before masking and clipping) and a key of this step's own."""
+
+    step: jax.Array
+    grads: Params
+    key: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +63,22 @@ class LossTerm:
     per_token: bool
 
 
+def apply_masks(tree: Params, masks: dict[str, jax.Array]) -> Params:
+    """``tree`` with each masked leaf (by path) zeroed where its mask is False; other leaves as they are."""
+    if not masks:
+        return tree
+    leaves = [jnp.where(masks[p], x, jnp.zeros((), x.dtype)) if p in masks else x
+              for p, x in zip(tree_paths(tree), jax.tree.leaves(tree))]
+    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+
+
 class Transform:
     """Base class: every part optional, every default a no-op."""
 
     name: str = ""
+    # Option keys that change how the transform behaves while training, not the parameters or the
+    # state it keeps: a run may resume (or start from a checkpoint) with other values of these.
+    runtime_options: frozenset[str] = frozenset()
 
     def options(self) -> dict[str, Any]:
         """JSON-ready options, recorded in the model spec (and every checkpoint)."""
@@ -74,7 +103,11 @@ class Transform:
     def loss_terms(self) -> list[LossTerm]:
         return []
 
-    def after_update(self, params: Params, state: State) -> tuple[Params, State]:
+    def masks(self, state: State) -> dict[str, jax.Array]:
+        """``{parameter path: bool mask}`` of parameters that must stay zero where the mask is False."""
+        return {}
+
+    def after_update(self, params: Params, state: State, ctx: UpdateContext) -> tuple[Params, State]:
         return params, state
 
     def export(self, model: nnx.Module) -> bool:

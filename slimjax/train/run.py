@@ -199,14 +199,17 @@ def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 source_built.shapes, shardings)
         params = other.restore_params(step, abstract)
+        rewrite = rewrite_fn(source_built, setup.built)  # a clear error when the recipes do not extend
+        # The source's transform state (pruning masks) carries over to the same transforms here.
+        saved_slim = other.restore_slim(step, {name: setup.abstract.slim[name] for name in source_built.state_axes()})
     finally:
         other.close()
-    rewrite = rewrite_fn(source_built, setup.built)  # a clear error when the recipes do not extend
 
-    def start(params, key):
-        return state_from_params(setup, rewrite(params, key), key)
+    def start(params, slim, key):
+        state = state_from_params(setup, rewrite(params, key), key)
+        return dataclasses.replace(state, slim={**state.slim, **(slim or {})})
 
-    return jax.jit(start, out_shardings=setup.shardings)(params, jax.random.key(cfg.train.seed))
+    return jax.jit(start, out_shardings=setup.shardings)(params, saved_slim, jax.random.key(cfg.train.seed))
 
 
 def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: dict[str, NamedSharding],

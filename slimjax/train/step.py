@@ -21,13 +21,16 @@ import optax
 # The loss lives in infer/scoring.py: evaluation shares it (forward-only work).
 from slimjax.infer.scoring import Batch, Metrics, forward, token_sums
 from slimjax.models import scope
-from slimjax.sharding import constrain, tree_merge
+from slimjax.sharding import constrain, tree_merge, tree_paths
 from slimjax.slim.spec import Built
+from slimjax.slim.transform import UpdateContext, apply_masks
 from slimjax.train.state import TrainState
 
 # Metric key of the per-parameter-leaf finite flags (a bool vector, not a scalar to log).
 LEAF_FINITE = "leaf_finite"
 BUILTIN_TERMS = ("next_token", "z_loss")
+UPDATE_SALT = 0x5EED  # folds the step key into the transforms' after-update key (apart from dropout's)
+_UNMASKED = object()  # placeholder leaf for parameters no transform masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +112,15 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
             grads = jax.tree.map(jnp.add, grads, pgrads)
             values.update(pvalues)
         objective = weighted(values)
+        raw_grads = grads
+        grads = apply_masks(grads, built.masks(state.slim))  # masked weights get no update
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params, slim = built.after_update(params, state.slim)
+        ctx = UpdateContext(state.step, raw_grads, jax.random.fold_in(step_key, UPDATE_SALT))
+        params, slim = built.after_update(params, state.slim, ctx)
+        if masks := built.masks(slim):  # the masks after this step's update (RigL, gradual) hold from here
+            params = apply_masks(params, masks)
+            opt_state = mask_moments(tx, opt_state, params, masks)
         leaf_finite = finite_leaves(state.params, grads, params)
         ok = jnp.all(leaf_finite) & jnp.isfinite(objective)
         # A non-finite step never reaches the state (either policy): the loop stops or counts it.
@@ -142,6 +151,21 @@ def make_state_eval_step(built: Built, eval_step: Callable[[dict, Batch], Metric
                          ) -> Callable[[TrainState, Batch], Metrics]:
     """An eval step over a train state: the model's view of its parameters, no dropout."""
     return lambda state, batch: eval_step(model_view(built, state), batch)
+
+
+def mask_moments(tx: optax.GradientTransformation, opt_state: Any, params: dict, masks: dict) -> Any:
+    """The optimizer state with every parameter-shaped moment zeroed where its parameter is masked,
+    so a weight that is pruned now and regrown later (RigL) starts again from zero moments."""
+    flat = [masks.get(p, _UNMASKED) for p in tree_paths(params)]
+    full = jax.tree.unflatten(jax.tree.structure(params), flat)
+
+    def mask(leaf, m):
+        if m is _UNMASKED or not hasattr(leaf, "shape") or leaf.shape != m.shape:
+            return leaf  # unmasked, or a factored moment (Adafactor) that has no per-weight entries
+        return jnp.where(m, leaf, jnp.zeros((), leaf.dtype))
+
+    return optax.tree_map_params(tx, mask, opt_state, full, transform_non_params=lambda x: x,
+                                 is_leaf=lambda x: x is _UNMASKED)
 
 
 def finite_leaves(params: dict, grads: dict, new_params: dict) -> jax.Array:

@@ -1,0 +1,228 @@
+"""``slimjax prune``: one-shot pruning of a run's checkpoint into a new run directory.
+
+Unstructured (magnitude, Wanda, SparseGPT; ``--nm=2:4`` for N:M) keeps the model's shapes: the
+new run holds the parameters with pruned weights at zero and the masks as the pruning
+transform's state (``slim.recipe=('prune',)``), so ``slimjax train --config=OUT/config.py``
+fine-tunes with the masks fixed (recovery) and eval, generate, report and export read it like any
+run. Structured pruning (``--heads``, ``--mlp``) removes whole attention heads (kv groups under
+GQA) and MLP neurons: the new run is a smaller dense model.
+
+Everything is checked and computed before OUT is created; a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Sequence
+
+from slimjax.cli.flags import iter_flags
+from slimjax.config import suggest
+from slimjax.errors import SlimjaxError
+
+USAGE = ("slimjax prune --workdir=RUN --out=NEW_RUN [--method=magnitude|wanda|sparsegpt] [--sparsity=0.5] "
+         "[--nm=N:M] [--scope=layer|global] [--target=REGEX ...] [--calibration_samples=128] [--heads=F] [--mlp=F] "
+         "[--sequential=true|false] [--step=N]   (structured: --heads/--mlp remove that fraction of heads/neurons)")
+FLAGS = ("workdir", "out", "method", "sparsity", "nm", "scope", "target", "calibration_samples", "heads", "mlp",
+         "sequential", "step")
+CONFIG_FILE = "config.py"  # the pruned run as a --config file (recovery fine-tuning starts from it)
+REPORT_FILE = "prune.json"
+
+
+def _number(name: str, text: str, kind: type) -> float | int:
+    try:
+        return kind(text)
+    except ValueError:
+        raise SlimjaxError(f"--{name}={text!r} must be a{'n integer' if kind is int else ' number'}") from None
+
+
+def _nm(text: str) -> tuple[int, int]:
+    n, sep, m = text.partition(":")
+    if not sep or not n.isdigit() or not m.isdigit() or not 0 < int(n) < int(m):
+        raise SlimjaxError(f"--nm={text!r} must look like N:M with 0 < N < M (e.g. 2:4: two of every four inputs kept)")
+    return int(n), int(m)
+
+
+def parse(argv: Sequence[str]) -> dict:
+    v: dict = {"method": "magnitude", "sparsity": 0.5, "nm": None, "scope": "layer", "targets": [], "samples": 128,
+               "heads": 0.0, "mlp": 0.0, "sequential": True, "step": None, "workdir": None, "out": None}
+    given = set()
+    for name, value in iter_flags(argv, example="--workdir=RUN"):
+        if name not in FLAGS:
+            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
+        given.add(name)
+        if name == "target":
+            v["targets"].append(value)
+        elif name in ("sparsity", "heads", "mlp"):
+            v[name] = _number(name, value, float)
+        elif name in ("calibration_samples", "step"):
+            v["samples" if name == "calibration_samples" else name] = _number(name, value, int)
+        elif name == "nm":
+            v["nm"] = _nm(value)
+        elif name == "sequential":
+            if value.lower() not in ("true", "false"):
+                raise SlimjaxError(f"--sequential={value!r} must be true or false")
+            v["sequential"] = value.lower() == "true"
+        else:
+            v[name] = value
+    for name in ("workdir", "out"):
+        if not v[name]:
+            raise SlimjaxError(f"slimjax prune needs --{name}; usage: {USAGE}")
+    for name in ("heads", "mlp"):
+        if not 0.0 <= v[name] < 1.0:
+            raise SlimjaxError(f"--{name}={v[name]} must lie in [0, 1): the fraction removed from every layer")
+    v["structured"] = bool(v["heads"] or v["mlp"])
+    if v["structured"] and given & {"method", "sparsity", "nm", "scope"}:
+        raise SlimjaxError("--heads/--mlp (structured) and --method/--sparsity/--nm/--scope (unstructured) are "
+                           "separate runs of slimjax prune; give one kind")
+    out = os.path.abspath(os.path.expanduser(v["out"]))
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise SlimjaxError(f"--out '{v['out']}' already exists and is not an empty directory; give a new directory")
+    return v
+
+
+def run(argv: Sequence[str]) -> int:
+    v = parse(argv)
+    import jax
+
+    from slimjax.cli.rundir import open_run
+    from slimjax.slim import calibrate
+    from slimjax.slim.oneshot import OneShotOptions, default_prune_config
+
+    rd = open_run(v["workdir"], v["step"])
+    names = [name for name, _ in rd.spec.recipe]
+    if names not in ([], ["prune"]):
+        raise SlimjaxError(f"run '{v['workdir']}' has slim recipe {names}; prune a plain or pruned model (export "
+                           "LoRA runs first: slimjax export merges adapters)")
+    targets = tuple(v["targets"]) or default_prune_config().targets
+    opts = OneShotOptions(v["method"], v["sparsity"], v["nm"], v["scope"], targets, v["sequential"])
+    log = lambda msg: print(f"slimjax prune: {msg}", flush=True) if jax.process_index() == 0 else None  # noqa: E731
+    params = rd.restore_params()
+    batches = []
+    if v["structured"] or opts.calibrated:
+        batches = calibrate.calibration_batches(rd.cfg, rd.workdir, v["samples"])
+    if v["structured"]:
+        cfg, spec, params, slim, summary = _structured(rd, params, batches, v)
+    else:
+        cfg, spec, params, slim, summary = _unstructured(rd, params, batches, opts, log)
+    summary = {"source": rd.workdir, "source_step": rd.step, "calibration_samples": v["samples"] if batches else 0,
+               **summary}
+    _write(rd, v["out"], cfg, spec, params, slim, summary)
+    if jax.process_index() == 0:
+        print(summary["line"] + f" -> {os.path.abspath(v['out'])}")
+    return 0
+
+
+def _unstructured(rd, params, batches, opts, log):
+    import jax
+    import jax.numpy as jnp
+
+    from slimjax.slim.oneshot import prune_oneshot
+    from slimjax.slim.prune import MASKS, _nest
+
+    base_spec = dataclasses.replace(rd.spec, recipe=())
+    pruned, masks, layers = prune_oneshot(base_spec, params, opts, rd.mesh, rd.rules, batches, progress=log)
+    if rd.spec.recipe:  # already pruned: the old masks stay in force
+        old = rd.checkpointer.restore_slim(rd.step, jax.eval_shape(lambda: {"prune": {MASKS: _nest(masks)}}))
+        if old:
+            from slimjax.slim.prune import _flat
+
+            prev = _flat(old["prune"][MASKS])
+            masks = {p: m & prev[p] if p in prev else m for p, m in masks.items()}
+    prune_cfg = dataclasses.replace(rd.cfg.slim.prune, targets=opts.targets, schedule="fixed")
+    cfg = dataclasses.replace(rd.cfg, slim=dataclasses.replace(rd.cfg.slim, recipe=("prune",), prune=prune_cfg))
+    from slimjax.slim.spec import spec_from_config
+
+    spec = spec_from_config(cfg)
+    spec = dataclasses.replace(spec, model=rd.spec.model)
+    kept = sum(int(jnp.sum(m)) for m in masks.values())
+    total = sum(int(m.size) for m in masks.values())
+    method = opts.method + (f" {opts.nm[0]}:{opts.nm[1]}" if opts.nm else f" {opts.sparsity:.0%}")
+    line = f"pruned {len(layers)} layer matrices with {method}: {1 - kept / total:.2%} of {total:,} weights removed"
+    summary = {"kind": "unstructured", "options": dataclasses.asdict(opts), "targeted_weights": total,
+               "kept_weights": kept, "sparsity": 1 - kept / total, "layers": layers, "line": line}
+    return cfg, spec, pruned, {"prune": {MASKS: _nest(masks)}}, summary
+
+
+def _structured(rd, params, batches, v):
+    import jax
+
+    from slimjax.slim import calibrate
+    from slimjax.slim.spec import ModelSpec
+    from slimjax.slim.structured import structured_prune
+
+    patterns = ["attn/wo$", "mlp/down$"]
+    stats = calibrate.collect_stats(rd.spec, params, batches, rd.mesh, rd.rules, patterns, gram=False)
+    model, small, detail = structured_prune(rd.spec.model, jax.device_get(params), stats, v["heads"], v["mlp"])
+    cfg = dataclasses.replace(rd.cfg, model=model)
+    spec = ModelSpec(rd.spec.family, model)
+    n_before = sum(int(x.size) for x in jax.tree.leaves(params))
+    n_after = sum(int(x.size) for x in jax.tree.leaves(small))
+    line = (f"removed {v['heads']:.0%} of heads ({rd.spec.model.n_heads} -> {model.n_heads}, kv {rd.spec.model.n_kv_heads}"
+            f" -> {model.n_kv_heads}) and {v['mlp']:.0%} of MLP neurons (d_ff {rd.spec.model.d_ff} -> {model.d_ff}): "
+            f"{n_before:,} -> {n_after:,} parameters")
+    summary = {"kind": "structured", "heads": v["heads"], "mlp": v["mlp"], "parameters_before": n_before,
+               "parameters_after": n_after, "layers": detail, "line": line}
+    return cfg, spec, small, None, summary
+
+
+def _write(rd, out: str, cfg, spec, params, slim, summary) -> None:
+    """The new run: checkpoint 0 (params, masks), tokenizer, config file and report; all or nothing."""
+    import jax
+
+    from slimjax.checkpoint import Checkpointer
+    from slimjax.cli.rundir import base_checkpoint_config
+    from slimjax.data import tokenizer as tokenizers
+    from slimjax.sharding import make_mesh
+    from slimjax.train.metrics import write_json
+    from slimjax.train.run import CHECKPOINT_DIR
+
+    out = os.path.abspath(os.path.expanduser(out))
+    data = cfg.data
+    cached = tokenizers.cached_model_path(rd.workdir)
+    if data.tokenizer_kind == "sentencepiece" and not data.tokenizer and cached.is_file():
+        # The recovery run lives in another workdir: point it at this run's copy of the tokenizer.
+        data = dataclasses.replace(data, tokenizer=str(tokenizers.cached_model_path(out)))
+    cfg = dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=out))
+    mesh = make_mesh(cfg.mesh)
+    del mesh  # the parameters are already placed on the run's mesh
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+    try:
+        if is_main and cached.is_file():
+            os.makedirs(cached.parent.as_posix().replace(rd.workdir, out), exist_ok=True)
+            shutil.copyfile(cached, tokenizers.cached_model_path(out))
+        checkpointer = Checkpointer(os.path.join(out, CHECKPOINT_DIR), base_checkpoint_config())
+        meta = {"config": cfg.to_dict(), "spec": spec.to_json(), "step": 0,
+                "prune": {k: v for k, v in summary.items() if k != "layers"}}
+        checkpointer.save_params(0, params, meta, slim=slim)
+        checkpointer.wait()
+        checkpointer.close()
+        if is_main:
+            write_json(os.path.join(out, REPORT_FILE), summary)
+            _write_config_file(os.path.join(out, CONFIG_FILE), cfg.to_dict(), summary["line"])
+    except BaseException:
+        if is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_config_file(path: str, resolved: dict, what: str) -> None:
+    """A ``get_config()`` file of the pruned run's resolved config (recovery starts from it)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'''"""A pruned run ({what}).
+
+Recover (fine-tune with the masks fixed):
+  slimjax train --config={path} --workdir=NEW_RUN --config.train.steps=N
+"""
+
+from slimjax.config import saved_config_dict
+
+RESOLVED = {resolved!r}
+
+
+def get_config():
+    return saved_config_dict(RESOLVED)
+''')
