@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from slimjax.cli import evaluate, export, generate, hf_import, prepare, tokenizer, train
+from slimjax.cli import evaluate, export, generate, hf_import, prepare, report, tokenizer, train
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError, one_line
 
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "export": (export.run, export.USAGE),
     "eval": (evaluate.run, evaluate.USAGE),
     "generate": (generate.run, generate.USAGE),
+    "report": (report.run, report.USAGE),
 }
 
 

@@ -170,13 +170,14 @@ def _dir_bytes(directory: str) -> int:
 
 
 def save_sparse(params: dict, directory: str, *, min_sparsity: float = 0.3,
-                axes: Mapping[str, int] | None = None) -> dict[str, Any]:
+                axes: Mapping[str, int] | None = None, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Writes ``params`` (a nested dict of arrays) to ``directory`` in the smallest format per leaf.
 
     ``axes`` maps a leaf path (``blocks/attn/wq/kernel``) to the axis along which 2:4 groups run
     (:func:`matrix_axes` gives every matrix weight's input axis); a leaf without one uses axis
     ``ndim - 2`` (the input dim of a plain ``[..., d_in, d_out]`` matrix). An existing store at
-    ``directory`` is replaced; any other non-empty directory is refused.
+    ``directory`` is replaced; any other non-empty directory is refused. ``meta`` (JSON-ready, e.g.
+    the model spec and step) is kept in the index for :func:`read_meta`.
 
     Returns ``{"bytes": {format: payload bytes}, "leaves": {format: count}, "total_bytes"
     (every file of the store), "dense_bytes" (the tree as raw arrays), "per_leaf": {path:
@@ -225,7 +226,7 @@ def save_sparse(params: dict, directory: str, *, min_sparsity: float = 0.3,
         write_file(os.path.join(tmp, TENSOR_FILE), specs, tensors.__getitem__)
         with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump({"format": FORMAT_NAME, "version": VERSION, "min_sparsity": min_sparsity,
-                       "leaves": entries}, f)
+                       "meta": dict(meta or {}), "leaves": entries}, f)
         total = _dir_bytes(tmp)
         if os.path.exists(directory):  # move the old store aside only once the new one is complete
             old = f"{directory}.old-{os.getpid()}"
@@ -241,22 +242,32 @@ def save_sparse(params: dict, directory: str, *, min_sparsity: float = 0.3,
             "per_leaf": per_leaf}
 
 
-def load_sparse(directory: str) -> dict:
-    """The tree :func:`save_sparse` wrote (NumPy arrays, bit-exact). A missing, truncated or
-    damaged file is a SlimjaxError naming it."""
+def _read_index(directory: str) -> dict[str, Any]:
     index_path = os.path.join(directory, INDEX_FILE)
-    tensor_path = os.path.join(directory, TENSOR_FILE)
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-        leaves = index["leaves"]
-        if index.get("format") != FORMAT_NAME:
+        if index.get("format") != FORMAT_NAME or not isinstance(index["leaves"], list):
             raise ValueError(f"format {index.get('format')!r} is not {FORMAT_NAME!r}")
     except FileNotFoundError:
         raise SlimjaxError(f"'{index_path}' is missing: '{directory}' is not a sparse store "
                            "(write one with save_sparse)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SlimjaxError(f"'{index_path}' is not a readable sparse-store index: {e}") from None
+    return index
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    """The ``meta`` a store was saved with (``{}`` when none)."""
+    return _read_index(directory).get("meta", {})
+
+
+def load_sparse(directory: str) -> dict:
+    """The tree :func:`save_sparse` wrote (NumPy arrays, bit-exact). A missing, truncated or
+    damaged file is a SlimjaxError naming it."""
+    index = _read_index(directory)
+    leaves = index["leaves"]
+    tensor_path = os.path.join(directory, TENSOR_FILE)
     if not os.path.isfile(tensor_path):
         raise SlimjaxError(f"'{tensor_path}' is missing; the sparse store '{directory}' is incomplete")
     tf = TensorFile(tensor_path)
