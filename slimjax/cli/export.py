@@ -4,7 +4,8 @@ The model is built from the checkpoint's own spec. Transforms that bake into pla
 baked in first (LoRA adapters merged into their kernels), so a LoRA run exports as the merged
 model; ``--adapters`` writes the adapters alone as a PEFT directory instead
 (``adapter_model.safetensors`` + ``adapter_config.json``), for ``peft.PeftModel.from_pretrained``
-on the base model.
+on the base model. ``--sparse[=DIR]`` writes the exported parameters as a sparse store
+(``slimjax.slim.sparse_store``; default ``<workdir>/sparse``, which ``slimjax report`` reads).
 """
 
 from __future__ import annotations
@@ -17,21 +18,28 @@ from slimjax.cli.flags import iter_flags
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
-USAGE = ("slimjax export --workdir=RUN --out=DIR [--step=N] [--architecture=LlamaForCausalLM|MistralForCausalLM|"
-         "GPT2LMHeadModel] [--adapters]   (--adapters: a LoRA run's adapters alone, as a PEFT directory)")
-FLAGS = ("workdir", "out", "step", "architecture", "adapters")
+USAGE = ("slimjax export --workdir=RUN (--out=DIR | --sparse[=DIR]) [--step=N] [--architecture=LlamaForCausalLM|"
+         "MistralForCausalLM|GPT2LMHeadModel] [--adapters]   (--adapters: a LoRA run's adapters alone, as a PEFT "
+         "directory; --sparse: the parameters as a sparse store, default DIR <workdir>/sparse)")
+FLAGS = ("workdir", "out", "step", "architecture", "adapters", "sparse")
 
 
 def run(argv: Sequence[str]) -> int:
     values = {}
-    for name, value in iter_flags(argv, switches=frozenset({"adapters"}), example="--out=DIR"):
+    for name, value in iter_flags(argv, switches=frozenset({"adapters", "sparse"}), example="--out=DIR"):
         if name not in FLAGS:
             raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
         values[name] = value
+    step = _int_flag("step", values.get("step"))
+    if "sparse" in values:
+        if not values.get("workdir"):
+            raise SlimjaxError(f"slimjax export needs --workdir; usage: {USAGE}")
+        if "out" in values or "adapters" in values:
+            raise SlimjaxError("--sparse writes a sparse store alone; run --out / --adapters as another export")
+        return export_sparse(values["workdir"], values["sparse"], step)
     for need in ("workdir", "out"):
         if not values.get(need):
             raise SlimjaxError(f"slimjax export needs --{need}; usage: {USAGE}")
-    step = _int_flag("step", values.get("step"))
     out = os.path.abspath(values["out"])
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SlimjaxError(f"--out '{values['out']}' exists and is not an empty directory; give a new one")
@@ -90,6 +98,30 @@ def export_adapters(rd, out: str) -> int:
     files = peft.export_adapter(rd.spec.model, adapters, options, out, base_model=base)
     if jax.process_index() == 0:
         print(f"exported the LoRA adapters of step {rd.step} of {rd.workdir} -> {out}: {', '.join(files)}")
+    return 0
+
+
+def export_sparse(workdir: str, directory: str | None, step: int | None) -> int:
+    """Writes the run's exported parameters (adapters merged ...) as a sparse store, with the
+    exported model spec and step in its index; 2:4 groups run along each matrix's input dim."""
+    import jax
+    from flax import nnx
+
+    from slimjax.cli.rundir import open_run
+    from slimjax.slim.sparse_store import matrix_axes, save_sparse
+    from slimjax.slim.spec import build
+
+    if jax.process_count() > 1:
+        raise SlimjaxError("export --sparse gathers the parameters on one host; run it as a single process")
+    rd = open_run(workdir, step)
+    spec, params = rd.exported_params()
+    built = build(spec)
+    out = directory or os.path.join(rd.workdir, "sparse")
+    summary = save_sparse(jax.device_get(params), out, axes=matrix_axes(nnx.merge(built.graphdef, built.shapes)),
+                          meta={"spec": spec.to_json(), "step": rd.step, "source": rd.workdir})
+    formats = ", ".join(f"{n} {f}" for f, n in summary["leaves"].items() if n)
+    print(f"exported step {rd.step} of {rd.workdir} -> {out}: {summary['total_bytes']:,} bytes "
+          f"({summary['dense_bytes']:,} dense; leaves: {formats})")
     return 0
 
 

@@ -1,0 +1,106 @@
+"""``slimjax report``: a run's weights (per-layer sparsity, bytes), quality and speed, optionally
+against another run, with a verdict per saving (``slimjax.slim.report``).
+
+Writes JSON (default ``<workdir>/report.json``), prints a table and draws per-layer sparsity to
+``<workdir>/sparsity.png``. ``build_report`` is the same from Python (it lives here because it
+opens run directories, which the ``slim`` layer below may not).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from slimjax.cli.flags import iter_flags
+from slimjax.config import suggest
+from slimjax.errors import SlimjaxError
+
+USAGE = ("slimjax report --workdir=RUN [--against=OTHER_RUN] [--out=FILE.json] [--max_docs=N] [--batch_size=N] "
+         "[--repeats=5]   (quality on the run's held-out split; timings are medians of --repeats calls)")
+FLAGS = ("workdir", "against", "out", "max_docs", "batch_size", "repeats")
+
+
+def _int(name: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SlimjaxError(f"--{name}={text!r} must be an integer") from None
+    if value < minimum:
+        raise SlimjaxError(f"--{name}={value} must be >= {minimum}")
+    return value
+
+
+def parse(argv: Sequence[str]) -> dict:
+    values: dict = {"workdir": None, "against": None, "out": None, "max_docs": 0, "batch_size": 0, "repeats": 5}
+    for name, value in iter_flags(argv, example="--workdir=RUN"):
+        if name not in FLAGS:
+            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
+        if name in ("max_docs", "batch_size"):
+            values[name] = _int(name, value, 0)
+        elif name == "repeats":
+            values[name] = _int(name, value, 1)
+        else:
+            values[name] = value
+    if not values["workdir"]:
+        raise SlimjaxError(f"slimjax report needs --workdir; usage: {USAGE}")
+    return values
+
+
+def build_report(workdir: str, against: str | None = None, *, max_docs: int = 0, batch_size: int = 0,
+                 timing_repeats: int = 5) -> dict[str, Any]:
+    """The report of run ``workdir`` (latest checkpoint), optionally against run ``against``.
+
+    Quality uses the first ``max_docs`` (0: all) documents of the run's held-out split, scored
+    ``batch_size`` rows at a time (0: each run's global batch size); the other run is scored on
+    the same documents with its own tokenizer. Timings are medians of ``timing_repeats`` calls.
+    Returns ``{"device", "documents", "run"}`` plus ``"against"``, ``"ratios"`` and ``"verdicts"``
+    with another run (see ``slimjax.slim.report``).
+    """
+    import jax
+
+    from slimjax.cli.rundir import open_run, run_tokenizer
+    from slimjax.infer import evaluate
+    from slimjax.slim import report
+    from slimjax.train.run import CHECKPOINT_DIR
+
+    if timing_repeats < 1:
+        raise SlimjaxError(f"timing_repeats={timing_repeats} must be >= 1")
+    rd = open_run(workdir)
+    if against and not os.path.isdir(os.path.join(against, CHECKPOINT_DIR)):
+        raise SlimjaxError(f"--against '{against}' has no {CHECKPOINT_DIR}/ directory; give another run directory")
+    docs = evaluate.split_documents(rd.cfg.data, "eval", max_docs)
+    if not docs:
+        raise SlimjaxError(f"run '{workdir}' has no held-out documents in "
+                           f"{', '.join(s.name for s in rd.cfg.data.sources)}")
+
+    def one(run) -> dict[str, Any]:
+        tok = run_tokenizer(run.cfg.data, run.workdir, run.cfg.model.vocab_size, "report")
+        return report.run_report(run, tok, docs, batch_size or run.cfg.train.global_batch_size, timing_repeats)
+
+    result: dict[str, Any] = {"device": jax.devices()[0].device_kind, "documents": len(docs), "run": one(rd)}
+    if against:
+        result["against"] = one(open_run(against))
+        result["ratios"], result["verdicts"] = report.compare(result["run"], result["against"])
+    return result
+
+
+def run(argv: Sequence[str]) -> int:
+    opts = parse(argv)
+    import jax
+
+    from slimjax.slim import report
+    from slimjax.train.metrics import write_json
+
+    result = build_report(opts["workdir"], opts["against"], max_docs=opts["max_docs"],
+                                 batch_size=opts["batch_size"], timing_repeats=opts["repeats"])
+    if jax.process_index() != 0:
+        return 0
+    workdir = result["run"]["workdir"]
+    out = opts["out"] or os.path.join(workdir, report.REPORT_FILE)
+    write_json(out, result)
+    png = os.path.join(workdir, report.PLOT_FILE)
+    report.plot_sparsity(result, png)
+    print(report.format_table(result))
+    print(f"wrote {out} and {png}")
+    return 0
