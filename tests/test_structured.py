@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import random_model, small_config, synthetic_batch
+from helpers import random_model, small_config, synthetic_batch, with_mesh
 from slimjax.errors import SlimjaxError
 from slimjax.infer.generate import unstacked
 from slimjax.infer.scoring import forward
-from slimjax.slim.calibrate import LayerStats
-from slimjax.slim.spec import ModelSpec, build
+from slimjax.sharding import Rules, make_mesh
+from slimjax.slim.calibrate import LayerStats, collect_stats
+from slimjax.slim.spec import ModelSpec, build, spec_from_config
 from slimjax.slim.structured import structured_prune
 
 
@@ -31,7 +32,7 @@ def masked(model_cfg, params, report):
     out = jax.tree.map(np.array, params)
     for i in range(model_cfg.n_layers):
         layer = report["layers"][f"blocks/{i}"]
-        block = out["blocks"][i] if not model_cfg.scan_layers else jax.tree.map(lambda a: a[i], out["blocks"])
+        block = out["blocks"][i] if not model_cfg.scan_layers else jax.tree.map(lambda a, i=i: a[i], out["blocks"])
         gone_heads = sorted(set(range(model_cfg.n_heads)) - set(layer["heads"]))
         gone_neurons = sorted(set(range(model_cfg.d_ff)) - set(layer["neurons"]))
         block["attn"]["wo"]["kernel"][gone_heads] = 0.0
@@ -147,3 +148,23 @@ def test_missing_statistics_and_adapter_parameters_are_errors():
     with_adapter["blocks"]["attn"]["wq"]["tap"] = {"a": np.zeros(1), "b": np.zeros(1)}
     with pytest.raises(SlimjaxError, match="attn/wq also holds tap; export the run"):
         structured_prune(cfg.model, with_adapter, None, 0.5, 0.5)
+
+
+def test_calibrated_pruning_of_sharded_parameters_on_a_2x2x2_mesh():
+    """Statistics from collect_stats and parameters sharded on 8 devices: the pruned model still
+    equals the masked original, and the choice follows the collected statistics."""
+    cfg = with_mesh(small_config(), 2, 2, 2)
+    mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
+    _, host = random_model(cfg)
+    built = build(spec_from_config(cfg))
+    params = jax.device_put(host, rules.tree_shardings(built.axes, built.shapes, mesh))
+    batch = synthetic_batch(cfg)
+    stats = collect_stats(spec_from_config(cfg), params, [batch], mesh, rules, ("attn/wo", "mlp/down"), gram=False)
+    smaller, pruned, report = structured_prune(cfg.model, params, stats, 0.25, 0.5)
+    assert (smaller.n_heads, smaller.n_kv_heads, smaller.d_ff) == (6, 3, 64)
+    small = logits(smaller, jax.device_get(pruned), batch)
+    reference = logits(cfg.model, masked(cfg.model, host, report), batch)
+    np.testing.assert_allclose(small, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    down = np.linalg.norm(host["blocks"]["mlp"]["down"]["kernel"][1].astype(np.float64), axis=1)
+    scores = down * np.sqrt(np.asarray(stats["blocks/1/mlp/down"].sq_norm, np.float64))
+    assert report["layers"]["blocks/1"]["neurons"] == sorted(np.argsort(-scores)[:64].tolist())
