@@ -18,6 +18,7 @@ the layer's first input dim; padding (segment id 0) is excluded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -129,8 +130,9 @@ def collect_stats(spec: ModelSpec, params: dict, batches: Iterable[dict[str, np.
 
     abstract = nnx.merge(built.graphdef, built.shapes)
     selected = [s for s in select_layers(abstract, patterns, key) if isinstance(s.dense, Dense)]
-    stat_shardings = {s.name: _stat_shardings(s.name, s.dense, mesh, rules, gram) for s in selected}
-    names = set(stat_shardings)
+    names = {s.name for s in selected}
+    acc_abstract = _abstract_stats(selected, gram, mesh, rules)
+    acc_shardings = jax.tree.map(lambda a: a.sharding, acc_abstract)
 
     def record(params: dict, batch: dict[str, jax.Array], acc: dict) -> dict:
         model = nnx.merge(built.graphdef, params)
@@ -144,20 +146,17 @@ def collect_stats(spec: ModelSpec, params: dict, batches: Iterable[dict[str, np.
         out = {name: tuple(a + b for a, b in zip(acc[name], found[name])) for name in names}
         return {**out, "tokens": acc["tokens"] + jnp.sum(batch["segment_ids"] != 0, dtype=jnp.int32)}
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    acc_shardings = {**stat_shardings, "tokens": replicated}
     batch_sharding = pipeline.batch_shardings(mesh, rules)
-    step = None
-    acc = None
+    step = acc = None
     for host_batch in batches:
         batch = pipeline.to_global({k: host_batch[k] for k in pipeline.BATCH_KEYS}, batch_sharding)
         if step is None:
             with activation_rules(mesh, rules):  # constraints are resolved while tracing
                 step = jax.jit(record, in_shardings=(shardings, batch_sharding, acc_shardings),
-                               out_shardings=acc_shardings, donate_argnums=2).lower(
-                                   placed, batch, _zeros_like_stats(selected, gram, acc_shardings, abstract=True)
-                               ).compile()
-            acc = _zeros_like_stats(selected, gram, acc_shardings)
+                               out_shardings=acc_shardings, donate_argnums=2
+                               ).lower(placed, batch, acc_abstract).compile()
+            acc = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), acc_abstract),
+                          out_shardings=acc_shardings)()
         acc = step(placed, batch, acc)
     if acc is None:
         raise SlimjaxError(f"no calibration batches to collect statistics from; raise {SAMPLES_FLAG}")
@@ -183,34 +182,20 @@ def _recording_tap(name: str, inner: Callable[..., jax.Array] | None, real: jax.
     return tap
 
 
-def _stat_shardings(name: str, dense: Dense, mesh: Mesh, rules: Rules, gram: bool) -> tuple[NamedSharding, ...]:
-    """The statistics split like the layer's first input dim (the flattened dim's leading blocks)."""
-    meta = dense.kernel.get_metadata()
-    n_in, n_out = meta["matrix"]
-    shape, axes = tuple(dense.kernel.shape), tuple(meta["axes"])
-    first = len(shape) - n_in - n_out
-    d_in = int(np.prod(shape[first:first + n_in]))
-    spec = rules.spec((axes[first],), (d_in,), mesh, what=f"statistics of '{name}'")
-    out = (NamedSharding(mesh, spec),)
-    if gram:
-        out += (NamedSharding(mesh, PartitionSpec(*spec, None) if spec else PartitionSpec()),)
-    return out
-
-
-def _zeros_like_stats(selected: list, gram: bool, shardings: dict, abstract: bool = False) -> dict[str, Any]:
-    """Zero accumulators (or their abstract shapes) for the selected layers and the token count."""
-
-    def make(shape: tuple[int, ...], sharding: NamedSharding, dtype: Any = jnp.float32):
-        if abstract:
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
+def _abstract_stats(selected: list, gram: bool, mesh: Mesh, rules: Rules) -> dict[str, Any]:
+    """Shapes and shardings of the accumulators: per layer ``(sq_norm[, gram])`` split like the
+    layer's first input dim (the flattened dim's leading blocks), and the replicated token count."""
     out: dict[str, Any] = {}
     for s in selected:
-        n_in, n_out = s.dense.kernel.get_metadata()["matrix"]
-        shape = tuple(s.dense.kernel.shape)
-        d = int(np.prod(shape[len(shape) - n_in - n_out:len(shape) - n_out]))
-        sh = shardings[s.name]
-        out[s.name] = (make((d,), sh[0]),) + ((make((d, d), sh[1]),) if gram else ())
-    out["tokens"] = make((), shardings["tokens"], jnp.int32)
+        meta = s.dense.kernel.get_metadata()
+        n_in, n_out = meta["matrix"]
+        shape, axes = tuple(s.dense.kernel.shape), tuple(meta["axes"])
+        first = len(shape) - n_in - n_out
+        d = math.prod(shape[first:first + n_in])
+        spec = rules.spec((axes[first],), (d,), mesh, what=f"statistics of '{s.name}'")
+        stats = (jax.ShapeDtypeStruct((d,), jnp.float32, sharding=NamedSharding(mesh, spec)),)
+        if gram:
+            stats += (jax.ShapeDtypeStruct((d, d), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(*spec))),)
+        out[s.name] = stats
+    out["tokens"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     return out
