@@ -250,6 +250,8 @@ def _fingerprint_impl(leaves: list[jax.Array]) -> jax.Array:
     out = []
     for x in leaves:
         x = jnp.asarray(x)
+        if x.dtype == jnp.bool_:  # masks: bitcasts take numbers only
+            x = x.astype(jnp.uint8)
         bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
         mixed = (bits ^ (bits >> 15)) * jnp.uint32(2654435761)
         # One variadic reduction for both sums: XLA fuses it with the elementwise terms, so no

@@ -181,7 +181,7 @@ BAD = [
     (["--target=nothing_matches"], "slim.prune.targets"),
     (["--heads=0.9"], "--heads"),
     (["--mlp=1.0"], "--mlp"),
-    (["--method=wanda", "--calibration_samples=100000"], "--calibration_samples"),
+    (["--method=wanda", "--calibration_samples=100000000"], "--calibration_samples"),
     (["--method=obs"], "--method"),
     (["--scope=global", "--method=wanda"], "--scope"),
 ]

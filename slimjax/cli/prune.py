@@ -149,14 +149,16 @@ def _structured(rd, params, batches, v):
     import jax
 
     from slimjax.slim import calibrate
-    from slimjax.slim.spec import ModelSpec
+    from slimjax.slim.spec import ModelSpec, build
     from slimjax.slim.structured import structured_prune
 
     patterns = ["attn/wo$", "mlp/down$"]
     stats = calibrate.collect_stats(rd.spec, params, batches, rd.mesh, rd.rules, patterns, gram=False)
-    model, small, detail = structured_prune(rd.spec.model, jax.device_get(params), stats, v["heads"], v["mlp"])
+    model, small, detail = structured_prune(rd.spec.model, params, stats, v["heads"], v["mlp"])
     cfg = dataclasses.replace(rd.cfg, model=model)
     spec = ModelSpec(rd.spec.family, model)
+    built = build(spec)
+    small = jax.device_put(small, rd.rules.tree_shardings(built.axes, built.shapes, rd.mesh))
     n_before = sum(int(x.size) for x in jax.tree.leaves(params))
     n_after = sum(int(x.size) for x in jax.tree.leaves(small))
     line = (f"removed {v['heads']:.0%} of heads ({rd.spec.model.n_heads} -> {model.n_heads}, kv {rd.spec.model.n_kv_heads}"
@@ -174,7 +176,6 @@ def _write(rd, out: str, cfg, spec, params, slim, summary) -> None:
     from slimjax.checkpoint import Checkpointer
     from slimjax.cli.rundir import base_checkpoint_config
     from slimjax.data import tokenizer as tokenizers
-    from slimjax.sharding import make_mesh
     from slimjax.train.metrics import write_json
     from slimjax.train.run import CHECKPOINT_DIR
 
@@ -185,8 +186,6 @@ def _write(rd, out: str, cfg, spec, params, slim, summary) -> None:
         # The recovery run lives in another workdir: point it at this run's copy of the tokenizer.
         data = dataclasses.replace(data, tokenizer=str(tokenizers.cached_model_path(out)))
     cfg = dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=out))
-    mesh = make_mesh(cfg.mesh)
-    del mesh  # the parameters are already placed on the run's mesh
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(out, exist_ok=True)

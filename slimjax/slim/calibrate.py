@@ -148,7 +148,9 @@ def collect_stats(spec: ModelSpec, params: dict, batches: Iterable[dict[str, np.
 
     batch_sharding = pipeline.batch_shardings(mesh, rules)
     step = acc = None
-    for host_batch in batches:
+    for i, host_batch in enumerate(batches):
+        if i and i % 32 == 0:
+            jax.block_until_ready(acc)  # bounds the queue of dispatched batches (and their inputs)
         batch = pipeline.to_global({k: host_batch[k] for k in pipeline.BATCH_KEYS}, batch_sharding)
         if step is None:
             with activation_rules(mesh, rules):  # constraints are resolved while tracing

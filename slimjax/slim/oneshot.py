@@ -83,8 +83,8 @@ class LayerMatrix:
 def targets_of(spec: ModelSpec, patterns: Sequence[str]) -> list[Target]:
     """The kernels ``patterns`` select in ``spec``'s model (errors name ``--target``)."""
     prune = Prune(dataclasses.replace(default_prune_config(), targets=tuple(patterns)))
-    build(dataclasses.replace(spec, recipe=(*spec.recipe, ("prune", _options(prune)))))
-    return prune.targets
+    built = build(dataclasses.replace(spec, recipe=(*spec.recipe, ("prune", _options(prune)))))
+    return built.transforms[-1].targets
 
 
 def default_prune_config() -> PruneConfig:
