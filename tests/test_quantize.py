@@ -1,15 +1,26 @@
 """Quantization: RTN error bounds, exact packing, GPTQ against RTN, the exact bit allocator, the
 QAT view's straight-through gradient, and the quantized-storage model (forward, sharding, export)."""
 
+import dataclasses
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import build, build_state, flat, run_steps, small_config, synthetic_batch, with_mesh
 
+from slimjax import config as C
+from slimjax.checkpoint import Checkpointer
+from slimjax.configs import base
+from slimjax.data import pipeline
 from slimjax.errors import SlimjaxError
+from slimjax.infer.scoring import forward
+from slimjax.sharding import make_mesh
 from slimjax.slim import quantize as Q
+from slimjax.slim import spec as S
+from slimjax.slim.quant import fake_quantize_ste, stored_bytes
+from slimjax.train.run import fresh_state
 
 RNG = np.random.default_rng(0)
 
@@ -23,7 +34,7 @@ def correlated_inputs(n: int, d_in: int, rank: int, seed: int = 0) -> np.ndarray
 def reference_dequantize(w: np.ndarray, bits: int, group: int, symmetric: bool):
     """Float64 NumPy RTN of the documented scheme: (dequantized w, scale per element, whether the
     element lies on a rounding tie, where float32 may round the other way)."""
-    d_in, d_out = w.shape
+    d_in = w.shape[0]
     g = d_in if group in (0, -1) else group
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     out, scales = np.zeros_like(w, np.float64), np.zeros_like(w, np.float64)
@@ -138,7 +149,7 @@ def test_allocator_is_the_brute_force_optimum_within_the_budget(seed):
     table = np.asarray([[Q.storage_bytes(s[0], s[1], b, *s[2:]) for b in cands] for s in sizes])
     budget = int(rng.integers(table.min(axis=1).sum(), table.max(axis=1).sum()))
     bits, cost, used = Q.allocate_bits(sizes, costs, budget, cands)
-    best, combo = brute_force(table, costs, budget)
+    best, _ = brute_force(table, costs, budget)
     assert cost == pytest.approx(best, abs=1e-12)
     chosen = [cands.index(b) for b in bits]
     assert used == sum(table[i, k] for i, k in enumerate(chosen)) <= budget
@@ -157,3 +168,171 @@ def test_allocator_budget_edges():
     both8 = 2 * Q.storage_bytes(64, 64, 8)
     bits, _, used = Q.allocate_bits(sizes, costs, both8 - 1)
     assert bits == [4, 8] and used <= both8 - 1
+
+
+def with_quant(cfg, name="quant", **opts):
+    for key in ("targets", "layer_bits"):
+        if key in opts:
+            opts[key] = tuple(opts[key])
+    slim = dataclasses.replace(cfg.slim, recipe=(name,), **{name: dataclasses.replace(getattr(cfg.slim, name), **opts)})
+    C._check_slim(slim)
+    return dataclasses.replace(cfg, slim=slim)
+
+
+def test_ste_forward_rounds_and_gradient_is_the_identity():
+    # 2-bit symmetric, one column: absmax 1 -> scale 1 / 1.5; codes round(1.5 w) clipped to [-2, 1].
+    w = jnp.asarray([[0.3], [-1.0], [0.62], [0.9]], jnp.float32)
+    t = jnp.asarray([[1.0], [0.0], [-1.0], [2.0]], jnp.float32)
+    fq = fake_quantize_ste(w, 2, 0, True)
+    np.testing.assert_allclose(np.asarray(fq)[:, 0], [0.0, -4 / 3, 2 / 3, 2 / 3], rtol=1e-6)
+    grad = jax.grad(lambda w: jnp.sum((fake_quantize_ste(w, 2, 0, True) - t) ** 2))(w)
+    # d/dw sum (fq(w) - t)^2 = 2 (fq(w) - t) * d fq / dw, and the straight-through d fq / dw is 1.
+    np.testing.assert_allclose(np.asarray(grad), 2 * (np.asarray(fq) - np.asarray(t)), rtol=1e-6)
+    # Stacked layers [L, d_in, d_out]: each layer quantized on its own.
+    stack = jnp.stack([w, 2 * w])
+    np.testing.assert_allclose(np.asarray(fake_quantize_ste(stack, 2, 0, True))[1], 2 * np.asarray(fq), rtol=1e-6)
+
+
+def test_qat_view_fake_quantizes_only_the_selected_layers():
+    cfg = with_quant(small_config(), "qat", bits=4, group_size=32, targets=["blocks/0/mlp/(up|down)$"])
+    built = S.build(S.spec_from_config(cfg))
+    params = jax.jit(S.init_fn(built))(jax.random.key(0))
+    seen = flat(built.view(params, {}))
+    for path, x in flat(params).items():
+        if path in ("blocks/mlp/up/kernel", "blocks/mlp/down/kernel"):
+            ref = np.asarray(Q.fake_quantize(x[0], 4, 32, True))
+            np.testing.assert_array_equal(np.asarray(seen[path][0]), ref)
+            np.testing.assert_array_equal(np.asarray(seen[path][1]), np.asarray(x[1]))  # layer 1 not selected
+            assert not np.array_equal(ref, np.asarray(x[0]))
+        else:
+            np.testing.assert_array_equal(np.asarray(seen[path]), np.asarray(x), err_msg=path)
+
+
+def test_qat_run_trains_and_matches_across_meshes():
+    cfg = with_quant(small_config(), "qat", bits=4, group_size=16)
+    one = run_steps(with_mesh(cfg, 1, 1, 1), 3, devices=jax.devices()[:1])
+    many = run_steps(with_mesh(cfg, 2, 2, 2), 3)
+    # Sharded reductions reorder float sums; after an update a weight that sits on a rounding
+    # boundary may round the other way on one mesh, so later losses agree to 1e-4, not to 1e-6.
+    np.testing.assert_allclose(many[0], one[0], rtol=1e-6)
+    np.testing.assert_allclose(many, one, rtol=1e-4)
+    assert one[-1] < one[0]
+
+
+def quantized_pair(cfg, **opts):
+    """(plain built, plain params, quantized built, quantized params from the plain ones)."""
+    plain = S.build(S.spec_from_config(cfg))
+    params = jax.jit(S.init_fn(plain))(jax.random.key(0))
+    quant = S.build(S.spec_from_config(with_quant(cfg, **opts)))
+    qparams = jax.jit(S.rewrite_fn(plain, quant))(params, jax.random.key(1))
+    return plain, params, quant, qparams
+
+
+@pytest.mark.parametrize("opts", [dict(bits=8), dict(bits=4, group_size=16, symmetric=False),
+                                  dict(bits=4, layer_bits=["blocks/0/attn/wq=2", "blocks/1/mlp/down=3",
+                                                           "blocks/1/attn/wo=8"])])
+def test_quantized_forward_equals_the_dequantized_dense_model_and_exports_to_it(opts):
+    cfg = small_config()
+    plain, params, quant, qparams = quantized_pair(cfg, **opts)
+    q = flat(qparams)
+    assert all(not k.endswith("/kernel") for k in q if k.startswith("blocks/"))
+    assert not any(t for p, t in flat(quant.trainable).items() if "/tap/" in p)
+    layer_bits = dict(e.split("=") for e in opts.get("layer_bits", ()))
+    # Every stored kernel, dequantized, is the math module's RTN of the original, layer by layer.
+    exported = S.export_fn(quant)(qparams)
+    assert S.export_spec(quant.spec) == plain.spec
+    assert jax.tree.structure(exported) == jax.tree.structure(params)
+    for path, w in flat(params).items():
+        if not (path.startswith("blocks/") and path.endswith("/kernel")):
+            np.testing.assert_array_equal(np.asarray(flat(exported)[path]), np.asarray(w), err_msg=path)
+            continue
+        name = "/".join(path.split("/")[1:-1])
+        d_in = 128 if name == "mlp/down" else 64  # wo's input is heads x head_dim = 64
+        for i in range(w.shape[0]):
+            bits = int(layer_bits.get(f"blocks/{i}/{name}", opts["bits"]))
+            ref = Q.fake_quantize(np.asarray(w[i]).reshape(d_in, -1), bits, opts.get("group_size", 0),
+                                  opts.get("symmetric", True))
+            np.testing.assert_allclose(np.asarray(flat(exported)[path][i]).reshape(ref.shape), np.asarray(ref),
+                                       rtol=1e-6, atol=1e-7, err_msg=path)
+    batch = synthetic_batch(cfg)
+    logits_q = jax.jit(forward, static_argnums=0)(quant.graphdef, qparams, batch)
+    logits_d = jax.jit(forward, static_argnums=0)(plain.graphdef, exported, batch)
+    np.testing.assert_allclose(np.asarray(logits_q), np.asarray(logits_d), atol=1e-5)
+    logits_f = jax.jit(forward, static_argnums=0)(plain.graphdef, params, batch)
+    assert not np.allclose(np.asarray(logits_q), np.asarray(logits_f), atol=1e-5)
+    # Bytes: int8 codes are 1/4 of float32, 4-bit packed 1/8 (plus scales).
+    kernels = sum(x.size for p, x in flat(params).items() if p.startswith("blocks/") and p.endswith("/kernel"))
+    scales = sum(x.size for p, x in q.items() if p.endswith("/tap/scale"))
+    if opts == dict(bits=8):
+        assert stored_bytes(qparams) == kernels + 4 * scales
+        # The allocator's byte count agrees with what is stored: 7 matrices per layer, 2 layers.
+        shapes = [(64, 32), (64, 32), (64, 64), (64, 64), (64, 128), (64, 128), (128, 64)]
+        assert stored_bytes(qparams) == 2 * sum(Q.storage_bytes(i, o, 8) for i, o in shapes)
+
+
+def test_stored_codes_are_sharded_by_the_kernel_axes_frozen_and_restored(tmp_path):
+    cfg = with_quant(with_mesh(small_config(), 2, 2, 2), bits=4, group_size=32)
+    plain_cfg = with_mesh(small_config(), 2, 2, 2)
+    *_, plain_state = build_state(plain_cfg)
+    *_, state = build_state(cfg)
+    frozen, trained = flat(state.frozen), flat(state.params)
+    assert not any("/tap/" in p for p in trained) and any(p.endswith("/tap/codes") for p in frozen)
+    kernels = flat(plain_state.params)
+    for path, x in frozen.items():
+        kernel = kernels[path.rsplit("/tap/", 1)[0] + "/kernel"]
+        spec = tuple(kernel.sharding.spec) + (None,) * (kernel.ndim - len(kernel.sharding.spec))
+        if path.endswith("/codes"):
+            assert x.dtype == jnp.uint8 and x.shape[:-1] == kernel.shape[:-1]
+            assert tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec)) == spec, path
+        else:  # scales: the kernel's leading and output dims, groups replicated
+            n_out = 2 if "/attn/w" in path and "/wo/" not in path else 1
+            want = (spec[0], None, *spec[len(spec) - n_out:])
+            assert tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec)) == want, path
+    # A train step trains the rest and leaves the codes as they are.
+    _, _, state, train_step, _, sharding = build(cfg)
+    before = jax.device_get(state.frozen)
+    state, metrics = train_step(state, pipeline.to_global(synthetic_batch(cfg), sharding))
+    assert np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), before)
+    # Orbax: save on (2,2,2), restore on (1,2,4): same leaves, each sharded as the setup says.
+    ck = Checkpointer(tmp_path, dataclasses.replace(cfg.checkpoint, async_save=False))
+    ck.save(1, state.as_dict(), {"position": 1}, {"step": 1, "config": cfg.to_dict()})
+    ck.close()
+    other = with_mesh(cfg, 1, 2, 4)
+    _, setup2, _ = fresh_state(other, make_mesh(other.mesh))
+    ck = Checkpointer(tmp_path, other.checkpoint, read_only=True)
+    got, _, _ = ck.restore(1, setup2.abstract.as_dict())
+    ck.close()
+    for (path, leaf), want, sh in zip(flat(got["frozen"]).items(), jax.tree.leaves(before),
+                                      jax.tree.leaves(setup2.shardings.frozen)):
+        assert leaf.dtype == want.dtype and leaf.sharding == sh, path
+        np.testing.assert_array_equal(np.asarray(leaf), want, err_msg=path)
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("quant", "bits", 5, "slim.quant.bits' is 5"),
+    ("qat", "bits", 16, "slim.qat.bits' is 16"),
+    ("quant", "layer_bits", ("blocks/0/attn/wq",), "is not 'LAYER=BITS'"),
+    ("quant", "targets", (), "slim.quant.targets' is empty"),
+])
+def test_bad_config_values_are_one_line_errors(section, key, value, match):
+    c = base.get_config()
+    setattr(getattr(c.slim, section), key, value)
+    with pytest.raises(SlimjaxError, match=match):
+        C.validate(c)
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(group_size=48), "slim.quant.group_size=48 does not divide the input dim 64 of layer 'blocks/attn/wk'"),
+    (dict(targets=["nothing$"]), "pattern 'nothing\\$' matches no layer"),
+    (dict(targets=["^embed$"]), "selects the embedding table"),
+    (dict(layer_bits=["blocks/7/attn/wq=4"]), "names layer 'blocks/7/attn/wq'"),
+    (dict(targets=["blocks/0/attn/wq$"]), None),
+    (dict(layer_bits=["blocks/0/attn/wq=16"]), "would stay float inside the scanned stack"),
+])
+def test_bad_quant_layouts_fail_at_build_with_the_layer_named(opts, match):
+    spec = S.spec_from_config(with_quant(small_config(), **opts))
+    if match is None:  # a single layer of a stack: the other layer stays float, which a stack cannot hold
+        match = "blocks/1/attn/wq' would stay float"
+    with pytest.raises(SlimjaxError, match=match):
+        S.build(spec)

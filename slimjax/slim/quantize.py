@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from slimjax.config import FLOAT_BITS, QUANT_BITS
 from slimjax.errors import SlimjaxError
 from slimjax.slim.pruning import _HIGHEST, _inverse_hessian_factor, reconstruction_error
 
-BITS = (2, 3, 4, 8)  # integer widths a code may have
-FLOAT_BITS = 16  # "not quantized": kept as a bf16 matrix in byte counts
+BITS = QUANT_BITS  # integer widths a code may have; FLOAT_BITS (16): not quantized, a bf16 matrix in byte counts
 SCALE_BYTES = 4  # each scale (and zero point) is a float32
 
 
@@ -47,12 +47,13 @@ def check_bits(bits: int, key: str = "bits") -> int:
     return int(bits)
 
 
-def group_count(d_in: int, group_size: int, key: str = "group_size") -> int:
+def group_count(d_in: int, group_size: int, key: str = "group_size", layer: str = "") -> int:
     """How many groups ``d_in`` input rows form; ``group_size`` must divide ``d_in`` (0 / -1: one group)."""
     if group_size in (0, -1):
         return 1
     if group_size < 0 or d_in % group_size:
-        raise SlimjaxError(f"{key}={group_size} does not divide the input dim {d_in}; use a divisor of it, "
+        of = f" of layer '{layer}'" if layer else ""
+        raise SlimjaxError(f"{key}={group_size} does not divide the input dim {d_in}{of}; use a divisor of it, "
                            "or 0 for one scale per output channel")
     return d_in // group_size
 
