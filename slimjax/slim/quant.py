@@ -51,8 +51,8 @@ def fake_quantize_ste(w: jax.Array, bits: int, group_size: int, symmetric: bool)
     return out.reshape(w.shape).astype(w.dtype)
 
 
-fake_quantize_ste.defvjp(lambda w, bits, group_size, symmetric: (fake_quantize_ste(w, bits, group_size, symmetric), None),
-                         lambda bits, group_size, symmetric, _, g: (g,))
+fake_quantize_ste.defvjp(lambda w, bits, group, symmetric: (fake_quantize_ste(w, bits, group, symmetric), None),
+                         lambda bits, group, symmetric, _, g: (g,))
 
 
 def _matrix_targets(model: nnx.Module, patterns: tuple[str, ...], key: str, group_size: int) -> list[Selected]:

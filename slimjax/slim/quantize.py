@@ -107,7 +107,7 @@ def quantize(w: jax.Array, bits: int, group_size: int = 0, symmetric: bool = Tru
 
 
 def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> jax.Array:
-    """The float32 matrix ``[d_in, d_out]`` that codes ``q`` with ``scale`` (and ``zero``) ``[groups, d_out]`` stand for.
+    """The float32 ``[d_in, d_out]`` matrix that codes ``q`` with ``scale`` (and ``zero``) ``[groups, d_out]`` mean.
 
     Leading dims (stacked layers) broadcast: ``q [..., d_in, d_out]`` with ``scale [..., groups, d_out]``.
     """
@@ -292,7 +292,8 @@ def allocate_bits(sizes: Sequence, costs, budget_bytes: int, candidates: Sequenc
     costs = np.asarray(costs, np.float64)
     n_layers = len(sizes)
     if costs.shape != (n_layers, len(candidates)):
-        raise SlimjaxError(f"costs have shape {costs.shape}; need (layers, candidates) = ({n_layers}, {len(candidates)})")
+        raise SlimjaxError(f"costs have shape {costs.shape}; need (layers, candidates) = "
+                           f"({n_layers}, {len(candidates)})")
     bytes_fn = bytes_fn or (lambda size, bits: storage_bytes(size[0], size[1], bits, *size[2:]))
     table = np.asarray([[int(bytes_fn(s, b)) for b in candidates] for s in sizes], np.int64)
     smallest = int(table.min(axis=1).sum())
