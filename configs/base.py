@@ -132,6 +132,23 @@ def get_config() -> ml_collections.ConfigDict:
     prune.distribution = "uniform"  # rigl/set/gradual per-layer densities: "uniform" or "erk"
     prune.l1 = 0.0  # weight of the L1 loss term sum |w| over the targeted kernels (logged as terms/l1)
     prune.seed = 0  # rigl/set/from-scratch masks: random draws (stored with the masks)
+    slim.qat = qat = ml_collections.ConfigDict()
+    # Quantization-aware training: the targeted kernels are seen by the loss as quantize-then-
+    # dequantize (round to nearest), with a straight-through gradient; nothing extra is stored.
+    qat.targets = ("^blocks/",)  # per-layer kernel patterns (as slim.prune.targets)
+    qat.bits = 4  # code width: 2, 3, 4 or 8
+    qat.group_size = 0  # input rows sharing a scale (must divide each targeted input dim); 0 = per output channel
+    qat.symmetric = True  # symmetric codes (False: a zero point per group and output column)
+    slim.quant = quant = ml_collections.ConfigDict()
+    # Quantized storage: each targeted kernel is replaced by integer codes (packed two or four per
+    # byte at 4 or 2 bits) plus float32 scales (and zero points), sharded like the kernel; the
+    # layer dequantizes then multiplies. Frozen: nothing of it trains. Export dequantizes.
+    quant.targets = ("^blocks/",)  # per-layer kernel patterns (as slim.prune.targets)
+    quant.bits = 8  # code width: 2, 3, 4 or 8
+    quant.group_size = 0  # input rows sharing a scale (int4: 128 is usual); 0 = per output channel
+    quant.symmetric = True  # symmetric codes (False: a zero point per group and output column)
+    quant.layer_bits = ()  # per-layer widths overriding bits, e.g. ("blocks/0/attn/wq=8",); 16 = keep float
+    quant.pack = True  # pack 2-, 3- and 4-bit codes into bytes (False: one int8 per code)
 
     c.distributed = dist = ml_collections.ConfigDict()
     # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values

@@ -177,6 +177,34 @@ class PruneConfig:
     seed: int
 
 
+# Integer widths a quantized weight may have (slim.qat, slim.quant); 16 in an allocation means
+# "left in floating point".
+QUANT_BITS = (2, 3, 4, 8)
+FLOAT_BITS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware training (``slim.qat``): kernels fake-quantized in the forward pass."""
+
+    targets: tuple[str, ...]
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Quantized storage (``slim.quant``): kernels held as integer codes plus scales."""
+
+    targets: tuple[str, ...]
+    bits: int
+    group_size: int
+    symmetric: bool
+    layer_bits: tuple[str, ...]  # "blocks/3/attn/wq=4" overrides of ``bits`` per layer
+    pack: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class SlimConfig:
     """The ordered recipe of model transforms and each transform's options."""
@@ -184,10 +212,12 @@ class SlimConfig:
     recipe: tuple[str, ...]
     lora: LoraConfig
     prune: PruneConfig
+    qat: QatConfig
+    quant: QuantConfig
 
 
 # Transforms a recipe may name (each has a section of the same name under ``slim``).
-TRANSFORMS = ("lora", "prune")
+TRANSFORMS = ("lora", "prune", "qat", "quant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +536,11 @@ def _check_slim(slim: SlimConfig) -> None:
         raise SlimjaxError(f"config key 'slim.recipe' {slim.recipe} names a transform twice; keep one of each")
     _check_lora(slim.lora)
     _check_prune(slim.prune)
+    _check_quant("slim.qat", slim.qat)
+    _check_quant("slim.quant", slim.quant)
+    if "qat" in slim.recipe and "quant" in slim.recipe:
+        raise SlimjaxError("slim.recipe names both 'qat' and 'quant': the stored codes are fixed, so there is "
+                           "nothing to fake-quantize; train with 'qat', then store with 'quant'")
 
 
 def _check_patterns(key: str, patterns: tuple[str, ...]) -> None:
@@ -543,6 +578,31 @@ def _check_prune(p: PruneConfig) -> None:
     if p.schedule == "gradual" and p.initial_sparsity > p.sparsity:
         raise SlimjaxError(f"config key 'slim.prune.initial_sparsity'={p.initial_sparsity} exceeds "
                            f"slim.prune.sparsity={p.sparsity}: gradual pruning only removes weights")
+
+
+def _check_quant(key: str, q: QatConfig | QuantConfig) -> None:
+    _check_patterns(f"{key}.targets", q.targets)
+    if q.bits not in QUANT_BITS:
+        raise SlimjaxError(f"config key '{key}.bits' is {q.bits}; use one of {', '.join(map(str, QUANT_BITS))}")
+    if q.group_size < -1:
+        raise SlimjaxError(f"config key '{key}.group_size' is {q.group_size}; use a positive divisor of every "
+                           "targeted layer's input dim, or 0 for one scale per output channel")
+    for entry in getattr(q, "layer_bits", ()):
+        parse_layer_bits(f"{key}.layer_bits", (entry,))
+
+
+def parse_layer_bits(key: str, entries: tuple[str, ...]) -> dict[str, int]:
+    """``("blocks/3/attn/wq=4", ...)`` as ``{layer name: bits}``; bits are a quantized width or 16 (float)."""
+    out = {}
+    for entry in entries:
+        name, sep, bits = str(entry).rpartition("=")
+        if not sep or not name or not bits.isdigit() or int(bits) not in (*QUANT_BITS, FLOAT_BITS):
+            raise SlimjaxError(f"config key '{key}' entry {entry!r} is not 'LAYER=BITS' with BITS one of "
+                               f"{', '.join(map(str, (*QUANT_BITS, FLOAT_BITS)))} (e.g. 'blocks/3/attn/wq=4')")
+        if name in out:
+            raise SlimjaxError(f"config key '{key}' names layer '{name}' twice; keep one entry")
+        out[name] = int(bits)
+    return out
 
 
 def _jsonable(x: Any) -> Any:
