@@ -439,7 +439,7 @@ BAD = [
     ("--config.slim.lora.rank=1000", "slim.lora.rank=1000"),
     ("--config.objective.next_token=-1", "objective.next_token"),
     ("--config.objective.kd=1.0", "objective.kd"),
-    ("--config.slim.recipe=('lora','prune')", "prune"),
+    ("--config.slim.recipe=('lora','sparsify')", "sparsify"),
 ]
 
 

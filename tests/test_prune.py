@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import build as build_run_parts
-from helpers import flat, small_config, synthetic_batch, with_mesh
+from helpers import build_state, flat, small_config, synthetic_batch, with_mesh
 
 from slimjax.config import _check_slim
 from slimjax.data import pipeline
@@ -61,9 +61,10 @@ def steps(state, train_step, sharding, cfg, n, start=0):
     return state, metrics
 
 
-def test_masks_are_sharded_like_their_kernels_and_target_only_block_projections():
-    cfg = with_mesh(with_prune(small_config()), 2, 2, 2)
-    _, _setup, state, *_ = build_run_parts(cfg)
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
+def test_masks_are_sharded_like_their_kernels_and_target_only_block_projections(shape):
+    cfg = with_mesh(with_prune(small_config()), *shape)
+    _, _, _, state = build_state(cfg)
     masks = flat(state.slim["prune"]["masks"])
     params = flat(state.params)
     assert set(masks) == {p for p in params if p.startswith("blocks/") and p.endswith("/kernel")}

@@ -92,6 +92,17 @@ def test_magnitude_per_layer_is_exact_and_recovery_never_revives_a_weight(base_r
         np.testing.assert_array_equal(tuned[path][~m], 0.0)
         assert not np.array_equal(tuned[path][m], params[path][m])
 
+    # The compact sparse copy restores bit-exactly (so the same logits) and is smaller on disk.
+    from slimjax.slim.sparse_store import load_sparse, store_bytes
+
+    assert cli_here(capsys, "export", f"--workdir={out}", "--sparse").returncode == 0
+    stored = flat(load_sparse(os.path.join(out, "sparse")))
+    assert stored.keys() == params.keys()
+    for path, x in params.items():
+        np.testing.assert_array_equal(stored[path], x)
+    dense_bytes = sum(x.nbytes for x in params.values())
+    assert store_bytes(os.path.join(out, "sparse")) < 0.8 * dense_bytes
+
     # A pruned run evaluates, samples and exports (to a plain dense model) like any other.
     assert cli_here(capsys, "eval", f"--workdir={out}", "--max_docs=4").returncode == 0
     assert cli_here(capsys, "generate", f"--workdir={out}", "--prompt=To be", "--max_new_tokens=4").returncode == 0
