@@ -173,7 +173,7 @@ def test_keep_top_and_layer_sparsities():
     scores = np.array([[3.0, 1.0], [1.0, 5.0]], np.float32)
     np.testing.assert_array_equal(pruning.keep_top(scores, 2), [[True, False], [False, True]])
     np.testing.assert_array_equal(pruning.keep_top(scores, 3), [[True, True], [False, True]])  # tie: lower index
-    from slimjax.slim.prune import Target
+    from slimjax.slim.select import Target
 
     t = Target("blocks/mlp/up/kernel", (3, 8, 16), 1, 1, (True, False, True))
     (s,) = layer_sparsities([t], 0.5, "uniform")

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Sequence
 
-from slimjax.cli.flags import iter_flags
+from slimjax.cli.flags import iter_flags, number_flag
 from slimjax.config import parse_source, suggest
 from slimjax.errors import SlimjaxError
 
@@ -18,16 +18,6 @@ USAGE = ("slimjax eval --workdir=RUN [--source=SPEC ...] [--split=eval|train] [-
          "[--step=N] [--tokenizer=FILE] [--out=FILE.json]   (default sources: the run's data.sources)")
 FLAGS = ("workdir", "source", "split", "max_docs", "batch_size", "step", "tokenizer", "out")
 RESULT_FILE = "eval.json"
-
-
-def _int(name: str, text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise SlimjaxError(f"--{name}={text!r} must be an integer") from None
-    if value < minimum:
-        raise SlimjaxError(f"--{name}={value} must be >= {minimum}")
-    return value
 
 
 def parse(argv: Sequence[str]) -> dict:
@@ -39,7 +29,7 @@ def parse(argv: Sequence[str]) -> dict:
         if name == "source":
             values["sources"].append(parse_source(f"--source[{len(values['sources'])}]", value))
         elif name in ("max_docs", "batch_size", "step"):
-            values[name] = _int(name, value, 0)
+            values[name] = number_flag(name, value, int, 0)
         else:
             values[name] = value
     if not values["workdir"]:

@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Sequence
 
-from slimjax.cli.flags import iter_flags
+from slimjax.cli.flags import iter_flags, number_flag
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
@@ -30,7 +30,7 @@ def run(argv: Sequence[str]) -> int:
         if name not in FLAGS:
             raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
         values[name] = value
-    step = _int_flag("step", values.get("step"))
+    step = None if values.get("step") is None else number_flag("step", values["step"])
     if "sparse" in values:
         if not values.get("workdir"):
             raise SlimjaxError(f"slimjax export needs --workdir; usage: {USAGE}")
@@ -125,10 +125,3 @@ def export_sparse(workdir: str, directory: str | None, step: int | None) -> int:
     return 0
 
 
-def _int_flag(name: str, text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise SlimjaxError(f"--{name}={text!r} must be an integer") from None

@@ -89,6 +89,17 @@ def parse_value(text: str, current: Any) -> Any:
     return ast.literal_eval(text)
 
 
+def number_flag(name: str, text: str, kind: type = int, minimum: float | None = None) -> Any:
+    """``--name=text`` as an int (or ``kind``), at least ``minimum``; else a one-line SlimjaxError."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise SlimjaxError(f"--{name}={text!r} must be {'an integer' if kind is int else 'a number'}") from None
+    if minimum is not None and value < minimum:
+        raise SlimjaxError(f"--{name}={value} must be >= {minimum}")
+    return value
+
+
 def iter_flags(argv: Sequence[str], switches: frozenset[str] = frozenset(), example: str = "--name=value"
                ) -> Iterator[tuple[str, str | None]]:
     """``(name, value)`` per flag given as ``--name=value`` or ``--name value``; a bare ``--name``

@@ -17,7 +17,7 @@ import os
 import shutil
 from typing import Sequence
 
-from slimjax.cli.flags import iter_flags
+from slimjax.cli.flags import iter_flags, number_flag
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
@@ -28,13 +28,6 @@ FLAGS = ("workdir", "out", "method", "sparsity", "nm", "scope", "target", "calib
          "sequential", "step")
 CONFIG_FILE = "config.py"  # the pruned run as a --config file (recovery fine-tuning starts from it)
 REPORT_FILE = "prune.json"
-
-
-def _number(name: str, text: str, kind: type) -> float | int:
-    try:
-        return kind(text)
-    except ValueError:
-        raise SlimjaxError(f"--{name}={text!r} must be a{'n integer' if kind is int else ' number'}") from None
 
 
 def _nm(text: str) -> tuple[int, int]:
@@ -55,9 +48,9 @@ def parse(argv: Sequence[str]) -> dict:
         if name == "target":
             v["targets"].append(value)
         elif name in ("sparsity", "heads", "mlp"):
-            v[name] = _number(name, value, float)
+            v[name] = number_flag(name, value, float)
         elif name in ("calibration_samples", "step"):
-            v["samples" if name == "calibration_samples" else name] = _number(name, value, int)
+            v["samples" if name == "calibration_samples" else name] = number_flag(name, value, int, 0)
         elif name == "nm":
             v["nm"] = _nm(value)
         elif name == "sequential":

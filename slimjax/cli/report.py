@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from slimjax.cli.flags import iter_flags
+from slimjax.cli.flags import iter_flags, number_flag
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
@@ -21,25 +21,15 @@ USAGE = ("slimjax report --workdir=RUN [--against=OTHER_RUN] [--out=FILE.json] [
 FLAGS = ("workdir", "against", "out", "max_docs", "batch_size", "repeats")
 
 
-def _int(name: str, text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise SlimjaxError(f"--{name}={text!r} must be an integer") from None
-    if value < minimum:
-        raise SlimjaxError(f"--{name}={value} must be >= {minimum}")
-    return value
-
-
 def parse(argv: Sequence[str]) -> dict:
     values: dict = {"workdir": None, "against": None, "out": None, "max_docs": 0, "batch_size": 0, "repeats": 5}
     for name, value in iter_flags(argv, example="--workdir=RUN"):
         if name not in FLAGS:
             raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
         if name in ("max_docs", "batch_size"):
-            values[name] = _int(name, value, 0)
+            values[name] = number_flag(name, value, int, 0)
         elif name == "repeats":
-            values[name] = _int(name, value, 1)
+            values[name] = number_flag(name, value, int, 1)
         else:
             values[name] = value
     if not values["workdir"]:

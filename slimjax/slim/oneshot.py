@@ -30,8 +30,8 @@ from slimjax.errors import SlimjaxError
 from slimjax.sharding import Rules, path_str
 from slimjax.slim import pruning
 from slimjax.slim.calibrate import LayerStats, collect_stats
-from slimjax.slim.prune import Prune, Target
-from slimjax.slim.select import layer_names
+from slimjax.slim.prune import Prune
+from slimjax.slim.select import Target, layer_names
 from slimjax.slim.spec import ModelSpec, build
 
 METHODS = ("magnitude", "wanda", "sparsegpt")

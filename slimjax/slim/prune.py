@@ -36,41 +36,10 @@ from flax import nnx
 from slimjax.config import PruneConfig
 from slimjax.sharding import path_str, tree_paths
 from slimjax.slim import pruning
-from slimjax.slim.select import select_layers, stacked_layers, weight
+from slimjax.slim.select import Target, select_layers
 from slimjax.slim.transform import LossTerm, Transform, UpdateContext
 
 MASKS = "masks"  # the state key holding the masks, a subtree of the parameter tree
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One masked kernel: its parameter path, shape, matrix view and which stacked layers are selected."""
-
-    path: str
-    shape: tuple[int, ...]
-    n_in: int
-    n_out: int
-    layers: tuple[bool, ...] | None  # None: an unstacked kernel
-
-    @property
-    def n_layers(self) -> int:
-        return 1 if self.layers is None else len(self.layers)
-
-    @property
-    def matrix(self) -> tuple[int, int]:
-        """(d_in, d_out) of one layer's kernel as a matrix."""
-        dims = self.shape[len(self.shape) - self.n_in - self.n_out:]
-        return math.prod(dims[:self.n_in]), math.prod(dims[self.n_in:])
-
-    def selected(self) -> np.ndarray:
-        return np.ones(self.n_layers, bool) if self.layers is None else np.asarray(self.layers)
-
-    def as_layers(self, x: jax.Array) -> jax.Array:
-        """``[*lead, *in, *out] -> [layers, d_in, d_out]``."""
-        return x.reshape(self.n_layers, *self.matrix)
-
-    def from_layers(self, x: jax.Array) -> jax.Array:
-        return x.reshape(self.shape)
 
 
 @jax.custom_vjp
@@ -128,14 +97,7 @@ class Prune(Transform):
 
     def rewrite(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
         """Records the targeted kernels; the model itself is unchanged (masks are state, not structure)."""
-        targets = []
-        for sel in select_layers(model, self.cfg.targets, "slim.prune.targets"):
-            w = weight(sel.dense)
-            n_in, n_out = w.get_metadata()["matrix"]
-            leaf = "kernel" if w is getattr(sel.dense, "kernel", None) else "embedding"
-            layers = sel.layers if stacked_layers(sel.dense) else None
-            targets.append(Target("/".join(map(str, (*sel.path, leaf))), tuple(w.shape), n_in, n_out, layers))
-        self.targets = targets
+        self.targets = [Target.of(sel) for sel in select_layers(model, self.cfg.targets, "slim.prune.targets")]
 
     def state_axes(self, axes: dict) -> dict:
         flat = _flat(axes)

@@ -35,8 +35,7 @@ from slimjax.errors import SlimjaxError
 from slimjax.models.layers import Dense
 from slimjax.sharding import tree_paths
 from slimjax.slim import quantize as Q
-from slimjax.slim.prune import Target
-from slimjax.slim.select import Selected, layer_names, select_layers, stacked_layers, weight
+from slimjax.slim.select import Selected, Target, layer_names, select_layers, stacked_layers
 from slimjax.slim.transform import Transform
 
 TAP_NAME = "tap"  # the Dense attribute holding the codes: <dense>/tap/{codes,scale,zero}
@@ -69,12 +68,6 @@ def _matrix_targets(model: nnx.Module, patterns: tuple[str, ...], key: str, grou
     return chosen
 
 
-def _target(sel: Selected) -> Target:
-    w = weight(sel.dense)
-    n_in, n_out = w.get_metadata()["matrix"]
-    layers = sel.layers if stacked_layers(sel.dense) else None
-    return Target("/".join(map(str, (*sel.path, "kernel"))), tuple(w.shape), n_in, n_out, layers)
-
 
 class Qat(Transform):
     """Quantization-aware training from ``slim.qat``: a fake-quantizing view with a straight-through gradient."""
@@ -91,7 +84,7 @@ class Qat(Transform):
 
     def rewrite(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
         """Records the targeted kernels (the model is unchanged)."""
-        self.targets = [_target(s) for s in _matrix_targets(model, self.cfg.targets, "slim.qat.targets",
+        self.targets = [Target.of(s) for s in _matrix_targets(model, self.cfg.targets, "slim.qat.targets",
                                                             self.cfg.group_size)]
 
     def view(self, params: dict, state: dict) -> dict:

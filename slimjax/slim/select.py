@@ -11,9 +11,12 @@ first two layers of either layout alike.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Sequence
 
+import jax
+import numpy as np
 from flax import nnx
 
 from slimjax.errors import SlimjaxError
@@ -83,3 +86,43 @@ def select_layers(model: nnx.Module, patterns: Sequence[str], key: str) -> list[
         raise SlimjaxError(f"{key} pattern {unused[0]!r} matches no layer; layers are named like "
                            f"{', '.join(names[:4])} (per layer: blocks/0/attn/wq)")
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One selected layer's weight: its parameter path, shape, matrix view and which stacked layers are selected."""
+
+    path: str
+    shape: tuple[int, ...]
+    n_in: int
+    n_out: int
+    layers: tuple[bool, ...] | None  # None: an unstacked kernel
+
+    @property
+    def n_layers(self) -> int:
+        return 1 if self.layers is None else len(self.layers)
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """(d_in, d_out) of one layer's kernel as a matrix."""
+        dims = self.shape[len(self.shape) - self.n_in - self.n_out:]
+        return math.prod(dims[:self.n_in]), math.prod(dims[self.n_in:])
+
+    @classmethod
+    def of(cls, sel: Selected) -> "Target":
+        """The weight of a selected layer (a Dense kernel or the embedding table)."""
+        w = weight(sel.dense)
+        n_in, n_out = w.get_metadata()["matrix"]
+        leaf = "kernel" if isinstance(sel.dense, Dense) else "embedding"
+        layers = sel.layers if stacked_layers(sel.dense) else None
+        return cls("/".join(map(str, (*sel.path, leaf))), tuple(w.shape), n_in, n_out, layers)
+
+    def selected(self) -> np.ndarray:
+        return np.ones(self.n_layers, bool) if self.layers is None else np.asarray(self.layers)
+
+    def as_layers(self, x: jax.Array) -> jax.Array:
+        """``[*lead, *in, *out] -> [layers, d_in, d_out]``."""
+        return x.reshape(self.n_layers, *self.matrix)
+
+    def from_layers(self, x: jax.Array) -> jax.Array:
+        return x.reshape(self.shape)
