@@ -5,7 +5,9 @@ integer codes (packed at 2-4 bits) plus float32 scales (and zero points), sharde
 logical axes; eval, generate and report run from them (dequantize, then multiply) and export
 writes the dequantized model. ``--method=gptq`` calibrates (sequentially, block by block) and
 replaces round-to-nearest codes by GPTQ's. ``--budget_bits`` / ``--budget_bytes`` choose each
-layer's width from ``--candidates`` by its measured sensitivity, exactly under the budget; the
+layer's width from ``--candidates`` by its measured sensitivity (``--sensitivity=loss``: the
+calibration loss increase with only that layer quantized; ``output``: the layer's output error),
+exactly under the budget; the
 allocation is printed and saved in ``OUT/quantize.json``.
 
 A stored-integer model does not train. Quantization-aware recovery runs on the float model:
@@ -29,9 +31,9 @@ from slimjax.errors import SlimjaxError
 
 USAGE = ("slimjax quantize --workdir=RUN --out=NEW_RUN [--bits=8|4|3|2] [--group_size=128] [--asymmetric] "
          "[--method=rtn|gptq] [--budget_bits=3.0 | --budget_bytes=N] [--candidates=2,3,4,8] [--target=REGEX ...] "
-         "[--calibration_samples=128] [--sequential=true|false] [--step=N]")
+         "[--sensitivity=loss|output] [--calibration_samples=128] [--sequential=true|false] [--step=N]")
 FLAGS = ("workdir", "out", "bits", "group_size", "asymmetric", "method", "budget_bits", "budget_bytes", "candidates",
-         "target", "calibration_samples", "sequential", "step")
+         "target", "calibration_samples", "sensitivity", "sequential", "step")
 REPORT_FILE = "quantize.json"
 
 
@@ -44,6 +46,7 @@ def _bool(name: str, text: str) -> bool:
 def parse(argv: Sequence[str]) -> dict:
     v: dict = {"bits": 8, "group_size": 0, "symmetric": True, "method": "rtn", "budget_bits": None,
                "budget_bytes": None, "candidates": (2, 3, 4, 8), "targets": [], "samples": 128, "sequential": True,
+               "sensitivity": "loss",
                "step": None, "workdir": None, "out": None}
     for name, value in iter_flags(argv, example="--workdir=RUN"):
         if name not in FLAGS:
@@ -78,7 +81,7 @@ def options(v: dict):
 
     targets = tuple(v["targets"]) or PtqOptions().targets
     return PtqOptions(v["bits"], v["group_size"], v["symmetric"], v["method"], targets, v["budget_bytes"],
-                      v["budget_bits"], v["candidates"], v["sequential"])
+                      v["budget_bits"], v["candidates"], v["sensitivity"], v["sequential"])
 
 
 def float_source(rd, opts) -> tuple:

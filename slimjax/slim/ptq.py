@@ -56,6 +56,7 @@ class PtqOptions:
     budget_bytes: int | None = None  # adaptive widths under this many bytes of targeted kernels
     budget_bits: float | None = None  # ... or this many bits per targeted weight on average (scales included)
     candidates: tuple[int, ...] = (2, 3, 4, 8)
+    sensitivity: Literal["loss", "output"] = "loss"  # adaptive: calibration-loss increase, or layer output error
     sequential: bool = True  # GPTQ: recalibrate before each block with the earlier blocks quantized
     block: int = 128  # GPTQ's lazy-update block of input rows
     damp: float = 0.01  # GPTQ's diagonal dampening (fraction of the mean diagonal)
@@ -115,6 +116,8 @@ def budget(matrices: Sequence[LayerMatrix], opts: PtqOptions) -> int | None:
 
 def check_options(opts: PtqOptions, matrices: Sequence[LayerMatrix], scanned: bool) -> None:
     """Bad flags, named, before any work (the budget against the smallest possible size included)."""
+    if opts.sensitivity not in ("loss", "output"):
+        raise SlimjaxError(f"--sensitivity={opts.sensitivity!r} is not one of loss, output")
     if opts.method not in METHODS:
         raise SlimjaxError(f"--method={opts.method!r} is not one of {', '.join(METHODS)}")
     Q.check_bits(opts.bits, "--bits")
@@ -170,6 +173,67 @@ def sensitivities(matrices: Sequence[LayerMatrix], flat: dict[str, jax.Array], s
         out.append([float(_error(w, gram, b, opts.group_size, opts.symmetric, opts.method, opts.block, opts.damp))
                     for b in opts.candidates])
     return np.asarray(out, np.float64)
+
+
+def loss_sensitivities(spec: ModelSpec, params: dict, matrices: Sequence[LayerMatrix], opts: PtqOptions,
+                       mesh: Mesh, rules: Rules, batches: Sequence[dict[str, np.ndarray]],
+                       progress: Callable[[str], None] = lambda _: None) -> np.ndarray:
+    """``[layers, candidates]`` increases of the calibration loss (mean next-token NLL over the
+    real tokens of ``batches``) when only that layer is quantized at that width (RTN or GPTQ
+    codes of the float weights; GPTQ's from ``stats`` grams in :func:`quantize_params`).
+
+    Measured losses are noisy at the wide end, so each row is clipped at zero and made
+    decreasing in width (a narrower width never costs less than a wider one; ties are broken
+    towards the wider by 1e-12)."""
+    from slimjax.data import pipeline
+    from slimjax.models import compute_dtype
+    from slimjax.sharding import activation_rules
+
+    built = build(spec, compute_dtype(spec.model.dtype))
+    shardings = rules.tree_shardings(built.axes, built.shapes, mesh)
+    batch_sharding = pipeline.batch_shardings(mesh, rules)
+    placed = [pipeline.to_global({k: b[k] for k in pipeline.BATCH_KEYS}, batch_sharding) for b in batches]
+
+    def nll(p: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        logits = nnx.merge(built.graphdef, p)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        tok = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        return -jnp.sum(tok * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+    with activation_rules(mesh, rules):
+        step = jax.jit(nll, in_shardings=(shardings, batch_sharding)).lower(params, placed[0]).compile()
+
+    def loss(p: dict) -> float:
+        total = [step(p, b) for b in placed]
+        return float(sum(t[0] for t in total) / sum(t[1] for t in total))
+
+    flat = {path_str(k): x for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    base = loss(params)
+    stats = None
+    if opts.method == "gptq":
+        stats = collect_stats(spec, params, batches, mesh, rules, [f"^{re.escape(lm.name)}$" for lm in matrices],
+                              gram=True)
+    out = np.zeros((len(matrices), len(opts.candidates)))
+    for i, lm in enumerate(matrices):
+        progress(f"loss sensitivity of {lm.name}")
+        w = lm.read(flat).astype(jnp.float32)
+        gram = stats[lm.name].gram if stats else jnp.zeros((w.shape[0], w.shape[0]), jnp.float32)
+        for k, b in enumerate(opts.candidates):
+            if b == FLOAT_BITS:
+                w_q = w.astype(jnp.bfloat16).astype(jnp.float32)
+            else:
+                w_q = Q.dequantize(*_quantized(w, gram, b, opts.group_size, opts.symmetric, opts.method, opts.block,
+                                               opts.damp))
+            one = dict(flat)
+            lm.write(one, w_q)
+            out[i, k] = loss(jax.device_put(_unflatten(params, one), shardings)) - base
+    order = np.argsort(opts.candidates)
+    ordered = np.maximum(out[:, order], 0.0)
+    ordered = np.flip(np.maximum.accumulate(np.flip(ordered, axis=1), axis=1), axis=1)
+    # Ties (equal measured loss) go to the wider width: 3-bit codes take 4-bit containers.
+    ordered = ordered + 1e-12 * np.arange(len(order))[::-1]
+    out[:, order] = ordered
+    return out
 
 
 def quant_spec(spec: ModelSpec, opts: PtqOptions, bits: dict[str, int]) -> ModelSpec:
@@ -234,15 +298,18 @@ def quantize_params(spec: ModelSpec, params: dict, opts: PtqOptions, mesh: Mesh,
     summary: dict = {"method": opts.method, "group_size": opts.group_size, "symmetric": opts.symmetric}
     sens = None
     if opts.adaptive:
-        progress("calibrating every targeted layer for its sensitivity")
-        stats = collect_stats(spec, params, batches, mesh, rules, patterns, gram=True)
-        progress(f"measuring {len(matrices)} layers at widths {','.join(map(str, opts.candidates))}")
-        sens = sensitivities(matrices, flat, stats, opts)
+        progress(f"measuring the {opts.sensitivity} sensitivity of {len(matrices)} layers at widths "
+                 f"{','.join(map(str, opts.candidates))}")
+        if opts.sensitivity == "loss":
+            sens = loss_sensitivities(spec, params, matrices, opts, mesh, rules, batches, progress)
+        else:
+            stats = collect_stats(spec, params, batches, mesh, rules, patterns, gram=True)
+            sens = sensitivities(matrices, flat, stats, opts)
         total_budget = budget(matrices, opts)
         chosen, cost, used = Q.allocate_bits(shapes, sens, total_budget, opts.candidates)
         bits = {lm.name: b for lm, b in zip(matrices, chosen)}
-        summary.update(budget_bytes=total_budget, allocated_bytes=used, predicted_error=cost,
-                       candidates=list(opts.candidates))
+        summary.update(budget_bytes=total_budget, allocated_bytes=used, predicted_cost=cost,
+                       sensitivity=opts.sensitivity, candidates=list(opts.candidates))
     target_spec = quant_spec(spec, opts, bits)
     source, target = build(spec), build(target_spec)
     out_shardings = rules.tree_shardings(target.axes, target.shapes, mesh)
@@ -298,7 +365,7 @@ def allocation_table(summary: dict) -> str:
     cands = summary.get("candidates")
     head = f"{'layer':<24} {'bits':>4} {'bytes':>10}"
     if cands:
-        head += "  " + " ".join(f"{'err@' + str(b):>11}" for b in cands)
+        head += "  " + " ".join(f"{'cost@' + str(b):>11}" for b in cands)
     lines = [head]
     for line in summary["layers"]:
         text = f"{line['layer']:<24} {line['bits']:>4} {line['bytes']:>10,}"
