@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +128,7 @@ def test_adaptive_allocation_is_exact_recorded_and_beats_uniform_at_equal_bytes(
     assert cost == pytest.approx(report["predicted_cost"])
     assert report["predicted_cost"] < sum(c[1] for c in costs)  # below uniform 3-bit's predicted error
     # The spec carries the allocation; each stored layer decodes within its own width.
-    spec, params, _ = saved(out)
+    spec, _, _ = saved(out)
     opts = dict(dict(spec["recipe"])["quant"])
     chosen = {line["layer"]: line["bits"] for line in layers}
     assert {e.split("=")[0]: int(e.split("=")[1]) for e in opts["layer_bits"]} == {
@@ -173,7 +172,7 @@ def test_qat_recovery_from_the_float_run_resumes_bit_exactly_after_kill9(base_ru
     _, dense, _ = saved(base_run)
     assert [name for name, _ in spec["recipe"]] == ["qat"]
     w0, w1 = dense["blocks/mlp/up/kernel"], tuned["blocks/mlp/up/kernel"]
-    assert 0 < np.abs(w1 - w0).max() < 0.1 * np.abs(w0).max()
+    assert 0 < np.linalg.norm(w1 - w0) < 0.5 * np.linalg.norm(w0)  # a fresh init would be ~1.4x away
     out = str(tmp_path / "qat_int4")
     quantize(capsys, straight, out, "--bits=4", "--group_size=32")
     spec, _, _ = saved(out)
@@ -206,7 +205,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(base_run, tmp_path, cap
 def test_incompatible_requantization_and_a_used_out_are_refused(int4_run, tmp_path, capsys):
     before = snapshot(int4_run)
     out = str(tmp_path / "out")
-    for flags in (["--bits=8", "--group_size=32"], ["--bits=4", "--group_size=16"], ["--bits=4", "--asymmetric"]):
+    for flags in (["--bits=8", "--group_size=32"], ["--bits=4", "--group_size=16"], ["--bits=4", "--group_size=32", "--asymmetric=true"]):
         line = one_line_error(cli_here(capsys, "quantize", f"--workdir={int4_run}", f"--out={out}", *flags))
         assert "already quantized" in line, line
         assert not os.path.exists(out)

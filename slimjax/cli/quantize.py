@@ -29,7 +29,7 @@ from slimjax.cli.prune import _number
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
-USAGE = ("slimjax quantize --workdir=RUN --out=NEW_RUN [--bits=8|4|3|2] [--group_size=128] [--asymmetric] "
+USAGE = ("slimjax quantize --workdir=RUN --out=NEW_RUN [--bits=8|4|3|2] [--group_size=128] [--asymmetric=true] "
          "[--method=rtn|gptq] [--budget_bits=3.0 | --budget_bytes=N] [--candidates=2,3,4,8] [--target=REGEX ...] "
          "[--sensitivity=loss|output] [--calibration_samples=128] [--sequential=true|false] [--step=N]")
 FLAGS = ("workdir", "out", "bits", "group_size", "asymmetric", "method", "budget_bits", "budget_bytes", "candidates",

@@ -96,7 +96,6 @@ def weight_stats(rd: Run, params: dict) -> tuple[list[dict[str, Any]], dict[str,
     """(per-layer rows, totals) of a run's parameters. Non-zeros are counted on the devices (per
     stacked layer for matrix weights) and only the counts come back, so this works for any mesh."""
     from slimjax.sharding import tree_paths
-
     from slimjax.slim.quant import TAP_NAME, QuantTap
 
     stacked, codes = _matrix_weights(rd)
