@@ -162,8 +162,12 @@ def _structured(rd, params, batches, v):
     return cfg, spec, small, None, summary
 
 
-def _write(rd, out: str, cfg, spec, params, slim, summary) -> None:
-    """The new run: checkpoint 0 (params, masks), tokenizer, config file and report; all or nothing."""
+def _write(rd, out: str, cfg, spec, params, slim, summary, *, kind: str = "prune", report_file: str = REPORT_FILE,
+           doc: str = "") -> None:
+    """The new run: checkpoint 0 (params, masks), tokenizer, config file and report; all or nothing.
+
+    ``kind`` keys the summary in the checkpoint metadata; ``doc`` replaces the config file's
+    docstring (default: how to recover a pruned run)."""
     import jax
 
     from slimjax.checkpoint import Checkpointer
@@ -188,27 +192,28 @@ def _write(rd, out: str, cfg, spec, params, slim, summary) -> None:
             shutil.copyfile(cached, tokenizers.cached_model_path(out))
         checkpointer = Checkpointer(os.path.join(out, CHECKPOINT_DIR), base_checkpoint_config())
         meta = {"config": cfg.to_dict(), "spec": spec.to_json(), "step": 0,
-                "prune": {k: v for k, v in summary.items() if k != "layers"}}
+                kind: {k: v for k, v in summary.items() if k != "layers"}}
         checkpointer.save_params(0, params, meta, slim=slim)
         checkpointer.wait()
         checkpointer.close()
         if is_main:
-            write_json(os.path.join(out, REPORT_FILE), summary)
-            _write_config_file(os.path.join(out, CONFIG_FILE), cfg.to_dict(), summary["line"])
+            write_json(os.path.join(out, report_file), summary)
+            _write_config_file(os.path.join(out, CONFIG_FILE), cfg.to_dict(), summary["line"], doc)
     except BaseException:
         if is_main:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _write_config_file(path: str, resolved: dict, what: str) -> None:
-    """A ``get_config()`` file of the pruned run's resolved config (recovery starts from it)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f'''"""A pruned run ({what}).
+def _write_config_file(path: str, resolved: dict, what: str, doc: str = "") -> None:
+    """A ``get_config()`` file of the new run's resolved config (recovery starts from it)."""
+    doc = doc or f"""A pruned run ({what}).
 
 Recover (fine-tune with the masks fixed):
   slimjax train --config={path} --workdir=NEW_RUN --config.train.steps=N
 """
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'''"""{doc}"""
 
 from slimjax.config import saved_config_dict
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any
 
 import jax
@@ -108,7 +109,9 @@ class Qat(Transform):
 class QuantTap(nnx.Module):
     """A Dense's kernel as integer codes plus scales (and zero points), for all its stacked layers."""
 
-    def __init__(self, kernel: nnx.Param, bits: tuple[int, ...], group_size: int, symmetric: bool, pack: bool):
+    def __init__(self, kernel: nnx.Param, bits: tuple[int, ...], group_size: int, symmetric: bool, pack: bool,
+                 pack_bits: int = 0):
+        """``pack_bits``: the width whose container the codes are packed in (default: the widest of ``bits``)."""
         meta = kernel.get_metadata()
         self.n_in, self.n_out = meta["matrix"]
         self.kernel_axes = tuple(meta["axes"])
@@ -118,7 +121,7 @@ class QuantTap(nnx.Module):
         dims = self.kernel_shape[lead:]
         d_in, d_out = math.prod(dims[:self.n_in]), math.prod(dims[self.n_in:])
         self.groups = Q.group_count(d_in, group_size)
-        self.container = Q.container_bits(max(bits)) if pack else 8
+        self.container = Q.container_bits(max(*bits, pack_bits)) if pack else 8
         w = jnp.asarray(kernel[...], jnp.float32).reshape(len(bits), d_in, d_out)
         parts = [Q.quantize(w[i], b, group_size, symmetric) for i, b in enumerate(bits)]
         codes = jnp.stack([p[0] for p in parts]).reshape(self.kernel_shape)
@@ -141,6 +144,11 @@ class QuantTap(nnx.Module):
         scale = self.scale[...].reshape(*lead, self.groups, d_out)
         zero = None if self.zero is None else self.zero[...].reshape(*lead, self.groups, d_out)
         return Q.dequantize(q.reshape(*lead, d_in, d_out), scale, zero).reshape(*lead, *trailing)
+
+
+def _stack_key(name: str) -> str:
+    """A Dense's name without its block index: the layers one scanned stack would hold."""
+    return re.sub(r"^blocks/\d+/", "blocks/", name)
 
 
 def is_stored(path: str) -> bool:
@@ -190,8 +198,17 @@ class Quant(Transform):
 
     def rewrite(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
         c = self.cfg
-        for sel, bits in self.layer_bits(model):
-            sel.dense.tap = QuantTap(sel.dense.kernel, bits, c.group_size, c.symmetric, c.pack)
+        chosen = self.layer_bits(model)
+        # A stack packs at its widest layer's container; unrolled, each layer packs at the widest
+        # container of the layers it would be stacked with, so both layouts hold the same arrays
+        # (the generator and calibration unstack scanned parameters into the unrolled layout).
+        widest: dict[str, int] = {}
+        for sel, bits in chosen:
+            key = _stack_key(sel.name)
+            widest[key] = max(widest.get(key, 0), *bits)
+        for sel, bits in chosen:
+            tap = QuantTap(sel.dense.kernel, bits, c.group_size, c.symmetric, c.pack, widest[_stack_key(sel.name)])
+            sel.dense.tap = tap
             sel.dense.kernel = None
 
     def trainable(self, path: str, current: bool) -> bool:

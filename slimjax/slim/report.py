@@ -71,27 +71,43 @@ def _name_key(name: str) -> list[tuple[int, Any]]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split("/")]
 
 
-def _matrix_weights(rd: Run) -> dict[str, int]:
-    """``{weight leaf path: stacked layers (0: one layer)}`` for every matrix layer of the run's model."""
+def _matrix_weights(rd: Run) -> tuple[dict[str, int], dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """``{weight leaf path: stacked layers (0: one layer)}`` for every matrix layer of the run's
+    model, and for quantized ones (``slim.quant``: codes instead of a kernel) ``{codes path:
+    (one layer's kernel shape, per-layer bits)}``."""
+    from slimjax.slim.quant import TAP_NAME, QuantTap
+
     model = nnx.merge(rd.built.graphdef, rd.built.shapes)
-    out = {}
+    out, codes = {}, {}
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, MATRIX_LAYERS):
+        if isinstance(node, Dense) and isinstance(node.tap, QuantTap) and node.kernel is None:
+            tap = node.tap
+            lead = len(tap.kernel_shape) - tap.n_in - tap.n_out
+            leaf = "/".join(map(str, (*path, TAP_NAME, "codes")))
+            out[leaf] = tap.kernel_shape[0] if lead else 0
+            codes[leaf] = (tap.kernel_shape[lead:], tap.bits)
+        elif isinstance(node, MATRIX_LAYERS):
             leaf = "kernel" if isinstance(node, Dense) else "embedding"
             out["/".join(map(str, (*path, leaf)))] = stacked_layers(node)
-    return out
+    return out, codes
 
 
 def weight_stats(rd: Run, params: dict) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(per-layer rows, totals) of a run's parameters. Non-zeros are counted on the devices (per
     stacked layer for matrix weights) and only the counts come back, so this works for any mesh."""
     from slimjax.sharding import tree_paths
+    from slimjax.slim.quant import TAP_NAME, QuantTap
 
-    stacked = _matrix_weights(rd)
+    stacked, codes = _matrix_weights(rd)
     paths = tree_paths(params)
 
     def counts(tree):
         leaves = jax.tree.leaves(tree)
+        if codes:  # quantized layers count the zeros of the kernels their codes stand for
+            kernels = {"/".join(map(str, (*path, TAP_NAME, "codes"))): node.tap.dequantized()
+                       for path, node in nnx.iter_graph(nnx.merge(rd.built.graphdef, tree))
+                       if isinstance(node, Dense) and isinstance(node.tap, QuantTap)}
+            leaves = [kernels.get(p, x) for p, x in zip(paths, leaves)]
         return [jnp.count_nonzero(x, axis=tuple(range(1, x.ndim)) if stacked.get(p) else None)
                 for p, x in zip(paths, leaves)]
 
@@ -103,20 +119,26 @@ def weight_stats(rd: Run, params: dict) -> tuple[list[dict[str, Any]], dict[str,
         if path not in stacked:
             continue
         n = stacked[path]
-        shape = leaves[path].shape[1:] if n else leaves[path].shape
+        shape = codes[path][0] if path in codes else leaves[path].shape[1:] if n else leaves[path].shape
         size = int(np.prod(shape))
-        module = tuple(path.split("/")[:-1])
+        module = tuple(path.split("/")[:-2 if path in codes else -1])  # .../wq/tap/codes: .../wq
         for i, name in enumerate(layer_names(module, n)):
             count = int(nz[i] if n else nz)
-            layers.append({"name": name, "shape": list(shape), "params": size, "nonzeros": count,
-                           "sparsity": 1.0 - count / size if size else 0.0})
+            row = {"name": name, "shape": list(shape), "params": size, "nonzeros": count,
+                   "sparsity": 1.0 - count / size if size else 0.0}
+            if path in codes:
+                row["bits"] = codes[path][1][i]
+            layers.append(row)
     layers.sort(key=lambda r: _name_key(r["name"]))
-    total = sum(int(np.prod(x.shape)) for x in leaves.values())
+    # Parameters counted as weights: a quantized layer's packed codes stand for its whole kernel.
+    total = sum(max(stacked[p], 1) * int(np.prod(codes[p][0])) if p in codes else int(np.prod(x.shape))
+                for p, x in leaves.items())
     nonzero = sum(int(n.sum()) for n in nonzeros)
     matrix = sum(r["params"] for r in layers)
     totals = {"params": total, "nonzero_params": nonzero, "sparsity": 1.0 - nonzero / total if total else 0.0,
               "matrix_params": matrix, "matrix_nonzeros": sum(r["nonzeros"] for r in layers),
-              "weight_bytes": 4 * total}
+              # Bytes of the parameters as held: float32 leaves 4 each, quantized codes 1 per stored byte.
+              "weight_bytes": sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves.values())}
     return layers, totals
 
 
@@ -238,7 +260,8 @@ def compare(run: dict[str, Any], other: dict[str, Any]) -> tuple[dict[str, float
         verdicts.append({"saving": "structure", "kind": "real" if shrank else "none", "detail": "; ".join(detail),
                          "verdict": REAL if shrank else "shapes changed without fewer parameters"})
     same = [n for n in mine.keys() & theirs.keys() if mine[n]["shape"] == theirs[n]["shape"]]
-    sparser = [n for n in same if mine[n]["nonzeros"] < theirs[n]["nonzeros"]]
+    # Zeros that rounding made in quantized layers are the quantization's, reported below.
+    sparser = [n for n in same if mine[n]["nonzeros"] < theirs[n]["nonzeros"] and not mine[n].get("bits")]
     if sparser:
         size = sum(mine[n]["params"] for n in sparser)
         zeros = 1 - sum(mine[n]["nonzeros"] for n in sparser) / size
@@ -248,6 +271,14 @@ def compare(run: dict[str, Any], other: dict[str, Any]) -> tuple[dict[str, float
             detail += f"; sparse copy {d['sparse_bytes']:,} bytes vs checkpoint params {d['checkpoint_param_bytes']:,}"
         verdicts.append({"saving": "unstructured sparsity", "kind": "size-only", "detail": detail,
                          "verdict": SIZE_ONLY})
+    quantized = [r for r in mine.values() if r.get("bits")]
+    if quantized:
+        widths = ", ".join(f"{b}-bit x{sum(r['bits'] == b for r in quantized)}"
+                           for b in sorted({r["bits"] for r in quantized}))
+        detail = (f"{len(quantized)} layers stored as integer codes ({widths}); parameter bytes "
+                  f"{ratios['weight_bytes']:.3g}x, checkpoint parameter bytes {ratios['checkpoint_param_bytes']:.3g}x")
+        verdicts.append({"saving": "quantization", "kind": "size-only", "detail": detail,
+                         "verdict": "size-only: codes are dequantized to float before each matmul"})
     if not verdicts:
         verdicts.append({"saving": "none", "kind": "none", "detail": "same shapes, no extra zeros",
                          "verdict": "no saving in shapes or sparsity"})
