@@ -34,17 +34,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prune import cli  # noqa: E402
+from prune import cli, model_flags  # noqa: E402
 from table import print_table, write_result  # noqa: E402
-
-
-def model_flags(a: argparse.Namespace) -> list[str]:
-    m = {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": 8, "n_kv_heads": 4, "head_dim": a.d_model // 8,
-         "d_ff": a.d_ff, "tie_embeddings": False, "vocab_size": 1024}
-    t = {"global_batch_size": 16, "log_every": 25, "eval_every": 100_000, "eval_batches": 4, "progress": False,
-         "sample_tokens": 0}
-    return ([f"--config.model.{k}={v}" for k, v in m.items()] + [f"--config.train.{k}={v}" for k, v in t.items()]
-            + ["--config.data.seq_len=128", "--config.checkpoint.async_save=False"])
 
 
 def train(workdir: str, steps: int, extra: list[str], a, log: str) -> float:
