@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Sequence
 
 from slimjax.cli.flags import iter_flags, number_flag
@@ -26,8 +25,12 @@ USAGE = ("slimjax prune --workdir=RUN --out=NEW_RUN [--method=magnitude|wanda|sp
          "[--sequential=true|false] [--step=N]   (structured: --heads/--mlp remove that fraction of heads/neurons)")
 FLAGS = ("workdir", "out", "method", "sparsity", "nm", "scope", "target", "calibration_samples", "heads", "mlp",
          "sequential", "step")
-CONFIG_FILE = "config.py"  # the pruned run as a --config file (recovery fine-tuning starts from it)
 REPORT_FILE = "prune.json"
+RECOVER_DOC = """A pruned run ({what}).
+
+Recover (fine-tune with the masks fixed):
+  slimjax train --config={path} --workdir=NEW_RUN --config.train.steps=N
+"""
 
 
 def _nm(text: str) -> tuple[int, int]:
@@ -79,7 +82,7 @@ def run(argv: Sequence[str]) -> int:
     v = parse(argv)
     import jax
 
-    from slimjax.cli.rundir import open_run
+    from slimjax.cli.rundir import open_run, write_run
     from slimjax.slim import calibrate
     from slimjax.slim.oneshot import OneShotOptions, default_prune_config
 
@@ -101,7 +104,7 @@ def run(argv: Sequence[str]) -> int:
         cfg, spec, params, slim, summary = _unstructured(rd, params, batches, opts, log)
     summary = {"source": rd.workdir, "source_step": rd.step, "calibration_samples": v["samples"] if batches else 0,
                **summary}
-    _write(rd, v["out"], cfg, spec, params, slim, summary)
+    write_run(rd, v["out"], cfg, spec, params, slim, summary, kind="prune", report_file=REPORT_FILE, doc=RECOVER_DOC)
     if jax.process_index() == 0:
         print(summary["line"] + f" -> {os.path.abspath(v['out'])}")
     return 0
@@ -160,66 +163,3 @@ def _structured(rd, params, batches, v):
     summary = {"kind": "structured", "heads": v["heads"], "mlp": v["mlp"], "parameters_before": n_before,
                "parameters_after": n_after, "layers": detail, "line": line}
     return cfg, spec, small, None, summary
-
-
-def _write(rd, out: str, cfg, spec, params, slim, summary, *, kind: str = "prune", report_file: str = REPORT_FILE,
-           doc: str = "") -> None:
-    """The new run: checkpoint 0 (params, masks), tokenizer, config file and report; all or nothing.
-
-    ``kind`` keys the summary in the checkpoint metadata; ``doc`` replaces the config file's
-    docstring (default: how to recover a pruned run)."""
-    import jax
-
-    from slimjax.checkpoint import Checkpointer
-    from slimjax.cli.rundir import base_checkpoint_config
-    from slimjax.data import tokenizer as tokenizers
-    from slimjax.train.metrics import write_json
-    from slimjax.train.run import CHECKPOINT_DIR
-
-    out = os.path.abspath(os.path.expanduser(out))
-    data = cfg.data
-    cached = tokenizers.cached_model_path(rd.workdir)
-    if data.tokenizer_kind == "sentencepiece" and not data.tokenizer and cached.is_file():
-        # The recovery run lives in another workdir: point it at this run's copy of the tokenizer.
-        data = dataclasses.replace(data, tokenizer=str(tokenizers.cached_model_path(out)))
-    cfg = dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=out))
-    is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(out, exist_ok=True)
-    try:
-        if is_main and cached.is_file():
-            os.makedirs(cached.parent.as_posix().replace(rd.workdir, out), exist_ok=True)
-            shutil.copyfile(cached, tokenizers.cached_model_path(out))
-        checkpointer = Checkpointer(os.path.join(out, CHECKPOINT_DIR), base_checkpoint_config())
-        meta = {"config": cfg.to_dict(), "spec": spec.to_json(), "step": 0,
-                kind: {k: v for k, v in summary.items() if k != "layers"}}
-        checkpointer.save_params(0, params, meta, slim=slim)
-        checkpointer.wait()
-        checkpointer.close()
-        if is_main:
-            write_json(os.path.join(out, report_file), summary)
-            _write_config_file(os.path.join(out, CONFIG_FILE), cfg.to_dict(), summary["line"], doc)
-    except BaseException:
-        if is_main:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _write_config_file(path: str, resolved: dict, what: str, doc: str = "") -> None:
-    """A ``get_config()`` file of the new run's resolved config (recovery starts from it)."""
-    doc = doc or f"""A pruned run ({what}).
-
-Recover (fine-tune with the masks fixed):
-  slimjax train --config={path} --workdir=NEW_RUN --config.train.steps=N
-"""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f'''"""{doc}"""
-
-from slimjax.config import saved_config_dict
-
-RESOLVED = {resolved!r}
-
-
-def get_config():
-    return saved_config_dict(RESOLVED)
-''')

@@ -24,8 +24,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from slimjax.cli.flags import iter_flags
-from slimjax.cli.prune import _number
+from slimjax.cli.flags import iter_flags, number_flag
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
@@ -54,13 +53,13 @@ def parse(argv: Sequence[str]) -> dict:
         if name == "target":
             v["targets"].append(value)
         elif name in ("bits", "group_size", "budget_bytes", "step"):
-            v[name] = _number(name, value, int)
+            v[name] = number_flag(name, value, int)
         elif name == "calibration_samples":
-            v["samples"] = _number(name, value, int)
+            v["samples"] = number_flag(name, value, int)
         elif name == "budget_bits":
-            v[name] = _number(name, value, float)
+            v[name] = number_flag(name, value, float)
         elif name == "candidates":
-            v[name] = tuple(_number(name, c, int) for c in value.split(",") if c.strip())
+            v[name] = tuple(number_flag(name, c, int) for c in value.split(",") if c.strip())
         elif name == "asymmetric":
             v["symmetric"] = not _bool(name, value)
         elif name == "sequential":
@@ -109,7 +108,7 @@ def run(argv: Sequence[str]) -> int:
     v = parse(argv)
     import jax
 
-    from slimjax.cli import prune as prune_cli
+    from slimjax.cli.rundir import write_run
     from slimjax.cli.rundir import open_run
     from slimjax.config import QuantConfig
     from slimjax.slim import calibrate, ptq
@@ -137,7 +136,7 @@ def run(argv: Sequence[str]) -> int:
     doc = (f"A quantized run ({line}).\n\nIts kernels are stored integer codes, which do not train. Recover quality "
            "with quantization-aware training of the float run instead:\n  slimjax train --config.slim.recipe=\"('qat',)\" "
            f"--config.checkpoint.init_from={rd.workdir} --workdir=QAT_RUN ...\nthen slimjax quantize --workdir=QAT_RUN.\n")
-    prune_cli._write(rd, out, cfg, new_spec, qparams, None, summary, kind="quantize", report_file=REPORT_FILE, doc=doc)
+    write_run(rd, out, cfg, new_spec, qparams, None, summary, kind="quantize", report_file=REPORT_FILE, doc=doc)
     if jax.process_index() == 0:
         print(ptq.allocation_table(summary))
         print(f"{line} -> {out}")

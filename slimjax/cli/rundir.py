@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from slimjax.errors import SlimjaxError
 from slimjax.models import compute_dtype
 from slimjax.sharding import Rules, make_mesh
 from slimjax.slim.spec import Built, ModelSpec, build, export_fn, export_spec
+from slimjax.train.metrics import write_json
 from slimjax.train.run import CHECKPOINT_DIR, spec_of
 
 
@@ -107,3 +109,57 @@ def base_checkpoint_config():
     """Checkpoint options for reading: the defaults (reading never deletes old steps)."""
     return validate(base.get_config()).checkpoint
 
+
+CONFIG_FILE = "config.py"  # a derived run as a --config file (training continues from it)
+
+
+def write_run(rd: RunDir, out: str, cfg: Config, spec: ModelSpec, params: dict, slim: dict | None, summary: dict, *,
+              kind: str, report_file: str, doc: str) -> None:
+    """A run derived from ``rd`` (pruned, quantized): checkpoint 0 (params and transform state),
+    the tokenizer, a ``config.py`` to continue from and the JSON ``summary``; all or nothing.
+
+    ``kind`` keys the summary in the checkpoint metadata; ``doc`` is the config file's docstring
+    (``{what}``: the summary's line, ``{path}``: the file)."""
+    out = os.path.abspath(os.path.expanduser(out))
+    data = cfg.data
+    cached = tokenizers.cached_model_path(rd.workdir)
+    if data.tokenizer_kind == "sentencepiece" and not data.tokenizer and cached.is_file():
+        # The recovery run lives in another workdir: point it at this run's copy of the tokenizer.
+        data = dataclasses.replace(data, tokenizer=str(tokenizers.cached_model_path(out)))
+    cfg = dataclasses.replace(cfg, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=out))
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+    try:
+        if is_main and cached.is_file():
+            os.makedirs(tokenizers.cached_model_path(out).parent, exist_ok=True)
+            shutil.copyfile(cached, tokenizers.cached_model_path(out))
+        checkpointer = Checkpointer(os.path.join(out, CHECKPOINT_DIR), base_checkpoint_config())
+        meta = {"config": cfg.to_dict(), "spec": spec.to_json(), "step": 0,
+                kind: {k: v for k, v in summary.items() if k != "layers"}}
+        checkpointer.save_params(0, params, meta, slim=slim)
+        checkpointer.wait()
+        checkpointer.close()
+        if is_main:
+            write_json(os.path.join(out, report_file), summary)
+            path = os.path.join(out, CONFIG_FILE)
+            _write_config_file(path, cfg.to_dict(), doc.replace("{what}", summary["line"]).replace("{path}", path))
+    except BaseException:
+        if is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_config_file(path: str, resolved: dict, doc: str) -> None:
+    """A ``get_config()`` file of a run's resolved config (training continues from it)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'''"""{doc}"""
+
+from slimjax.config import saved_config_dict
+
+RESOLVED = {resolved!r}
+
+
+def get_config():
+    return saved_config_dict(RESOLVED)
+''')
