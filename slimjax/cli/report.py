@@ -66,11 +66,18 @@ def build_report(workdir: str, against: str | None = None, *, max_docs: int = 0,
 
     def one(run) -> dict[str, Any]:
         tok = run_tokenizer(run.cfg.data, run.workdir, run.cfg.model.vocab_size, "report")
-        return report.run_report(run, tok, docs, batch_size or run.cfg.train.global_batch_size, timing_repeats)
+        return report.run_report(run, tok, docs, batch_size or run.cfg.train.global_batch_size, timing_repeats,
+                                 timers)
 
+    timers: list = []
     result: dict[str, Any] = {"device": jax.devices()[0].device_kind, "documents": len(docs), "run": one(rd)}
     if against:
         result["against"] = one(open_run(against))
+        # The forward times compared are taken in alternation, not one run after the other.
+        for side, ms in zip(("run", "against"), report.interleaved_ms(timers, timing_repeats)):
+            speed = result[side]["speed"]
+            speed.update(forward_ms=ms, forward_tokens_per_s=speed["forward_rows"] * speed["seq_len"] / (ms / 1e3),
+                         forward_timing="interleaved")
         result["ratios"], result["verdicts"] = report.compare(result["run"], result["against"])
     return result
 

@@ -175,8 +175,10 @@ def _batch_ways(rd: Run) -> int:
     return ways * jax.process_count()
 
 
-def measure(rd: Run, params: dict, tok: Tokenizer, docs: Sequence[str], rows: int, timing_repeats: int) -> tuple[dict, dict]:
-    """(quality, speed) of a run on ``docs``, scored with ``tok`` (the run's tokenizer) and its packing."""
+def measure(rd: Run, params: dict, tok: Tokenizer, docs: Sequence[str], rows: int, timing_repeats: int
+            ) -> tuple[dict, dict, Callable[[], Any]]:
+    """(quality, speed, forward) of a run on ``docs``, scored with ``tok`` (the run's tokenizer) and
+    its packing; ``forward()`` runs the timed forward pass once more (for interleaved timing)."""
     from slimjax.data import pipeline
     from slimjax.infer import evaluate
     from slimjax.infer.generate import Generator
@@ -193,7 +195,8 @@ def measure(rd: Run, params: dict, tok: Tokenizer, docs: Sequence[str], rows: in
 
     batch = pipeline.to_global(evaluate.document_batches(data, tok, docs[:1], rows)[0],
                                pipeline.batch_sharding(rd.mesh, rd.rules))
-    forward_ms = _median_ms(lambda: jax.block_until_ready(step_fn(params, batch)), timing_repeats)
+    forward = lambda: jax.block_until_ready(step_fn(params, batch))  # noqa: E731
+    forward_ms = _median_ms(forward, timing_repeats)
     speed = {"backend": jax.default_backend(), "forward_rows": rows, "seq_len": data.seq_len,
              "forward_ms": forward_ms, "forward_tokens_per_s": rows * data.seq_len / (forward_ms / 1e3)}
 
@@ -206,15 +209,29 @@ def measure(rd: Run, params: dict, tok: Tokenizer, docs: Sequence[str], rows: in
         full = _median_ms(lambda: generator.generate(prompts, new), timing_repeats)
         speed.update(decode_rows=len(prompts), decode_tokens=new, prefill_ms=one, generate_ms=full,
                      decode_ms_per_token=max(full - one, 0.0) / (new - 1))
-    return quality, speed
+    return quality, speed, forward
 
 
-def run_report(rd: Run, tok: Tokenizer, docs: Sequence[str], rows: int, timing_repeats: int) -> dict[str, Any]:
+def interleaved_ms(forwards: Sequence[Callable[[], Any]], rounds: int, calls: int = 3) -> list[float]:
+    """Median forward time of each callable, timed in alternation (A B A B ...) for ``rounds``
+    rounds of ``calls`` calls, so a load that comes and goes on the machine hits both alike."""
+    times: list[list[float]] = [[] for _ in forwards]
+    for _ in range(max(rounds, 1)):
+        for i, fn in enumerate(forwards):
+            times[i].append(_median_ms(fn, calls))
+    return [statistics.median(t) for t in times]
+
+
+def run_report(rd: Run, tok: Tokenizer, docs: Sequence[str], rows: int, timing_repeats: int,
+               timers: list | None = None) -> dict[str, Any]:
     """Everything the report says about one opened run whose tokenizer is ``tok``: quality on ``docs`` scored
-    ``rows`` rows at a time, timings as medians of ``timing_repeats`` calls."""
+    ``rows`` rows at a time, timings as medians of ``timing_repeats`` calls. The timed forward
+    pass is appended to ``timers`` when given (to time two runs in alternation)."""
     params = rd.restore_params()
     layers, totals = weight_stats(rd, params)
-    quality, speed = measure(rd, params, tok, docs, rows, timing_repeats)
+    quality, speed, forward = measure(rd, params, tok, docs, rows, timing_repeats)
+    if timers is not None:
+        timers.append(forward)
     return {"workdir": rd.workdir, "step": rd.step,
             "model": {k: getattr(rd.spec.model, k) for k in SHAPE_KEYS},
             "recipe": [name for name, _ in rd.spec.recipe], "layers": layers, "totals": totals,
