@@ -10,10 +10,12 @@
    (calibration: ``--calibration_samples`` rows of the training stream), and structured removal
    of 25% of heads (one kv group of four) and 25% of MLP neurons.
 3. Recovery: each pruned run fine-tuned ``--recover_steps`` with ``slimjax train
-   --config=PRUNED/config.py`` (masks fixed; structured: the smaller dense model).
+   --config=PRUNED/config.py`` (masks fixed; structured: the smaller dense model). Recovery is
+   more training, so recovered variants are compared with the dense base trained the same
+   ``--recover_steps`` more (``checkpoint.init_from``, the same schedule): "dense +N steps".
 4. Sparse training from scratch: gradual magnitude pruning (cubic schedule, Zhu & Gupta) and RigL
    (ERK) to 50% and 80%, each trained the same ``--steps`` as the dense base.
-5. Every variant: ``slimjax export --sparse`` then ``slimjax report --against=BASE`` on the same
+5. Every variant: ``slimjax export --sparse`` then ``slimjax report --against=REFERENCE`` on the same
    held-out documents (``--max_docs`` of hamlet, the-tempest, twelfth-night): perplexity delta,
    parameters, bytes on disk (checkpoint and sparse store), forward latency speed-up (median of
    ``--repeats``) and the report's verdict (size-only or real).
@@ -72,6 +74,10 @@ def train(workdir: str, steps: int, extra: list[str], a, log: str, config: str |
     return cli("train", *flags, f"--workdir={workdir}", f"--config.train.steps={steps}",
                f"--config.checkpoint.every_steps={steps}", f"--config.optimizer.learning_rate={a.lr}",
                *extra, log=log)
+
+
+def recover_flags(a) -> list[str]:
+    return [f"--config.optimizer.warmup_steps={max(1, a.recover_steps // 10)}"]
 
 
 def report(workdir: str, base: str, a, log: str) -> dict:
@@ -143,6 +149,12 @@ def main() -> None:
     base_rep = report(base, base, a, log)
     rows.append(row("dense", "trained", base_rep, seconds))
     print_table(rows[-1:], list(rows[-1]))
+    # Recovery is extra training: its reference is the dense model trained as many more steps the same way.
+    continued = os.path.join(root, "dense-continued")
+    if not os.path.isdir(os.path.join(continued, "checkpoints", str(a.recover_steps))):
+        shutil.rmtree(continued, ignore_errors=True)
+        seconds = train(continued, a.recover_steps, [f"--config.checkpoint.init_from={base}", *recover_flags(a)], a, log)
+        rows.append(row("dense", f"+{a.recover_steps} steps", report(continued, base, a, log), seconds))
     for name, flags in ONESHOT:
         pruned = os.path.join(root, name)
         shutil.rmtree(pruned, ignore_errors=True)
@@ -151,9 +163,8 @@ def main() -> None:
         rows.append(row(name, "one-shot", report(pruned, base, a, log), seconds))
         recovered = os.path.join(root, name + "-recovered")
         shutil.rmtree(recovered, ignore_errors=True)
-        seconds = train(recovered, a.recover_steps, [f"--config.optimizer.warmup_steps={max(1, a.recover_steps // 10)}"],
-                        a, log, config=os.path.join(pruned, "config.py"))
-        rows.append(row(name, "recovered", report(recovered, base, a, log), seconds))
+        seconds = train(recovered, a.recover_steps, recover_flags(a), a, log, config=os.path.join(pruned, "config.py"))
+        rows.append(row(name, "recovered", report(recovered, continued, a, log), seconds))
         print_table(rows[-2:], list(rows[-1]))
     if not a.skip_sparse_training:
         for name, schedule, sparsity in SPARSE_TRAINING:
