@@ -165,22 +165,22 @@ def test_structured_pruning_writes_a_smaller_model_that_runs(base_run, tmp_path,
 
 
 RIGL = ["--config.slim.recipe=('prune',)", "--config.slim.prune.schedule=rigl", "--config.slim.prune.sparsity=0.6",
-        "--config.slim.prune.begin_step=0", "--config.slim.prune.end_step=16", "--config.slim.prune.every=2"]
+        "--config.slim.prune.begin_step=0", "--config.slim.prune.end_step=10", "--config.slim.prune.every=2"]
 
 
 def test_kill9_then_resume_of_a_rigl_run_is_bit_identical(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    result = run(train_argv(straight, *RIGL, steps=20, every=4))
+    result = run(train_argv(straight, *RIGL, steps=12, every=3))
     assert result.returncode == 0, result.stderr[-3000:]
-    proc = subprocess.Popen(train_argv(killed, *RIGL, steps=20, every=4), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_argv(killed, *RIGL, steps=12, every=3), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    wait_for(lambda: any(s >= 8 for s in steps_on_disk(killed)), proc)
+    wait_for(lambda: any(s >= 3 for s in steps_on_disk(killed)), proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert max(steps_on_disk(killed)) < 20
-    result = run(train_argv(killed, *RIGL, steps=20, every=4))
+    assert max(steps_on_disk(killed)) < 12  # killed mid-way: the resumed part crosses mask updates
+    result = run(train_argv(killed, *RIGL, steps=12, every=3))
     assert result.returncode == 0, result.stderr[-3000:]
-    got, want = fingerprints(killed, 20), fingerprints(straight, 20)
+    got, want = fingerprints(killed, 12), fingerprints(straight, 12)
     assert {"params", "slim", "opt_state"} <= set(want) and got == want
 
 
