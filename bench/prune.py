@@ -3,6 +3,9 @@
     python bench/prune.py                         # ~60 min on a quiet 2-core CPU
     python bench/prune.py --steps 100 --recover_steps 20 --max_docs 4   # a smoke run, ~10 min
 
+A rerun with the same ``--workdir`` reuses every variant that has its report (``--variants``
+picks some by name).
+
 1. Dense base: a Llama-style decoder (``--d_model``/``--n_layers``/``--d_ff``; 8 query heads over 4
    kv heads, head_dim 32, SentencePiece BPE vocabulary of 1024, untied output layer; default ~5M
    parameters) trained ``--steps`` on the bundled plays with ``slimjax train``.
@@ -14,7 +17,8 @@
    more training, so recovered variants are compared with the dense base trained the same
    ``--recover_steps`` more (``checkpoint.init_from``, the same schedule): "dense +N steps".
 4. Sparse training from scratch: gradual magnitude pruning (cubic schedule, Zhu & Gupta) and RigL
-   (ERK) to 50% and 80%, each trained the same ``--steps`` as the dense base.
+   (ERK) to 50% and 80%, each trained ``--sparse_steps`` (default ``--steps``) and compared with a
+   dense model trained as many steps.
 5. Every variant: ``slimjax export --sparse`` then ``slimjax report --against=REFERENCE`` on the same
    held-out documents (``--max_docs`` of hamlet, the-tempest, twelfth-night): perplexity delta,
    parameters, bytes on disk (checkpoint and sparse store), forward latency speed-up (median of
@@ -80,10 +84,17 @@ def recover_flags(a) -> list[str]:
     return [f"--config.optimizer.warmup_steps={max(1, a.recover_steps // 10)}"]
 
 
+def done(workdir: str) -> bool:
+    """Whether a variant's run and report are complete (a rerun with the same --workdir reuses them)."""
+    return os.path.isfile(os.path.join(workdir, "report.json"))
+
+
 def report(workdir: str, base: str, a, log: str) -> dict:
+    out = os.path.join(workdir, "report.json")
+    if done(workdir):
+        return json.load(open(out))
     if not os.path.isdir(os.path.join(workdir, "sparse")):
         cli("export", f"--workdir={workdir}", "--sparse", log=log)
-    out = os.path.join(workdir, "report.json")
     cli("report", f"--workdir={workdir}", f"--against={base}", f"--out={out}", f"--max_docs={a.max_docs}",
         f"--repeats={a.repeats}", log=log)
     return json.load(open(out))
@@ -114,7 +125,8 @@ def targets(rows: list[dict]) -> list[dict]:
                 {"name": f"{m} 50% recovered perplexity delta %", "value": rec, "target": 5.0, "met": rec <= 5.0},
                 {"name": f"{m} 50% one-shot better than magnitude (delta %, magnitude's)", "value": one,
                  "target": ppl("magnitude-50%", "one-shot"), "met": one < ppl("magnitude-50%", "one-shot")}]
-    best24 = min(ppl(f"{m}-2:4", "recovered") for m in ("magnitude", "wanda", "sparsegpt"))
+    ran24 = [ppl(f"{m}-2:4", "recovered") for m in ("magnitude", "wanda", "sparsegpt") if (f"{m}-2:4", "recovered") in by]
+    best24 = min(ran24) if ran24 else float("nan")
     out.append({"name": "best 2:4 recovered perplexity delta %", "value": best24, "target": 10.0,
                 "met": best24 <= 10.0})
     sp = by.get(("structured-25%", "one-shot"), {}).get("forward_speedup") or float("nan")
@@ -134,7 +146,9 @@ def main() -> None:
     ap.add_argument("--max_docs", type=int, default=0, help="held-out documents per report (0: all three plays)")
     ap.add_argument("--repeats", type=int, default=10, help="timed forward calls per report")
     ap.add_argument("--workdir", default="", help="keep runs here (default: a temporary directory)")
-    ap.add_argument("--skip_sparse_training", action="store_true")
+    ap.add_argument("--sparse_steps", type=int, default=0,
+                    help="gradual / RigL training steps (0: --steps; else a dense run of as many steps is the reference)")
+    ap.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     a = ap.parse_args()
     root = a.workdir or tempfile.mkdtemp(prefix="bench_prune_")
     os.makedirs(root, exist_ok=True)
@@ -146,38 +160,56 @@ def main() -> None:
         seconds = train(base, a.steps, [], a, log)
     else:
         seconds = 0.0
-    base_rep = report(base, base, a, log)
+    base_rep = report(base, base, a, log)  # its own report: reused by a rerun with the same --workdir
     rows.append(row("dense", "trained", base_rep, seconds))
     print_table(rows[-1:], list(rows[-1]))
     # Recovery is extra training: its reference is the dense model trained as many more steps the same way.
     continued = os.path.join(root, "dense-continued")
-    if not os.path.isdir(os.path.join(continued, "checkpoints", str(a.recover_steps))):
+    seconds = 0.0
+    if not done(continued):
         shutil.rmtree(continued, ignore_errors=True)
         seconds = train(continued, a.recover_steps, [f"--config.checkpoint.init_from={base}", *recover_flags(a)], a, log)
-        rows.append(row("dense", f"+{a.recover_steps} steps", report(continued, base, a, log), seconds))
+    rows.append(row("dense", f"+{a.recover_steps} steps", report(continued, base, a, log), seconds))
+    wanted = set(a.variants.split(",")) if a.variants else None
     for name, flags in ONESHOT:
+        if wanted is not None and name not in wanted:
+            continue
         pruned = os.path.join(root, name)
-        shutil.rmtree(pruned, ignore_errors=True)
-        calib = [] if "magnitude" in flags[0] else [f"--calibration_samples={a.calibration_samples}"]
-        seconds = cli("prune", f"--workdir={base}", f"--out={pruned}", *flags, *calib, log=log)
+        seconds = 0.0
+        if not done(pruned):
+            shutil.rmtree(pruned, ignore_errors=True)
+            calib = [] if "magnitude" in flags[0] else [f"--calibration_samples={a.calibration_samples}"]
+            seconds = cli("prune", f"--workdir={base}", f"--out={pruned}", *flags, *calib, log=log)
         rows.append(row(name, "one-shot", report(pruned, base, a, log), seconds))
         recovered = os.path.join(root, name + "-recovered")
-        shutil.rmtree(recovered, ignore_errors=True)
-        seconds = train(recovered, a.recover_steps, recover_flags(a), a, log, config=os.path.join(pruned, "config.py"))
+        seconds = 0.0
+        if not done(recovered):
+            shutil.rmtree(recovered, ignore_errors=True)
+            seconds = train(recovered, a.recover_steps, recover_flags(a), a, log,
+                            config=os.path.join(pruned, "config.py"))
         rows.append(row(name, "recovered", report(recovered, continued, a, log), seconds))
         print_table(rows[-2:], list(rows[-1]))
-    if not a.skip_sparse_training:
-        for name, schedule, sparsity in SPARSE_TRAINING:
-            wd = os.path.join(root, name)
+    steps = a.sparse_steps or a.steps
+    reference = base
+    if steps != a.steps:  # sparse training is compared with a dense model trained as many steps
+        reference = os.path.join(root, f"dense-{steps}")
+        seconds = 0.0 if done(reference) else train(reference, steps, [], a, log)
+        rows.append(row("dense", f"{steps} steps", report(reference, reference, a, log), seconds))
+    for name, schedule, sparsity in SPARSE_TRAINING:
+        if wanted is not None and name not in wanted:
+            continue
+        wd = os.path.join(root, name)
+        seconds = 0.0
+        if not done(wd):
             shutil.rmtree(wd, ignore_errors=True)
-            end = int(a.steps * 0.75)
             extra = ["--config.slim.recipe=('prune',)", f"--config.slim.prune.schedule={schedule}",
                      f"--config.slim.prune.sparsity={sparsity}", "--config.slim.prune.begin_step=0",
-                     f"--config.slim.prune.end_step={end}", f"--config.slim.prune.every={max(1, a.steps // 30)}",
+                     f"--config.slim.prune.end_step={int(steps * 0.75)}",
+                     f"--config.slim.prune.every={max(1, steps // 30)}",
                      f"--config.slim.prune.distribution={'erk' if schedule == 'rigl' else 'uniform'}"]
-            seconds = train(wd, a.steps, extra, a, log)
-            rows.append(row(name, "from scratch", report(wd, base, a, log), seconds))
-            print_table(rows[-1:], list(rows[-1]))
+            seconds = train(wd, steps, extra, a, log)
+        rows.append(row(name, f"{steps} steps", report(wd, reference, a, log), seconds))
+        print_table(rows[-1:], list(rows[-1]))
     print()
     columns = ["variant", "stage", "perplexity", "ppl_delta_pct", "sparsity", "params", "checkpoint_bytes",
                "sparse_bytes", "bytes_ratio", "forward_speedup", "seconds"]
