@@ -34,7 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prune import cli, model_flags  # noqa: E402
+from prune import cli, done, model_flags  # noqa: E402
 from table import print_table, write_result  # noqa: E402
 
 
@@ -45,8 +45,9 @@ def train(workdir: str, steps: int, extra: list[str], a, log: str) -> float:
 
 def report(workdir: str, base: str, a, log: str) -> dict:
     out = os.path.join(workdir, "report.json")
-    cli("report", f"--workdir={workdir}", f"--against={base}", f"--out={out}", f"--max_docs={a.max_docs}",
-        f"--repeats={a.repeats}", log=log)
+    if not done(workdir):  # a rerun with the same --workdir reuses finished variants
+        cli("report", f"--workdir={workdir}", f"--against={base}", f"--out={out}", f"--max_docs={a.max_docs}",
+            f"--repeats={a.repeats}", log=log)
     return json.load(open(out))
 
 
@@ -69,8 +70,7 @@ def qwix_run(base: str, out: str, bits: int, group: int) -> None:
     import numpy as np
     import qwix
 
-    from slimjax.cli import prune as prune_cli
-    from slimjax.cli.rundir import open_run
+    from slimjax.cli.rundir import open_run, write_run
     from slimjax.sharding import path_str
     from slimjax.slim.oneshot import _unflatten
     from slimjax.slim.ptq import PtqOptions, quant_matrices
@@ -87,8 +87,8 @@ def qwix_run(base: str, out: str, bits: int, group: int) -> None:
     new = jax.device_put(_unflatten(params, flat), rd.shardings())
     summary = {"source": rd.workdir, "qwix": getattr(qwix, "__version__", "?"),
                "bits": bits, "group_size": group, "line": f"qwix int{bits} g{group} dequantized"}
-    prune_cli._write(rd, out, rd.cfg, rd.spec, new, None, summary, kind="qwix",
-                     report_file="qwix.json", doc="Block kernels replaced by qwix's dequantized RTN weights.\n")
+    write_run(rd, out, rd.cfg, rd.spec, new, None, summary, kind="qwix",
+              report_file="qwix.json", doc="Block kernels replaced by qwix's dequantized RTN weights.\n")
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -147,8 +147,10 @@ def main() -> None:
 
     def variant(name: str, *flags: str, source: str = base) -> None:
         out = os.path.join(root, name)
-        shutil.rmtree(out, ignore_errors=True)
-        seconds = cli("quantize", f"--workdir={source}", f"--out={out}", *flags, log=log)
+        seconds = 0.0
+        if not done(out):
+            shutil.rmtree(out, ignore_errors=True)
+            seconds = cli("quantize", f"--workdir={source}", f"--out={out}", *flags, log=log)
         rows.append(row(name, report(out, base, a, log), seconds, out))
         print_table(rows[-1:], list(rows[-1]))
 
@@ -161,23 +163,25 @@ def main() -> None:
     variant("adaptive-3bit", "--budget_bits=3", f"--group_size={g}", cal)
 
     qat = os.path.join(root, "qat")
-    shutil.rmtree(qat, ignore_errors=True)
     t0 = time.perf_counter()
-    train(qat, a.recover_steps, ["--config.slim.recipe=('qat',)", "--config.slim.qat.bits=4",
-                                 f"--config.slim.qat.group_size={g}", f"--config.checkpoint.init_from={base}",
-                                 f"--config.optimizer.warmup_steps={max(1, a.recover_steps // 10)}"], a, log)
+    if not done(os.path.join(root, "qat-int4-rtn-g")):
+        shutil.rmtree(qat, ignore_errors=True)
+        train(qat, a.recover_steps, ["--config.slim.recipe=('qat',)", "--config.slim.qat.bits=4",
+                                     f"--config.slim.qat.group_size={g}", f"--config.checkpoint.init_from={base}",
+                                     f"--config.optimizer.warmup_steps={max(1, a.recover_steps // 10)}"], a, log)
     variant("qat-int4-rtn-g", "--bits=4", f"--group_size={g}", source=qat)
     rows[-1]["seconds"] = round(rows[-1]["seconds"] + time.perf_counter() - t0, 1)
 
     for name, bits, group in (("qwix-int8", 8, 0), ("qwix-int4-g", 4, g)):
         out = os.path.join(root, name)
-        shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        with open(log, "a") as f:
-            result = subprocess.run([sys.executable, os.path.abspath(__file__), "--qwix", base, out, str(bits),
-                                     str(group)], stdout=f, stderr=subprocess.STDOUT)
-        if result.returncode:
-            raise SystemExit(f"the qwix variant {name} failed; see {log}")
+        if not done(out):
+            shutil.rmtree(out, ignore_errors=True)
+            with open(log, "a") as f:
+                result = subprocess.run([sys.executable, os.path.abspath(__file__), "--qwix", base, out, str(bits),
+                                         str(group)], stdout=f, stderr=subprocess.STDOUT)
+            if result.returncode:
+                raise SystemExit(f"the qwix variant {name} failed; see {log}")
         rows.append(row(name, report(out, base, a, log), time.perf_counter() - t0, out))
         print_table(rows[-1:], list(rows[-1]))
 
