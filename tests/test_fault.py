@@ -46,6 +46,22 @@ def fingerprints(workdir, step):
     return json.load(open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")))["fingerprints"]
 
 
+def kill9_then_resume(argv_for, tmp_path, steps, kill_after):
+    """Runs ``argv_for(workdir)`` straight through, and again killed with -9 once a checkpoint at
+    step >= ``kill_after`` is on disk then resumed; returns (straight, killed) workdirs, both at ``steps``."""
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    result = run(argv_for(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    proc = subprocess.Popen(argv_for(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: any(s >= kill_after for s in steps_on_disk(killed)), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert max(steps_on_disk(killed)) < steps  # killed mid-way
+    result = run(argv_for(killed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return straight, killed
+
+
 def wait_for(predicate, proc, timeout=300):
     t0 = time.time()
     while not predicate():

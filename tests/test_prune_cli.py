@@ -5,7 +5,6 @@ RigL run killed with -9 and resumed bit-exactly, and bad input (one line, exit 2
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import flat, snapshot
-from test_fault import DRIVER, FLAGS, fingerprints, one_line_error, steps_on_disk, wait_for
+from test_fault import DRIVER, FLAGS, fingerprints, kill9_then_resume, one_line_error
 
 BASE_STEPS = 30
 
@@ -169,17 +168,8 @@ RIGL = ["--config.slim.recipe=('prune',)", "--config.slim.prune.schedule=rigl", 
 
 
 def test_kill9_then_resume_of_a_rigl_run_is_bit_identical(tmp_path):
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    result = run(train_argv(straight, *RIGL, steps=12, every=3))
-    assert result.returncode == 0, result.stderr[-3000:]
-    proc = subprocess.Popen(train_argv(killed, *RIGL, steps=12, every=3), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    wait_for(lambda: any(s >= 3 for s in steps_on_disk(killed)), proc)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert max(steps_on_disk(killed)) < 12  # killed mid-way: the resumed part crosses mask updates
-    result = run(train_argv(killed, *RIGL, steps=12, every=3))
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Killed after step 3: the resumed part crosses the mask updates at steps 4, 6 and 8.
+    straight, killed = kill9_then_resume(lambda wd: train_argv(wd, *RIGL, steps=12, every=3), tmp_path, 12, 3)
     got, want = fingerprints(killed, 12), fingerprints(straight, 12)
     assert {"params", "slim", "opt_state"} <= set(want) and got == want
 

@@ -6,8 +6,6 @@ bad input (one line, exit 2, nothing written)."""
 
 import json
 import os
-import signal
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import flat, snapshot
-from test_fault import fingerprints, one_line_error, steps_on_disk, wait_for
+from test_fault import fingerprints, kill9_then_resume, one_line_error
 from test_prune_cli import base_run, cli_here, run, saved, train_argv  # noqa: F401  (base_run: module fixture)
 
 from slimjax.slim import quantize as Q
@@ -154,17 +152,7 @@ QAT = ["--config.slim.recipe=('qat',)", "--config.slim.qat.bits=4", "--config.sl
 
 def test_qat_recovery_from_the_float_run_resumes_bit_exactly_after_kill9(base_run, tmp_path, capsys):  # noqa: F811
     init = [f"--config.checkpoint.init_from={base_run}", *QAT]
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    result = run(train_argv(straight, *init, steps=12, every=4))
-    assert result.returncode == 0, result.stderr[-3000:]
-    proc = subprocess.Popen(train_argv(killed, *init, steps=12, every=4), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    wait_for(lambda: any(s >= 4 for s in steps_on_disk(killed)), proc)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert max(steps_on_disk(killed)) < 12
-    result = run(train_argv(killed, *init, steps=12, every=4))
-    assert result.returncode == 0, result.stderr[-3000:]
+    straight, killed = kill9_then_resume(lambda wd: train_argv(wd, *init, steps=12, every=4), tmp_path, 12, 4)
     assert fingerprints(killed, 12) == fingerprints(straight, 12)
     # Started from the float run (not from scratch), trained through the fake-quantized view,
     # then quantized at the scheme it trained with.

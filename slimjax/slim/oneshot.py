@@ -32,7 +32,7 @@ from slimjax.slim import pruning
 from slimjax.slim.calibrate import LayerStats, collect_stats
 from slimjax.slim.prune import Prune
 from slimjax.slim.select import Target, layer_names
-from slimjax.slim.spec import ModelSpec, build
+from slimjax.slim.spec import ModelSpec, build, with_transform
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -83,7 +83,7 @@ class LayerMatrix:
 def targets_of(spec: ModelSpec, patterns: Sequence[str]) -> list[Target]:
     """The kernels ``patterns`` select in ``spec``'s model (errors name ``--target``)."""
     prune = Prune(dataclasses.replace(default_prune_config(), targets=tuple(patterns)))
-    built = build(dataclasses.replace(spec, recipe=(*spec.recipe, ("prune", _options(prune)))))
+    built = build(with_transform(spec, prune))
     return built.transforms[-1].targets
 
 
@@ -91,10 +91,6 @@ def default_prune_config() -> PruneConfig:
     from slimjax.config import validate
 
     return validate(base.get_config()).slim.prune
-
-
-def _options(prune: Prune) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in prune.options().items()))
 
 
 def layer_matrices(targets: list[Target]) -> list[LayerMatrix]:

@@ -241,13 +241,13 @@ def quant_spec(spec: ModelSpec, opts: PtqOptions, bits: dict[str, int]) -> Model
     of ``bits`` that differ (``slim.quant.layer_bits``)."""
     from slimjax.config import QuantConfig
     from slimjax.slim.quant import Quant
-    from slimjax.slim.spec import _freeze
+    from slimjax.slim.spec import with_transform
 
     default = opts.bits if not bits else max(set(bits.values()), key=list(bits.values()).count)
     layer_bits = tuple(f"{name}={b}" for name, b in bits.items() if b != default)
     cfg = QuantConfig(targets=tuple(opts.targets), bits=default, group_size=opts.group_size,
                       symmetric=opts.symmetric, layer_bits=layer_bits, pack=True)
-    return dataclasses.replace(spec, recipe=(*spec.recipe, ("quant", _freeze(Quant(cfg).options()))))
+    return with_transform(spec, Quant(cfg))
 
 
 def stored_paths(lm: LayerMatrix) -> tuple[str, str, str]:

@@ -109,6 +109,11 @@ def spec_from_config(cfg: Config) -> ModelSpec:
     return ModelSpec("decoder", cfg.model, tuple(recipe))
 
 
+def with_transform(spec: ModelSpec, transform: Transform) -> ModelSpec:
+    """``spec`` with ``transform`` (and its options) appended to the recipe."""
+    return dataclasses.replace(spec, recipe=(*spec.recipe, (transform.name, _freeze(transform.options()))))
+
+
 def _freeze(opts: Mapping[str, Any]) -> Mapping[str, Any]:
     """Options as a hashable, order-independent mapping (lists become tuples)."""
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(opts).items()))
