@@ -149,6 +149,17 @@ def get_config() -> ml_collections.ConfigDict:
     quant.symmetric = True  # symmetric codes (False: a zero point per group and output column)
     quant.layer_bits = ()  # per-layer widths overriding bits, e.g. ("blocks/0/attn/wq=8",); 16 = keep float
     quant.pack = True  # pack 2-, 3- and 4-bit codes into bytes (False: one int8 per code)
+    slim.distill = distill = ml_collections.ConfigDict()
+    # Knowledge distillation: the teacher's forward pass runs inside the student's step (no
+    # gradients); its parameters are transform state, sharded by the same rules and checkpointed.
+    distill.teacher = ""  # the teacher's run directory (a trained or imported run; same tokenizer)
+    distill.teacher_spec = ""  # the teacher's model spec as JSON ("" = read from the teacher's checkpoint)
+    distill.temperature = 2.0  # softmax temperature T of the soft targets (the KL term is scaled by T^2)
+    distill.alpha = 0.5  # weight of the KL term; the hard-label next-token loss is scaled by 1 - alpha
+    distill.mse_probs = 0.0  # beta: weight of MSE(softmax(z_s/T), softmax(z_t/T)), mean over the vocabulary
+    distill.mse_logits = 0.0  # gamma: weight of MSE(z_s, z_t), mean over the vocabulary
+    distill.hidden = 0.0  # weight of MSE between last hidden states (a learned projection when widths differ)
+    distill.top_k = 0  # KL over the teacher's k most likely tokens only (0: the whole vocabulary)
 
     c.distributed = dist = ml_collections.ConfigDict()
     # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values

@@ -262,6 +262,14 @@ def _fingerprint_impl(leaves: list[jax.Array]) -> jax.Array:
     return jnp.stack(out)
 
 
+def reading_config() -> CheckpointConfig:
+    """Checkpoint options for reading another run: the defaults (reading never deletes old steps)."""
+    from slimjax.config import validate
+    from slimjax.configs import base
+
+    return validate(base.get_config()).checkpoint
+
+
 def resolve_source(path: str) -> tuple[str, int | None]:
     """(checkpoints directory, step or None for the latest) from a run dir, a checkpoints dir or checkpoints/STEP."""
     path = os.path.abspath(os.path.expanduser(path))

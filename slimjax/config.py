@@ -206,6 +206,20 @@ class QuantConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (``slim.distill``): the teacher run and the weights of the distillation terms."""
+
+    teacher: str
+    teacher_spec: str  # JSON of the teacher's model spec; "" = read from the teacher's checkpoint
+    temperature: float
+    alpha: float
+    mse_probs: float
+    mse_logits: float
+    hidden: float
+    top_k: int
+
+
+@dataclasses.dataclass(frozen=True)
 class SlimConfig:
     """The ordered recipe of model transforms and each transform's options."""
 
@@ -214,10 +228,11 @@ class SlimConfig:
     prune: PruneConfig
     qat: QatConfig
     quant: QuantConfig
+    distill: DistillConfig
 
 
 # Transforms a recipe may name (each has a section of the same name under ``slim``).
-TRANSFORMS = ("lora", "prune", "qat", "quant")
+TRANSFORMS = ("lora", "prune", "qat", "quant", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,9 +553,28 @@ def _check_slim(slim: SlimConfig) -> None:
     _check_prune(slim.prune)
     _check_quant("slim.qat", slim.qat)
     _check_quant("slim.quant", slim.quant)
+    if "distill" in slim.recipe:
+        _check_distill(slim.distill)
     if "qat" in slim.recipe and "quant" in slim.recipe:
         raise SlimjaxError("slim.recipe names both 'qat' and 'quant': the stored codes are fixed, so there is "
                            "nothing to fake-quantize; train with 'qat', then store with 'quant'")
+
+
+def _check_distill(d: DistillConfig) -> None:
+    if not d.teacher and not d.teacher_spec:
+        raise SlimjaxError("slim.recipe names 'distill' but config key 'slim.distill.teacher' is empty; give the "
+                           "teacher's run directory")
+    if not d.temperature > 0:
+        raise SlimjaxError(f"config key 'slim.distill.temperature' must be > 0, got {d.temperature}")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise SlimjaxError(f"config key 'slim.distill.alpha' must lie in [0, 1] (the KL term's share; the "
+                           f"hard-label loss gets 1 - alpha), got {d.alpha}")
+    for key in ("mse_probs", "mse_logits", "hidden"):
+        if getattr(d, key) < 0:
+            raise SlimjaxError(f"config key 'slim.distill.{key}' is a loss-term weight and must be >= 0, "
+                               f"got {getattr(d, key)}")
+    if d.top_k < 0:
+        raise SlimjaxError(f"config key 'slim.distill.top_k' must be >= 0 (0: the whole vocabulary), got {d.top_k}")
 
 
 def _check_patterns(key: str, patterns: tuple[str, ...]) -> None:

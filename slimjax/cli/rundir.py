@@ -17,9 +17,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from slimjax.checkpoint import Checkpointer
-from slimjax.config import Config, DataConfig, from_saved, validate
-from slimjax.configs import base
+from slimjax.checkpoint import Checkpointer, reading_config
+from slimjax.config import Config, DataConfig, from_saved
 from slimjax.data import tokenizer as tokenizers
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
@@ -105,9 +104,7 @@ def run_tokenizer(data: DataConfig, workdir: str, vocab_size: int, command: str)
     return tokenizers.get_tokenizer(data.tokenizer_kind, path, workdir, vocab_size, data.tokenizer_type, no_training)
 
 
-def base_checkpoint_config():
-    """Checkpoint options for reading: the defaults (reading never deletes old steps)."""
-    return validate(base.get_config()).checkpoint
+base_checkpoint_config = reading_config
 
 
 CONFIG_FILE = "config.py"  # a derived run as a --config file (training continues from it)

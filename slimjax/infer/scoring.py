@@ -26,8 +26,14 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 
 def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> jax.Array:
     """Logits for a batch, from a pure parameter dict."""
+    return forward_features(graphdef, params, batch)[1]
+
+
+def forward_features(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(last hidden state, logits) for a batch: one forward pass; unused outputs cost nothing under jit."""
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return hidden, model.head(hidden)
 
 
 def token_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:

@@ -117,12 +117,23 @@ class Decoder(nnx.Module):
         ``positions`` restart at 0 in each packed document; ``segment_ids`` tell documents
         apart (0 marks padding). Both default to one unpacked sequence per row.
         """
+        return self.head(self.features(tokens, positions, segment_ids))
+
+    def features(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """The last hidden state ``[batch, length, d_model]`` (after the final norm): what
+        :meth:`head` turns into logits and what distillation matches between models."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         x = self._run_blocks(self._embed(tokens, positions), positions, segment_ids)
-        return self._logits(x)
+        return self.final_norm(x)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Normalised hidden states -> logits over the vocabulary (the tied table or ``lm_head``)."""
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def prefill(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                 cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -150,9 +161,7 @@ class Decoder(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed"))
 
     def _logits(self, x: jax.Array) -> jax.Array:
-        x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return constrain(logits, ("batch", "length", "act_vocab"))
+        return self.head(self.final_norm(x))
 
     def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                     cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:

@@ -34,7 +34,8 @@ Recipe = tuple[tuple[str, Mapping[str, Any]], ...]
 
 def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
     # Imported here: each transform module imports this one's neighbours, not the reverse.
-    from slimjax.config import LoraConfig, PruneConfig, QatConfig, QuantConfig
+    from slimjax.config import DistillConfig, LoraConfig, PruneConfig, QatConfig, QuantConfig
+    from slimjax.slim.distill import Distill
     from slimjax.slim.lora import Lora
     from slimjax.slim.prune import Prune
     from slimjax.slim.quant import Qat, Quant
@@ -46,7 +47,8 @@ def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
     return {"lora": lambda opts: Lora(LoraConfig(**options(opts))),
             "prune": lambda opts: Prune(PruneConfig(**options(opts))),
             "qat": lambda opts: Qat(QatConfig(**options(opts))),
-            "quant": lambda opts: Quant(QuantConfig(**options(opts)))}
+            "quant": lambda opts: Quant(QuantConfig(**options(opts))),
+            "distill": lambda opts: Distill(DistillConfig(**opts))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,15 @@ def spec_from_config(cfg: Config) -> ModelSpec:
     return ModelSpec("decoder", cfg.model, tuple(recipe))
 
 
+def spec_of(meta: Mapping[str, Any]) -> ModelSpec:
+    """The model spec a checkpoint was written with (older checkpoints: the plain decoder of their config)."""
+    if "spec" in meta:
+        return ModelSpec.from_json(meta["spec"])
+    from slimjax.config import from_saved
+
+    return ModelSpec("decoder", from_saved(meta.get("config", {})).model)
+
+
 def with_transform(spec: ModelSpec, transform: Transform) -> ModelSpec:
     """``spec`` with ``transform`` (and its options) appended to the recipe."""
     return dataclasses.replace(spec, recipe=(*spec.recipe, (transform.name, _freeze(transform.options()))))
@@ -145,6 +156,12 @@ class Built:
     def loss_terms(self) -> list[LossTerm]:
         return [term for t in self.transforms for term in t.loss_terms()]
 
+    def objective_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        """The built-in terms' weights after every transform's adjustment, in recipe order."""
+        for t in self.transforms:
+            weights = t.objective_weights(dict(weights))
+        return weights
+
     def view(self, params: dict, state: dict) -> dict:
         for t in self.transforms:
             params = t.view(params, state.get(t.name, {}))
@@ -170,6 +187,15 @@ class Built:
 
     def init_state(self, params: dict) -> dict:
         return {t.name: s for t in self.transforms if (s := t.init_state(params))}
+
+    def load_state(self, state: dict, abstract: dict, mesh: Any, rules: Any, skip: frozenset[str] = frozenset()
+                   ) -> dict:
+        """``state`` with the parts transforms read from outside the run (a teacher) loaded into the
+        shardings of ``abstract``; transforms named in ``skip`` keep theirs."""
+        for t in self.transforms:
+            if t.name not in skip and (loaded := t.load_state(abstract.get(t.name, {}), mesh, rules)) is not None:
+                state = {**state, t.name: loaded}
+        return state
 
 
 def _rewrite_rngs(key: jax.Array, position: int) -> nnx.Rngs:

@@ -11,7 +11,12 @@ module graph that the caller runs under ``nnx.eval_shape`` (shapes only) or insi
 - ``state_axes(axes)`` / ``init_state(params)``: extra arrays the transform keeps (masks, teacher
   parameters, scales), with logical axes so they are sharded by the same rules.
 - ``view(params, state)``: the parameters as the loss sees them (masking, fake quantization).
-- ``loss_terms()``: named terms added to the objective, each with its weight.
+- ``loss_terms()``: named terms added to the objective, each with its weight;
+  ``objective_weights(weights)`` may rescale the built-in terms (distillation mixes the
+  hard-label loss by 1 - alpha).
+- ``load_state(abstract, mesh, rules)``: state read from outside the run when it starts fresh
+  (a teacher's parameters), in the shardings of ``abstract``; a resumed run reads it back from
+  its own checkpoint instead.
 - ``masks(state)``: parameters (by path) held at zero where a mask is False: the step zeroes
   their gradients before the optimizer, their optimizer moments, and their updated values.
 - ``after_update(params, state, ctx)``: runs after each optimizer update with the step, the raw
@@ -48,11 +53,28 @@ class UpdateContext:
     key: jax.Array
 
 
+@dataclasses.dataclass
+class Outputs:
+    """What one forward pass of the model gives the per-token loss terms: the logits, the last
+    hidden state, and ``shared(key, fn)``, which computes a value several terms need (a teacher's
+    forward pass) once per forward pass."""
+
+    logits: jax.Array
+    hidden: jax.Array
+    _memo: dict = dataclasses.field(default_factory=dict)
+
+    def shared(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class LossTerm:
     """A named term of the objective.
 
-    ``per_token`` terms are ``fn(params, state, batch, logits) -> sum over target tokens`` and are
+    ``per_token`` terms are ``fn(params, state, batch, outputs) -> sum over target tokens`` (the
+    full transform state, :class:`Outputs` of the student's forward pass) and are
     divided by the global batch's target-token count (so gradient accumulation stays exact);
     other terms are ``fn(params, state) -> value`` computed once per step on the parameters.
     """
@@ -102,6 +124,14 @@ class Transform:
 
     def loss_terms(self) -> list[LossTerm]:
         return []
+
+    def objective_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        """The built-in terms' weights (``next_token``, ``z_loss``) as this transform wants them."""
+        return weights
+
+    def load_state(self, abstract: State, mesh: Any, rules: Any) -> State | None:
+        """State read from outside the run at a fresh start (None: ``init_state``'s stays)."""
+        return None
 
     def masks(self, state: State) -> dict[str, jax.Array]:
         """``{parameter path: bool mask}`` of parameters that must stay zero where the mask is False."""

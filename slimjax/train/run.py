@@ -16,14 +16,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.checkpoint import Checkpointer, resolve_source
-from slimjax.config import Config, from_saved
+from slimjax.config import Config
 from slimjax.data import loader, pipeline, tokenizer
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.infer.scoring import make_eval_step
 from slimjax.models import compute_dtype
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
-from slimjax.slim.spec import ModelSpec, build, rewrite_fn, spec_from_config
+from slimjax.slim.spec import build, rewrite_fn, spec_from_config, spec_of
 from slimjax.train import optimizer as optim
 from slimjax.train.state import Setup, TrainState, init_state, make_setup, state_from_params
 from slimjax.train.step import StepOptions, make_state_eval_step, make_train_step
@@ -136,13 +136,6 @@ def share_tokenizer(cfg: Config, workdir: str) -> None:
         os.replace(tmp, cached)  # atomic: a reader never sees half a model
 
 
-def spec_of(meta: dict) -> ModelSpec:
-    """The model spec a checkpoint was written with (older checkpoints: the plain decoder of their config)."""
-    if "spec" in meta:
-        return ModelSpec.from_json(meta["spec"])
-    return ModelSpec("decoder", from_saved(meta.get("config", {})).model)
-
-
 def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, rules: Rules, mesh: Mesh
                     ) -> tuple[TrainState, int, dict | None]:
     """(state, step, data iterator state): the latest checkpoint if the workdir has one (its model
@@ -154,9 +147,14 @@ def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, rules
     """
     step = checkpointer.latest_step()
     if step is None:
+        carried: frozenset[str] = frozenset()
         if cfg.checkpoint.init_from:
-            return state_from_source(cfg.checkpoint.init_from, setup, cfg, rules, mesh), 0, None
-        return init_state(setup, cfg.train.seed), 0, None
+            state, carried = state_from_source(cfg.checkpoint.init_from, setup, cfg, rules, mesh)
+        else:
+            state = init_state(setup, cfg.train.seed)
+        # Transform state read from outside the run (a distillation teacher), unless the source carried it.
+        slim = setup.built.load_state(state.slim, setup.abstract.slim, mesh, rules, skip=carried)
+        return dataclasses.replace(state, slim=slim), 0, None
     meta = checkpointer.read_meta(step)
     where = f"checkpoint {checkpointer.directory}/{step}"
     changed = spec_of(meta).difference(setup.spec)
@@ -171,8 +169,10 @@ def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, rules
     return TrainState(**restored), step, data_state
 
 
-def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh: Mesh) -> TrainState:
-    """A step-0 state from another run's parameters (``checkpoint.init_from``), in this run's shardings.
+def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh: Mesh
+                      ) -> tuple[TrainState, frozenset[str]]:
+    """A step-0 state from another run's parameters (``checkpoint.init_from``), in this run's
+    shardings, and the names of the transforms whose state came from the source.
 
     The source's own model spec builds its parameters; transforms this run's recipe adds to the
     source's (LoRA on an imported model) are then applied on the mesh by one jitted rewrite.
@@ -209,7 +209,8 @@ def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh
         state = state_from_params(setup, rewrite(params, key), key)
         return dataclasses.replace(state, slim={**state.slim, **(slim or {})})
 
-    return jax.jit(start, out_shardings=setup.shardings)(params, saved_slim, jax.random.key(cfg.train.seed))
+    state = jax.jit(start, out_shardings=setup.shardings)(params, saved_slim, jax.random.key(cfg.train.seed))
+    return state, frozenset(saved_slim or {})
 
 
 def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sharding: dict[str, NamedSharding],
@@ -244,7 +245,9 @@ def fresh_state(cfg: Config, mesh: Mesh) -> tuple[Rules, Setup, TrainState]:
     rules = Rules.from_config(cfg.mesh)
     dtype = compute_dtype(cfg.model.dtype)
     setup = make_setup(spec_from_config(cfg), dtype, optim.make_optimizer(cfg.optimizer, cfg.train.steps), rules, mesh)
-    return rules, setup, init_state(setup, cfg.train.seed)
+    state = init_state(setup, cfg.train.seed)
+    return rules, setup, dataclasses.replace(state, slim=setup.built.load_state(state.slim, setup.abstract.slim, mesh,
+                                                                                  rules))
 
 
 def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, Callable, dict[str, NamedSharding]]:

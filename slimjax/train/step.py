@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import optax
 
 # The loss lives in infer/scoring.py: evaluation shares it (forward-only work).
-from slimjax.infer.scoring import Batch, Metrics, forward, token_sums
+from slimjax.infer.scoring import Batch, Metrics, forward_features, token_sums
 from slimjax.models import scope
 from slimjax.sharding import constrain, tree_merge, tree_paths
 from slimjax.slim.spec import Built
-from slimjax.slim.transform import UpdateContext, apply_masks
+from slimjax.slim.transform import Outputs, UpdateContext, apply_masks
 from slimjax.train.state import TrainState
 
 # Metric key of the per-parameter-leaf finite flags (a bool vector, not a scalar to log).
@@ -66,7 +66,7 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
     terms = built.loss_terms()
     token_terms = [t for t in terms if t.per_token]
     param_terms = [t for t in terms if not t.per_token]
-    weights = dict(opts.weights) | {t.name: t.weight for t in terms}
+    weights = built.objective_weights(dict(opts.weights)) | {t.name: t.weight for t in terms}
 
     def weighted(values: dict[str, jax.Array]) -> jax.Array:
         """``sum_i w_i L_i`` over the terms in ``values`` (terms weighted 0 are left out)."""
@@ -76,10 +76,11 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
         """(weighted sum, {term: sum over target tokens}) for one (micro)batch."""
         params = model_view(built, state, trainable)
         with scope.dropout_key(key):
-            logits = forward(built.graphdef, params, batch)
+            hidden, logits = forward_features(built.graphdef, params, batch)
         sums = token_sums(logits, batch)
+        out = Outputs(logits, hidden)
         for t in token_terms:
-            sums[t.name] = t.fn(params, state.slim, batch, logits)
+            sums[t.name] = t.fn(params, state.slim, batch, out)
         return weighted(sums), sums
 
     def param_objective(trainable: dict, state: TrainState):
