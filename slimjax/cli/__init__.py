@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from slimjax.cli import distill, evaluate, export, generate, hf_import, prepare, prune, quantize, report, tokenizer, train
+from slimjax.cli import compress, distill, evaluate, export, generate, hf_import, prepare, prune, quantize, report, tokenizer, train
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError, one_line
 
@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "quantize": (quantize.run, quantize.USAGE),
     "report": (report.run, report.USAGE),
     "distill": (distill.run, distill.USAGE),
+    "compress": (compress.run, compress.USAGE),
 }
 
 

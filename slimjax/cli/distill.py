@@ -130,6 +130,7 @@ def student_config(v: dict, overrides: list[tuple[str, str]], out: str) -> Confi
                   {"line": f"a {v['layers']}-layer student of {teacher.workdir} (its layers {layers})",
                    "layers": layers}, kind="student", report_file="student.json", doc="{what}.")
     if jax.process_index() == 0:
+        os.makedirs(out, exist_ok=True)
         path = os.path.join(out, CONFIG_FILE)
         _write_config_file(path, cfg.to_dict(), f"Distillation of {teacher.workdir} into {out}.\n\nResume: "
                            f"slimjax train --config={path} --workdir={out}\n")

@@ -90,8 +90,12 @@ def float_source(rd, opts) -> tuple:
     if names in ([], ["qat"]):
         return dataclasses.replace(rd.spec, recipe=()), rd.restore_params()
     if names != ["quant"]:
+        from slimjax.slim.spec import export_spec
+
+        if not export_spec(rd.spec).recipe:  # pruned, distilled: their transforms bake into plain weights
+            return rd.exported_params()
         raise SlimjaxError(f"run '{rd.workdir}' has slim recipe {names}; quantize a plain, QAT-trained or quantized "
-                           "model (export LoRA or pruned runs first)")
+                           "model (export LoRA runs first)")
     opts_old = dict(rd.spec.recipe[0][1])
     scheme = (opts_old["group_size"], opts_old["symmetric"])
     widest = opts.bits if not opts.adaptive else max(b for b in opts.candidates)

@@ -308,7 +308,7 @@ def compare(run: dict[str, Any], other: dict[str, Any]) -> tuple[dict[str, float
     return ratios, verdicts
 
 
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """Aligned columns, floats with 3 significant digits (as ``bench/table.py`` prints them)."""
     def fmt(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
@@ -326,12 +326,12 @@ SUMMARY = (("params", "totals"), ("nonzero_params", "totals"), ("sparsity", "tot
            ("forward_ms", "speed"), ("decode_ms_per_token", "speed"))
 
 
-def format_table(report: dict[str, Any]) -> str:
+def formattable(report: dict[str, Any]) -> str:
     """The report as text: per-layer weights of the run, then a summary (and ratios and verdicts
     when it is against another run)."""
     run = report["run"]
     layers = [{**r, "shape": "x".join(map(str, r["shape"])), "sparsity": float(r["sparsity"])} for r in run["layers"]]
-    parts = [f"run {run['workdir']} (step {run['step']})", _table(layers, ("name", "shape", "params", "nonzeros",
+    parts = [f"run {run['workdir']} (step {run['step']})", table(layers, ("name", "shape", "params", "nonzeros",
                                                                            "sparsity"))]
     other = report.get("against")
     rows = []
@@ -340,10 +340,10 @@ def format_table(report: dict[str, Any]) -> str:
         if other:
             row["against"] = other[section].get(key)
         rows.append(row)
-    parts += ["", _table(rows, ("metric", "run", "against") if other else ("metric", "run"))]
+    parts += ["", table(rows, ("metric", "run", "against") if other else ("metric", "run"))]
     if other:
         parts += ["", f"against {other['workdir']} (step {other['step']})",
-                  _table([{"ratio": k, "value": v} for k, v in report["ratios"].items()], ("ratio", "value")), ""]
+                  table([{"ratio": k, "value": v} for k, v in report["ratios"].items()], ("ratio", "value")), ""]
         parts += [f"{v['saving']}: {v['verdict']} ({v['detail']})" for v in report["verdicts"]]
     return "\n".join(parts)
 
