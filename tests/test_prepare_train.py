@@ -51,17 +51,18 @@ def set_names(out):
 def test_prepare_then_train_with_the_slimpajama_preset(tmp_path, capsys):
     write_redpajama(tmp_path / "RedPajama")
     out, workdir = tmp_path / "sp", tmp_path / "run"
-    status, stdout, err = cli(capsys, "prepare", f"--source=slimpajama:{tmp_path}/RedPajama/**/*.jsonl",
-                              f"--out={out}", "--heldout=0.1", "--workers=1")
+    status, _, err = cli(capsys, "prepare", f"--source=slimpajama:{tmp_path}/RedPajama/**/*.jsonl",
+                         f"--out={out}", "--heldout=0.1", "--workers=1")
     assert status == 0, err[-2000:]
     names = set_names(out)
     assert set(names["train"]) == set(sources.SLIMPAJAMA_MIXTURE) and names["validation"]
     # 12 per set directory, 3 more for GitHub from the file that names its set (under c4/).
     assert sum(n for split in names.values() for n in split.values()) == 7 * 12 + 3
     assert sum(split.get("RedPajamaGithub", 0) for split in names.values()) == 15
-    preset = {"kind": "slimpajama", "path": f"{out}/train/**/*.jsonl.zst", "eval_path": f"{out}/validation/**/*.jsonl.zst"}
-    status, stdout, err = cli(capsys, "train", *TINY_TRAIN, "--config.model.vocab_size=320",
-                              f"--config.data.sources=({preset!r},)", f"--workdir={workdir}")
+    preset = {"kind": "slimpajama", "path": f"{out}/train/**/*.jsonl.zst",
+              "eval_path": f"{out}/validation/**/*.jsonl.zst"}
+    status, _, err = cli(capsys, "train", *TINY_TRAIN, "--config.model.vocab_size=320",
+                         f"--config.data.sources=({preset!r},)", f"--workdir={workdir}")
     assert status == 0, err[-2000:]
     with open(workdir / "summary.json") as f:
         summary = json.load(f)
