@@ -13,6 +13,7 @@ import pytest
 import zstandard
 
 import slimjax
+from data_helpers import assert_held_out
 from helpers import child_env, run_processes, small_config, with_train
 from slimjax import config as C
 from slimjax.data import pipeline
@@ -79,6 +80,7 @@ def test_resuming_from_the_orbax_checkpoint_replays_the_uninterrupted_batches(co
         C.parse_source("s", {"kind": "jsonl", "path": f"{corpus}/jsonl/*.zst", "weight": 2.0})))
     cfg = with_train(dataclasses.replace(cfg, data=data), steps=3, eval_every=100, eval_batches=1, log_every=1,
                      progress=False)
+    assert_held_out(cfg.data)  # the run evaluates: its corpus must hold documents out
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=3))
     workdir = str(tmp_path / "run")
     slimjax.train(cfg, workdir)  # interrupted after step 3: its checkpoint holds the iterator state

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from data_helpers import cli, one_line_error
 from slimjax import config as C
 from slimjax.configs import base
 from slimjax.config import parse_source
@@ -107,53 +108,36 @@ def test_exact_hash_decontamination_without_dedup(mixed, tmp_path):
     assert train and not held & set(train)
 
 
-def slimjax(capsys, *args):
-    """The `slimjax` command in this process: (exit status, stdout, stderr)."""
-    from slimjax.cli import main
-
-    status = main(list(args))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line_error(result):
-    status, _, err = result
-    assert status == 2, err[-2000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("slimjax: error: "), err[-2000:]
-    return lines[0]
-
-
 def test_cli_prepares_and_bad_input_fails_in_one_line_leaving_nothing(mixed, tmp_path, capsys):
     out = tmp_path / "out"
     src = [f"--source=text:{mixed}/txt/*.txt", f"--source=jsonl:{mixed}/jsonl/**/*.zst", "--workers=1"]
-    strict = one_line_error(slimjax(capsys, "prepare", *src, f"--out={out}", "--strict"))
+    strict = one_line_error(cli(capsys, "prepare", *src, f"--out={out}", "--strict"))
     assert "example_train_0.jsonl.zst:47: malformed JSON" in strict
     assert not out.exists() and not glob.glob(f"{out}.tmp-*")
-    empty = one_line_error(slimjax(capsys, "prepare", f"--source=text:{mixed}/txt/short.txt", f"--out={out}"))
+    empty = one_line_error(cli(capsys, "prepare", f"--source=text:{mixed}/txt/short.txt", f"--out={out}"))
     assert "the corpus is empty after filtering" in empty and not out.exists()
-    status, stdout, err = slimjax(capsys, "prepare", *src, f"--out={out}", "--verify", "--threshold=0.7")
+    status, stdout, err = cli(capsys, "prepare", *src, f"--out={out}", "--verify", "--threshold=0.7")
     assert status == 0, err[-2000:]
     assert "RedPajamaC4" in stdout and "14 bands x 9 rows" in stdout
     before = sorted(glob.glob(f"{out}/**", recursive=True))
-    again = one_line_error(slimjax(capsys, "prepare", *src, f"--out={out}"))
+    again = one_line_error(cli(capsys, "prepare", *src, f"--out={out}"))
     assert "already exists and is not empty" in again and sorted(glob.glob(f"{out}/**", recursive=True)) == before
     assert "unknown flag --treshold (did you mean 'threshold'?)" in one_line_error(
-        slimjax(capsys, "prepare", *src, f"--out={out}2", "--treshold=0.5"))
+        cli(capsys, "prepare", *src, f"--out={out}2", "--treshold=0.5"))
     assert "--threshold must lie in (0, 1]" in one_line_error(
-        slimjax(capsys, "prepare", *src, f"--out={out}2", "--threshold=2"))
+        cli(capsys, "prepare", *src, f"--out={out}2", "--threshold=2"))
     assert "matches no file" in one_line_error(
-        slimjax(capsys, "prepare", "--source=jsonl:/no/such/*.zst", f"--out={out}2"))
+        cli(capsys, "prepare", "--source=jsonl:/no/such/*.zst", f"--out={out}2"))
     assert not os.path.exists(f"{out}2")
 
 
 def test_cli_trains_a_tokenizer_from_any_source(mixed, tmp_path, capsys):
     out = tmp_path / "tok.model"
-    status, _, err = slimjax(capsys, "tokenizer", "train", f"--out={out}", f"--config.data.sources=text:{mixed}/txt/*.txt",
+    status, _, err = cli(capsys, "tokenizer", "train", f"--out={out}", f"--config.data.sources=text:{mixed}/txt/*.txt",
                              "--config.model.vocab_size=400", "--config.data.eval_fraction=0.0")
     assert status == 0, err[-2000:]
     from slimjax.data.tokenizer import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(out)
     assert tok.vocab_size == 400 and tok.decode(tok.encode("the lazy dog\n")) == "the lazy dog\n"
-    assert "already exists" in one_line_error(slimjax(capsys, "tokenizer", "train", f"--out={out}"))
+    assert "already exists" in one_line_error(cli(capsys, "tokenizer", "train", f"--out={out}"))

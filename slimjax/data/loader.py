@@ -9,6 +9,7 @@ training document, so all processes train the same one.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 from typing import Any, Callable, Iterator
@@ -54,47 +55,130 @@ class Layout:
 
 
 def expand(srcs: tuple[SourceConfig, ...]) -> list[SourceConfig]:
-    """Sources with the ``slimpajama`` preset replaced by its seven weighted RedPajama sets."""
+    """Sources with the ``slimpajama`` preset replaced by its seven weighted RedPajama sets (each
+    still of kind ``slimpajama``, so a record without a set name is named by its set directory)."""
     out = []
     for src in srcs:
         if src.kind != "slimpajama":
             out.append(src)
             continue
         for set_name, share in sources.SLIMPAJAMA_MIXTURE.items():
-            out.append(dataclasses.replace(src, kind="jsonl", set_name=set_name, weight=src.weight * share))
+            out.append(dataclasses.replace(src, set_name=set_name, weight=src.weight * share))
     return out
 
 
-def held_out(src: SourceConfig, key: sources.Key, fraction: float) -> bool:
-    """A stable ``fraction`` of each source's records, chosen by key (the same for every process)."""
+def held_out(unit_name: str, record: int, fraction: float) -> bool:
+    """A stable ``fraction`` of a source's records, chosen by the record's unit name and index.
+
+    The unit name is the file's path below the glob's fixed prefix (``sources.unit_names``), not
+    where the corpus lives, so a corpus moved or spelled differently (``./data/*.txt``, another
+    mount) splits alike. A content hash would do too, but deciding would then mean reading every
+    record, where a name decides before a file is opened (each process opens only its own files).
+    """
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{src.kind}|{src.path}|{key[0]}|{key[1]}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{unit_name}|{record}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
 def documents(cfg: DataConfig, src: SourceConfig, split: str, want: Callable[[sources.Key], bool],
               stats: sources.ReadStats) -> Iterator[tuple[sources.Key, str]]:
-    """(key, transformed text) of ``src``'s records in ``split`` that ``want`` keeps and the filters pass."""
-    own_eval = sources.has_own_eval(src)
+    """(key, transformed text) of ``src``'s records in ``split`` that ``want`` keeps and the filters
+    pass; records the filters drop are counted in ``stats`` ("empty", "shorter than ...")."""
+    unit_list = sources.units(src, split, cfg.eval_plays)
+    names = None if sources.has_own_eval(src) else sources.unit_names(src, unit_list)
 
     def keep(key: sources.Key) -> bool:
-        if not own_eval and held_out(src, key, cfg.eval_fraction) != (split == "eval"):
+        if names is not None and held_out(names[key[0]], key[1], cfg.eval_fraction) != (split == "eval"):
             return False
         return want(key)
 
-    unit_list = sources.units(src, split, cfg.eval_plays)
+    short = f"shorter than data.min_doc_chars={cfg.min_doc_chars}"
     for record in sources.read(src, unit_list, keep, cfg.strict, stats):
         doc = text.nfc(record.text) if cfg.nfc else record.text
-        if doc and not text.too_short(doc, cfg.min_doc_chars):
+        if not doc:
+            stats.drop("empty", record.where)
+        elif text.too_short(doc, cfg.min_doc_chars):
+            stats.drop(short, record.where)
+        else:
             yield record.key, doc
 
 
+def no_documents(cfg: DataConfig, src: SourceConfig, split: str, stats: sources.ReadStats | None = None
+                 ) -> SlimjaxError | None:
+    """The error for ``src`` yielding no usable documents in ``split``, with what was dropped and
+    why; None if it does yield some. Without ``stats`` (those of a read of the whole split), the
+    split is read again: this runs on the failure path only."""
+    if stats is None:
+        stats = sources.ReadStats()
+        if any(True for _ in documents(cfg, src, split, lambda key: True, stats)):
+            return None
+    own = split == "eval" and src.eval_path
+    glob_ = src.eval_path if own else src.path
+    if src.kind == "slimpajama" and (error := _missing_sets(src, split, glob_, cfg.eval_plays)):
+        return error
+    name = (f"data source '{sources.describe(src)}': its eval_path '{src.eval_path}'" if own
+            else f"data source '{sources.describe(src)}'")
+    held = (f" besides the data.eval_fraction={cfg.eval_fraction} held out"
+            if split == "train" and not sources.has_own_eval(src) and cfg.eval_fraction > 0 else "")
+    skipped = ", ".join(f"{n} {reason} (first: {stats.first[reason]})" for reason, n in stats.skipped.items())
+    return SlimjaxError(f"{name} yields no usable {split} documents: "
+                        f"{f'skipped {skipped}' if skipped else 'no records'}{held}; fix or drop the source")
+
+
+def _missing_sets(src: SourceConfig, split: str, glob_: str, eval_plays: tuple[str, ...]) -> SlimjaxError | None:
+    """For one set of the slimpajama preset that yields nothing: the error when the files' records
+    (which do parse) name no RedPajama set at all, or not this one; None otherwise."""
+    every = dataclasses.replace(src, set_name="")
+    found = collections.Counter(str(r.meta.get(sources.SET_NAME_KEY) or "(none)")
+                                for r in sources.read(every, sources.units(every, split, eval_plays)))
+    if not found:
+        return None  # nothing parses: the reasons are the skipped counts
+    preset = f"data source '{sources.describe(every)}'"
+    if not set(found) & set(sources.SLIMPAJAMA_MIXTURE):
+        seen = ", ".join(f"{n} ({c})" for n, c in found.most_common(5))
+        return SlimjaxError(
+            f"{preset}: no documents with a RedPajama set name under '{glob_}' (meta.{sources.SET_NAME_KEY} or "
+            f"a RedPajama set directory; set names found: {seen}); the slimpajama preset keeps only the seven "
+            "RedPajama sets: use kind 'jsonl' to train on every record")
+    if src.set_name and not found[src.set_name]:
+        return SlimjaxError(
+            f"{preset}: no {src.set_name} documents under '{glob_}' (sets found: {', '.join(sorted(found))}); "
+            "the slimpajama preset mixes all seven RedPajama sets: for another mixture list 'jsonl' sources "
+            "with a set_name each")
+    return None
+
+
+def no_held_out(cfg: DataConfig) -> SlimjaxError:
+    """The error for a run without held-out documents: where each configured source's would have
+    come from (the slimpajama preset as one source: its eval_path read for any set)."""
+    why = []
+    for src in cfg.sources:
+        whole = dataclasses.replace(src, set_name="") if src.kind == "slimpajama" else src
+        if src.kind == "shakespeare":
+            why.append(f"'{src.name}': data.eval_plays={cfg.eval_plays}")
+        elif src.eval_path:
+            error = no_documents(cfg, whole, "eval") or _missing_sets(whole, "eval", src.eval_path, cfg.eval_plays)
+            why.append(str(error))
+        elif cfg.eval_fraction > 0:
+            why.append(f"'{sources.describe(src)}': data.eval_fraction={cfg.eval_fraction} of its documents "
+                       "selects none (raise data.eval_fraction or give it an eval_path)")
+        else:
+            why.append(f"'{sources.describe(src)}': data.eval_fraction is 0 and it has no eval_path")
+    return SlimjaxError(f"no held-out documents to evaluate on: {'; '.join(why)}")
+
+
 def training_documents(cfg: DataConfig) -> Iterator[str]:
-    """Every training document of every source (all shards): what a tokenizer is trained on."""
+    """Every training document of every source (all shards): what a tokenizer is trained on.
+    A source that yields none is a SlimjaxError naming it."""
     for src in expand(cfg.sources):
-        for _, doc in documents(cfg, src, "train", lambda key: True, sources.ReadStats()):
+        stats = sources.ReadStats()
+        n = 0
+        for _, doc in documents(cfg, src, "train", lambda key: True, stats):
+            n += 1
             yield doc
+        if not n:
+            raise no_documents(cfg, src, "train", stats)
 
 
 def split_documents(cfg: DataConfig, split: str) -> list[str]:
@@ -123,11 +207,13 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
     for k, src in enumerate(srcs):
         for key, doc in documents(cfg, src, "train", lambda key: layout.shard_of(key) in owned, stats):
             docs[layout.shard_of(key) - layout.owned.start][k].append(doc)
+        # Checked before the tokenizer is trained on nothing; a source that yields documents only in
+        # other processes' shards is reported below as too small for the shards.
+        if not any(shard[k] for shard in docs) and (error := no_documents(cfg, src, "train")):
+            raise error
     eval_docs = [doc for src in srcs for _, doc in documents(cfg, src, "eval", lambda key: True, stats)]
-
     if not eval_docs:
-        raise SlimjaxError("no held-out documents to evaluate on: set data.eval_fraction > 0 or give a "
-                           "source an eval_path")
+        raise no_held_out(cfg)
     tok = tokenizer.get_tokenizer(cfg.tokenizer_kind, cfg.tokenizer, workdir, vocab_size, cfg.tokenizer_type,
                                   lambda: training_documents(cfg))
     shards = []

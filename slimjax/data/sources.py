@@ -38,6 +38,16 @@ SLIMPAJAMA_MIXTURE = {
     "RedPajamaStackExchange": 0.033,
 }
 SET_NAME_KEY = "redpajama_set_name"
+# RedPajama-Data-1T ships each set in a directory of its own (arxiv/, book/, c4/, common_crawl/,
+# github/, stackexchange/, wikipedia/) and its records carry no set name; SlimPajama added
+# meta.redpajama_set_name. The preset reads either: a record without the field is named by the
+# set directory it lies under.
+REDPAJAMA_DIRS = {
+    "common_crawl": "RedPajamaCommonCrawl", "c4": "RedPajamaC4", "github": "RedPajamaGithub",
+    "book": "RedPajamaBook", "arxiv": "RedPajamaArXiv", "wikipedia": "RedPajamaWikipedia",
+    "stackexchange": "RedPajamaStackExchange",
+}
+_GLOB_MAGIC = frozenset("*?[")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,10 @@ class ReadStats:
         if strict:
             raise SlimjaxError(f"{where}: {reason}{f' ({detail})' if detail else ''}; drop --strict / "
                                "data.strict to skip and count such records")
+        self.drop(reason, where)
+
+    def drop(self, reason: str, where: str) -> None:
+        """Counts a record left out on purpose (empty, too short): never an error, even when strict."""
         self.skipped[reason] += 1
         self.first.setdefault(reason, where)
 
@@ -101,8 +115,37 @@ def units(src: SourceConfig, split: str = "train", eval_plays: tuple[str, ...] =
         return [src.eval_path if split == "eval" and src.eval_path else "train"]
     files = _expand(path)
     if not files:
-        raise SlimjaxError(f"data source '{src.name}': '{path}' matches no file; check the path or glob")
+        raise SlimjaxError(f"data source '{describe(src)}': '{path}' matches no file; check the path or glob")
     return files
+
+
+def glob_root(pattern: str) -> str:
+    """The fixed part of a glob: its leading path components without wildcards (a directory
+    itself; a plain file's directory), as an absolute path."""
+    pattern = os.path.abspath(os.path.expanduser(pattern))
+    if os.path.isdir(pattern):
+        return pattern
+    parts = pathlib.PurePath(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if _GLOB_MAGIC & set(part)), len(parts) - 1)
+    return str(pathlib.PurePath(*parts[:fixed]))
+
+
+def unit_names(src: SourceConfig, unit_list: list[str], split: str = "train") -> list[str]:
+    """A name for each unit that does not depend on where the corpus lives: files relative to the
+    glob's fixed prefix (the standard library: to its directory), a TFDS split by its name."""
+    if src.kind == "tfds":
+        return list(unit_list)
+    if src.kind == "shakespeare":
+        return [os.path.basename(u) for u in unit_list]
+    root = str(stdlib_dir()) if src.kind == "stdlib" else glob_root(
+        src.eval_path if split == "eval" and src.eval_path else src.path)
+    return [pathlib.PurePath(os.path.relpath(os.path.abspath(u), root)).as_posix() for u in unit_list]
+
+
+def describe(src: SourceConfig) -> str:
+    """The source as a user wrote it (kind and path or glob; the set, if one is kept), for messages."""
+    where = f"{src.kind}:{src.path}" if src.path else src.kind
+    return f"{where} (set {src.set_name})" if src.set_name else where
 
 
 def has_own_eval(src: SourceConfig) -> bool:
@@ -131,7 +174,7 @@ def read(src: SourceConfig, unit_list: list[str], want: Callable[[Key], bool] | 
                 if text is not None:
                     yield Record((u, 0), text, {SET_NAME_KEY: src.kind if src.kind == "stdlib" else "text"}, path)
         else:
-            yield from _read_jsonl(src, u, path, want, strict, stats)
+            yield from _read_jsonl(src, u, path, want, strict, stats, _set_dir(src, path))
 
 
 def _expand(pattern: str) -> list[str]:
@@ -140,6 +183,18 @@ def _expand(pattern: str) -> list[str]:
     if os.path.isdir(pattern):
         pattern = os.path.join(pattern, "**", "*")
     return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+
+
+def _set_dir(src: SourceConfig, path: str) -> str:
+    """The RedPajama set of a ``slimpajama`` file from its set directory below the glob's fixed
+    prefix ("" when it lies in none, or for other kinds: their records name their own set).
+
+    Relative to the prefix, so a set-like name above the corpus (``/home/book/...``) is not
+    taken; the innermost match wins, for held-out files found through another glob."""
+    if src.kind != "slimpajama":
+        return ""
+    rel = pathlib.PurePath(os.path.relpath(os.path.abspath(path), glob_root(src.path)))
+    return next((REDPAJAMA_DIRS[d] for d in reversed(rel.parts[:-1]) if d in REDPAJAMA_DIRS), "")
 
 
 def _read_text_file(path: str, strict: bool, stats: ReadStats) -> str | None:
@@ -164,7 +219,7 @@ def _open_lines(path: str) -> io.BufferedReader:
 
 
 def _read_jsonl(src: SourceConfig, u: int, path: str, want: Callable[[Key], bool], strict: bool,
-                stats: ReadStats) -> Iterator[Record]:
+                stats: ReadStats, set_dir: str = "") -> Iterator[Record]:
     import zstandard
 
     j = -1
@@ -177,6 +232,8 @@ def _read_jsonl(src: SourceConfig, u: int, path: str, want: Callable[[Key], bool
                 if record is None:
                     continue
                 text, meta = record
+                if set_dir and not meta.get(SET_NAME_KEY):
+                    meta = {**meta, SET_NAME_KEY: set_dir}
                 if src.set_name and meta.get(SET_NAME_KEY) != src.set_name:
                     continue
                 yield Record((u, j), text, meta, f"{path}:{j + 1}")

@@ -8,9 +8,10 @@ fallback means no character is ever unknown. Ids 0..3 are pad, unk, bos, eos.
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
-import tempfile
+import random
 from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -87,25 +88,58 @@ def paragraphs(docs: Iterable[str], max_bytes: int = 4000) -> Iterable[str]:
                 block = block[max_bytes:]
 
 
+# Threads of SentencePiece's trainer. Fixed, not the host's core count: the unigram trainer's
+# result depends on how its EM steps split sentences among threads (measured: 1, 2 and 4 threads
+# gave three different vocabularies on the plays), so a core count would make the model differ
+# from machine to machine. BPE does not depend on it.
+TRAINER_THREADS = 8
+SAMPLE_SEED = 0
+
+
+def sample_sentences(sentences: Iterable[str], k: int, seed: int = SAMPLE_SEED) -> list[str]:
+    """At most ``k`` of ``sentences``, a uniform sample drawn with a fixed seed (reservoir
+    sampling), in their input order; all of them when there are ``k`` or fewer."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for i, sentence in enumerate(sentences):
+        if i < k:
+            reservoir.append((i, sentence))
+        elif (j := rng.randrange(i + 1)) < k:
+            reservoir[j] = (i, sentence)
+    return [sentence for _, sentence in sorted(reservoir)]
+
+
 def train_sentencepiece(docs: Iterable[str], vocab_size: int, model_type: str,
-                        out_path: str | os.PathLike, seed_sentences: int = 2_000_000) -> SentencePieceTokenizer:
-    """Trains a tokenizer on ``docs`` and writes it atomically to ``out_path``."""
+                        out_path: str | os.PathLike, max_sentences: int = 2_000_000) -> SentencePieceTokenizer:
+    """Trains a tokenizer on ``docs`` (at most ``max_sentences`` of their paragraphs, sampled) and
+    writes it atomically to ``out_path``. The same documents give the same model bytes."""
+    # Deterministic by construction: SentencePiece's own sampling (input_sentence_size with
+    # shuffle_input_sentence) seeds from std::random_device, so a corpus larger than the sample
+    # gave a different model in every process; here the sample is drawn with a fixed seed and
+    # SentencePiece is given exactly it. The model is returned in memory (model_writer) rather than
+    # written under a prefix, because the prefix (a fresh temporary directory) is recorded in the
+    # model's trainer spec and made its bytes differ from run to run.
+    sample = sample_sentences(paragraphs(docs), max_sentences)
+    if not sample:
+        raise SlimjaxError(f"no text to train a SentencePiece tokenizer on (for '{out_path}'): the "
+                           "training documents are empty")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=1.0, byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_by_whitespace=True, user_defined_symbols=["\n"], pad_id=PAD_ID, unk_id=UNK_ID,
+            bos_id=BOS_ID, eos_id=EOS_ID, input_sentence_size=0, shuffle_input_sentence=False,
+            num_threads=TRAINER_THREADS, minloglevel=2)
+    except RuntimeError as e:
+        raise SlimjaxError(f"SentencePiece training failed (vocab_size={vocab_size}): "
+                           f"{str(e).splitlines()[-1]}") from None
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        prefix = os.path.join(tmp, "spm")
-        try:
-            spm.SentencePieceTrainer.Train(
-                sentence_iterator=iter(paragraphs(docs)), model_prefix=prefix, vocab_size=vocab_size,
-                model_type=model_type, character_coverage=1.0, byte_fallback=True,
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                split_by_whitespace=True, user_defined_symbols=["\n"], pad_id=PAD_ID, unk_id=UNK_ID,
-                bos_id=BOS_ID, eos_id=EOS_ID, input_sentence_size=seed_sentences,
-                shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
-        except RuntimeError as e:
-            raise SlimjaxError(f"SentencePiece training failed (vocab_size={vocab_size}): "
-                               f"{str(e).splitlines()[-1]}") from None
-        os.replace(prefix + ".model", out_path)  # atomic: a reader never sees half a model
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out_path)  # atomic: a reader never sees half a model
     return SentencePieceTokenizer(out_path)
 
 

@@ -64,12 +64,13 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
     out = os.path.abspath(os.path.expanduser(opts.out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SlimjaxError(f"--out '{opts.out}' already exists and is not empty; give a new directory")
-    srcs = tuple(dataclasses.replace(s, kind="jsonl") if s.kind == "slimpajama" else s for s in opts.sources)
-    wopts = stages.Options(srcs, opts.min_chars, opts.ngram, opts.num_perm, opts.strict)
+    # A slimpajama source is read whole (every set) and as its own kind, so records without a set
+    # name take their RedPajama set directory's: the output then names every record's set.
+    wopts = stages.Options(opts.sources, opts.min_chars, opts.ngram, opts.num_perm, opts.strict)
     bands, rows = (opts.bands, opts.rows) if opts.bands else lsh.choose_bands(opts.threshold, opts.num_perm)
     timer = report.Timer()
     with timer("plan"):
-        tasks = stages.make_tasks(srcs)
+        tasks = stages.make_tasks(opts.sources)
     tmp = f"{out}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with timer("start workers"):
@@ -83,7 +84,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
             if not len(corpus.keys):
                 raise SlimjaxError("the corpus is empty after filtering: no document has "
                                    f"{opts.min_chars} characters or more (--min_chars) in "
-                                   f"{', '.join(s.name for s in srcs)}")
+                                   f"{', '.join(s.name for s in opts.sources)}")
             with timer("lsh"):
                 groups = lsh.buckets(lsh.band_keys(corpus.signatures, bands, rows)) if opts.dedup else []
             verified = None
