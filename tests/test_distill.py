@@ -5,6 +5,7 @@ training, equal losses on one device and on a (2,2,2) mesh, a bit-exact resume a
 students made from evenly spaced teacher layers, and bad input."""
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -210,3 +211,57 @@ def test_a_missing_teacher_is_named(tmp_path, capsys):
                                    f"--config.slim.distill.teacher={tmp_path / 'nowhere'}",
                                    f"--workdir={tmp_path / 'student'}"))
     assert "slim.distill.teacher" in line and "nowhere" in line, line
+
+
+# ---- slimjax compress -----------------------------------------------------------------------------
+
+RECIPE = ("prune --method=magnitude --sparsity=0.5; distill --steps=8 --hidden=0.5 --config.checkpoint.every_steps=2 "
+          "--config.train.sample_tokens=0")
+
+
+def compress_argv(teacher_dir, out):
+    return [sys.executable, DRIVER, "compress", f"--workdir={teacher_dir}", f"--out={out}", f"--stages={RECIPE}",
+            "--report_docs=2", "--repeats=1"]
+
+
+def test_compress_killed_in_its_second_stage_resumes_to_the_uninterrupted_result(teacher, tmp_path):
+    import signal
+    import subprocess
+
+    from test_fault import run, steps_on_disk, wait_for
+
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    result = run(compress_argv(teacher, straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage2 = os.path.join(killed, "stages", "2-distill")
+    proc = subprocess.Popen(compress_argv(teacher, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: any(s >= 3 for s in steps_on_disk(stage2)), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert max(steps_on_disk(stage2)) < 8
+    pruned = snapshot(os.path.join(killed, "stages", "1-prune"))
+    result = run(compress_argv(teacher, killed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage 1 prune: done earlier" in result.stdout
+    assert snapshot(os.path.join(killed, "stages", "1-prune")) == pruned  # the finished stage is kept as it was
+    for stage, step in (("1-prune", 0), ("2-distill", 8)):
+        got = fingerprints(os.path.join(killed, "stages", stage), step)
+        want = fingerprints(os.path.join(straight, "stages", stage), step)
+        assert got == want, stage
+    report = json.load(open(os.path.join(killed, "compress.json")))
+    assert [s["stage"] for s in report["stages"]] == ["1-prune", "2-distill"]
+    pruned_ratio = report["stages"][0]["ratios"]["nonzero_params"]
+    assert 0.3 < pruned_ratio < 1.0  # half of the block weights are zeros; embeddings and norms are not pruned
+
+
+@pytest.mark.parametrize("stages,named", [
+    ("prune --sparsity=0.5; squash --bits=4", "'squash'"),
+    ("distill --steps=4", "has no student"),
+    ("quantize --bits=8; prune --sparsity=0.5", "comes after 'quantize'"),
+    ("prune --sparsity=1.5", "--sparsity"),
+], ids=["unknown-stage", "distill-first", "prune-after-quantize", "bad-stage-flag"])
+def test_bad_compress_recipes_are_one_line_exit_2_and_write_nothing(teacher, tmp_path, capsys, stages, named):
+    out = str(tmp_path / "out")
+    line = one_line_error(cli_here(capsys, "compress", f"--workdir={teacher}", f"--out={out}", f"--stages={stages}"))
+    assert named in line, line
+    assert not os.path.exists(out)
