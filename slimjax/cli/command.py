@@ -22,7 +22,6 @@ from slimjax.errors import SlimjaxError
 
 HELP = ("-h", "--help")
 CONFIG_PREFIX = "--config."
-BUNDLED = "tiny, gpt2_small, llama_1b, llama_7b"
 WIDTH = 100  # help paragraphs are wrapped to this many columns
 
 
@@ -140,7 +139,7 @@ class Command:
         if self.config:
             parser.add_argument("--config", metavar="FILE_OR_NAME", default=flags.DEFAULT_CONFIG,
                                 help=f"Python file whose get_config() returns a ConfigDict, or a bundled config "
-                                     f"({BUNDLED}) (default: {flags.DEFAULT_CONFIG}); --config.KEY=VALUE (or "
+                                     f"({', '.join(flags.bundled_configs())}) (default: {flags.DEFAULT_CONFIG}); --config.KEY=VALUE (or "
                                      "--config.KEY VALUE) then sets one key, typed like its value (keys below)")
         for flag in self.flags:
             flag.add_to(parser)

@@ -28,6 +28,12 @@ def bundled_config_path(name: str) -> str:
     return os.path.join(os.path.dirname(configs.__file__), f"{name}.py")
 
 
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with slimjax (``tiny``, ``gpt2_small`` ...)."""
+    folder = os.path.dirname(bundled_config_path(DEFAULT_CONFIG))
+    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
 def load_config_file(ref: str) -> ml_collections.ConfigDict:
     """Runs ``get_config()`` from a file path, or from a bundled config given by name."""
     path = ref if ref.endswith(".py") or os.sep in ref else bundled_config_path(ref)
