@@ -86,8 +86,9 @@ class Flag:
         # argparse %-formats help strings; the default is shown unless it says nothing.
         shown = "" if self.default in (None, False, "") else f" (default: {self.default})"
         note = " (required)" if self.required else " (repeatable)" if self.repeated else ""
-        kwargs: dict[str, Any] = dict(dest=self.name, metavar=self.metavar, help=(self.help + shown + note).replace(
-            "%", "%%"), type=lambda value: self.parse(self.name, value))
+        kwargs: dict[str, Any] = {"dest": self.name, "metavar": self.metavar,
+                                  "help": (self.help + shown + note).replace("%", "%%"),
+                                  "type": lambda value: self.parse(self.name, value)}
         if self.repeated:
             kwargs.update(action="append", default=None)
         else:

@@ -55,7 +55,7 @@ def run(argv: Sequence[str]) -> int:
                            f"x {jax.process_count()} processes")
     docs = evaluate.split_documents(data, opts.split, opts.max_docs)
     if not docs:
-        raise SlimjaxError(f"no documents in the '{opts['split']}' split of "
+        raise SlimjaxError(f"no documents in the '{opts.split}' split of "
                            f"{', '.join(s.name for s in data.sources)}; try --split=train or another --source")
 
     params = rd.restore_params()
@@ -69,7 +69,7 @@ def run(argv: Sequence[str]) -> int:
         writer = MetricsWriter(rd.workdir)
         writer.write(rd.step, {k: result[k] for k in ("loss", "perplexity", "bits_per_byte")}, "evaluate")
         writer.close()
-    print(f"step {rd.step} on {', '.join(result['sources'])} ({opts['split']}, {score.documents} documents, "
+    print(f"step {rd.step} on {', '.join(result['sources'])} ({opts.split}, {score.documents} documents, "
           f"{score.tokens:,} tokens, {score.bytes:,} bytes): loss {result['loss']:.4f}, perplexity "
           f"{result['perplexity']:.3f}, bits/byte {result['bits_per_byte']:.4f}")
     return 0

@@ -93,7 +93,7 @@ def run(argv: Sequence[str]) -> int:
     rd = open_run(v.workdir, v.step)
     names = [name for name, _ in rd.spec.recipe]
     if names not in ([], ["prune"]):
-        raise SlimjaxError(f"run '{v['workdir']}' has slim recipe {names}; prune a plain or pruned model (export "
+        raise SlimjaxError(f"run '{v.workdir}' has slim recipe {names}; prune a plain or pruned model (export "
                            "LoRA runs first: slimjax export merges adapters)")
     targets = tuple(v.target) or default_prune_config().targets
     opts = OneShotOptions(v.method, v.sparsity, v.nm, v.scope, targets, v.sequential)
@@ -110,7 +110,7 @@ def run(argv: Sequence[str]) -> int:
                "calibration_samples": v.calibration_samples if batches else 0, **summary}
     write_run(rd, v.out, cfg, spec, params, slim, summary, kind="prune", report_file=REPORT_FILE, doc=RECOVER_DOC)
     if jax.process_index() == 0:
-        print(summary["line"] + f" -> {os.path.abspath(v['out'])}")
+        print(summary["line"] + f" -> {os.path.abspath(v.out)}")
     return 0
 
 
@@ -161,8 +161,8 @@ def _structured(rd, params, batches, v):
     small = jax.device_put(small, rd.rules.tree_shardings(built.axes, built.shapes, rd.mesh))
     n_before = sum(int(x.size) for x in jax.tree.leaves(params))
     n_after = sum(int(x.size) for x in jax.tree.leaves(small))
-    line = (f"removed {v['heads']:.0%} of heads ({rd.spec.model.n_heads} -> {model.n_heads}, kv {rd.spec.model.n_kv_heads}"
-            f" -> {model.n_kv_heads}) and {v['mlp']:.0%} of MLP neurons (d_ff {rd.spec.model.d_ff} -> {model.d_ff}): "
+    line = (f"removed {v.heads:.0%} of heads ({rd.spec.model.n_heads} -> {model.n_heads}, kv {rd.spec.model.n_kv_heads}"
+            f" -> {model.n_kv_heads}) and {v.mlp:.0%} of MLP neurons (d_ff {rd.spec.model.d_ff} -> {model.d_ff}): "
             f"{n_before:,} -> {n_after:,} parameters")
     summary = {"kind": "structured", "heads": v.heads, "mlp": v.mlp, "parameters_before": n_before,
                "parameters_after": n_after, "layers": detail, "line": line}
