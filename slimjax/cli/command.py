@@ -97,7 +97,8 @@ class Flag:
             kwargs.update(nargs="?", const=self.const)
         parser.add_argument(self.names[0], **kwargs)
         if self.negatable:
-            parser.add_argument(*self.names[1:], dest=self.name, action="store_false", help=f"same as --{self.name}=false")
+            parser.add_argument(*self.names[1:], dest=self.name, action="store_false",
+                                help=f"same as --{self.name}=false")
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -140,8 +141,9 @@ class Command:
         if self.config:
             parser.add_argument("--config", metavar="FILE_OR_NAME", default=flags.DEFAULT_CONFIG,
                                 help=f"Python file whose get_config() returns a ConfigDict, or a bundled config "
-                                     f"({', '.join(flags.bundled_configs())}) (default: {flags.DEFAULT_CONFIG}); --config.KEY=VALUE (or "
-                                     "--config.KEY VALUE) then sets one key, typed like its value (keys below)")
+                                     f"({', '.join(flags.bundled_configs())}) (default: {flags.DEFAULT_CONFIG}); "
+                                     "--config.KEY=VALUE (or --config.KEY VALUE) then sets one key, typed like its "
+                                     "value (keys below)")
         for flag in self.flags:
             flag.add_to(parser)
         parser.add_argument(*HELP, action="store_true", default=argparse.SUPPRESS, help="print this help and exit")

@@ -13,19 +13,28 @@ from slimjax.cli.keydocs import field_docs
 from slimjax.config import parse_source
 from slimjax.data.prepare import PrepareOptions
 
-# Every PrepareOptions field is a flag, with the field's comment as its help; a bool is a switch
-# (--verify, --no-dedup) so the options and the command cannot drift apart.
+# Every PrepareOptions field is a flag with the field's comment as its help, so the options and the
+# command cannot drift apart; a bool is a switch (--verify, --no-dedup).
 _PARSERS = {int: (integer(), "N"), float: (number(), "X"), bool: (boolean, "true|false")}
-_HINTS = typing.get_type_hints(PrepareOptions)
-_DOCS = field_docs(PrepareOptions)
+
+
+def _option_flags() -> list[Flag]:
+    hints, docs = typing.get_type_hints(PrepareOptions), field_docs(PrepareOptions)
+    made = []
+    for field in dataclasses.fields(PrepareOptions):
+        if field.name in ("sources", "out"):  # --source is repeated and parsed; --out is required
+            continue
+        parse, metavar = _PARSERS.get(hints[field.name], (text, "VALUE"))
+        switch = hints[field.name] is bool
+        made.append(Flag(field.name, docs[field.name], parse, field.default, metavar, switch=switch, negatable=switch))
+    return made
+
 
 COMMAND = Command("prepare", "clean and near-deduplicate corpora into SlimPajama-layout jsonl.zst shards", (
     Flag("source", "a corpus: stdlib, shakespeare, text:GLOB, jsonl:GLOB, slimpajama:GLOB, tfds:NAME", metavar="SPEC",
          repeated=True, required=True),
     Flag("out", "the new output directory (report.json inside)", metavar="DIR", required=True),
-    *(Flag(f.name, _DOCS[f.name], parse, f.default, metavar, switch=hint is bool, negatable=hint is bool)
-      for f in dataclasses.fields(PrepareOptions) if f.name not in ("sources", "out")
-      for hint in [_HINTS[f.name]] for parse, metavar in [_PARSERS.get(hint, (text, "VALUE"))]),
+    *_option_flags(),
 ))
 
 

@@ -34,6 +34,7 @@ DEFAULT = PtqOptions()
 
 
 def _widths(name: str, text: str) -> tuple[int, ...]:
+    """``2,3,4`` -> (2, 3, 4); which widths are allowed is checked with the other options."""
     return tuple(integer()(name, c) for c in text.split(",") if c.strip())
 
 
@@ -41,10 +42,12 @@ COMMAND = Command("quantize", "post-training weight quantization of a run's chec
     Flag("workdir", "the run to quantize (plain, QAT-trained or already quantized)", metavar="RUN", required=True),
     Flag("out", "the new run directory", metavar="NEW_RUN", required=True),
     Flag("bits", "code width: 2, 3, 4 or 8", integer(), DEFAULT.bits, metavar="B"),
-    Flag("group_size", "input rows sharing a scale (0: one scale per output channel)", integer(), DEFAULT.group_size, metavar="N"),
-    Flag("asymmetric", "a zero point per group and output column", boolean, not DEFAULT.symmetric, metavar="true|false",
-         switch=True),
-    Flag("method", "'rtn' (round to nearest) or 'gptq' (calibrated)", choice("rtn", "gptq"), DEFAULT.method, metavar="METHOD"),
+    Flag("group_size", "input rows sharing a scale (0: one scale per output channel)", integer(), DEFAULT.group_size,
+         metavar="N"),
+    Flag("asymmetric", "a zero point per group and output column", boolean, not DEFAULT.symmetric,
+         metavar="true|false", switch=True),
+    Flag("method", "'rtn' (round to nearest) or 'gptq' (calibrated)", choice("rtn", "gptq"), DEFAULT.method,
+         metavar="METHOD"),
     Flag("budget_bits", "choose each layer's width from --candidates under this many bits per weight",
          number(), metavar="BITS"),
     Flag("budget_bytes", "... or under this many bytes of targeted kernels", integer(), metavar="N"),
@@ -54,8 +57,8 @@ COMMAND = Command("quantize", "post-training weight quantization of a run's chec
     Flag("sensitivity", "budget: a layer's cost is the calibration 'loss' increase or its 'output' error",
          choice("loss", "output"), DEFAULT.sensitivity, metavar="KIND"),
     Flag("calibration_samples", "calibration rows from the run's training data", integer(), 128, metavar="N"),
-    Flag("sequential", "GPTQ: calibrate each block with the earlier blocks already quantized", boolean, DEFAULT.sequential,
-         metavar="true|false"),
+    Flag("sequential", "GPTQ: calibrate each block with the earlier blocks already quantized", boolean,
+         DEFAULT.sequential, metavar="true|false"),
     Flag("step", "checkpoint step (default: the latest)", integer(), metavar="N"),
 ), details="""
     The new run stores the targeted kernels as integer codes plus scales; eval, generate and report
