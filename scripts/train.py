@@ -10,7 +10,8 @@ from absl import app
 from absl import flags as absl_flags
 
 import slimjax
-from slimjax.cli import flags
+from slimjax.cli import train
+from slimjax.cli.command import wants_help
 from slimjax.errors import SlimjaxError, one_line
 
 
@@ -18,7 +19,10 @@ def parse_flags(argv):
     # slimjax parses the flags itself; absl only needs to know that parsing happened.
     absl_flags.FLAGS.mark_as_parsed()
     try:
-        return flags.parse_train_args(argv[1:])
+        if wants_help(argv[1:]):
+            print(train.COMMAND.help(argv[1:]))
+            sys.exit(0)
+        return train.parse(argv[1:])
     except SlimjaxError as e:
         print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)

@@ -341,8 +341,13 @@ def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
 
 
 def suggest(key: str, known: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the nearest known key, or '' when nothing is close."""
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    """' (did you mean 'x'?)' for the nearest known key, or '' when nothing is close.
+
+    A key that only one known key starts with is taken as an abbreviation of it (``--temp`` ->
+    ``--temperature``, not the closer-spelled ``--step``)."""
+    known = list(known)
+    extended = [k for k in known if k.startswith(key)]
+    close = extended if len(extended) == 1 else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -122,7 +122,7 @@ def test_cli_prepares_and_bad_input_fails_in_one_line_leaving_nothing(mixed, tmp
     before = sorted(glob.glob(f"{out}/**", recursive=True))
     again = one_line_error(cli(capsys, "prepare", *src, f"--out={out}"))
     assert "already exists and is not empty" in again and sorted(glob.glob(f"{out}/**", recursive=True)) == before
-    assert "unknown flag --treshold (did you mean 'threshold'?)" in one_line_error(
+    assert "unknown flag --treshold (did you mean '--threshold'?)" in one_line_error(
         cli(capsys, "prepare", *src, f"--out={out}2", "--treshold=0.5"))
     assert "--threshold must lie in (0, 1]" in one_line_error(
         cli(capsys, "prepare", *src, f"--out={out}2", "--threshold=2"))

@@ -183,7 +183,7 @@ def test_library_report_without_against(runs):
 def test_report_command_errors(runs, tmp_path, capsys):
     base, _, _, _ = runs
     cases = [
-        (["report", f"--workdir={base}", "--agianst=x"], "unknown flag --agianst (did you mean 'against'?)"),
+        (["report", f"--workdir={base}", "--agianst=x"], "unknown flag --agianst (did you mean '--against'?)"),
         (["report", f"--workdir={tmp_path}"], "has no checkpoints/ directory"),
         (["report"], "slimjax report needs --workdir"),
         (["report", f"--workdir={base}", "--max_docs=two"], "--max_docs='two' must be an integer"),

@@ -1,6 +1,7 @@
 """The ``slimjax`` command: a table of subcommands, each of which parses flags and calls the library.
 
-A ``SlimjaxError`` from any command prints one line on stderr and exits with status 2.
+A ``SlimjaxError`` from any command prints one line on stderr and exits with status 2;
+``slimjax CMD --help`` prints the command's flags (``slimjax --help``: the commands).
 """
 
 from __future__ import annotations
@@ -8,43 +9,37 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from slimjax.cli import compress, distill, evaluate, export, generate, hf_import, prepare, prune, quantize, report, tokenizer, train
+from slimjax.cli import (compress, distill, evaluate, export, generate, hf_import, prepare, prune, quantize, report,
+                         tokenizer, train)
+from slimjax.cli.command import HELP, Command, describe, wants_help
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError, one_line
 
-# name -> (handler(argv) -> exit status, one-line usage)
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "train": (train.run, train.USAGE),
-    "prepare": (prepare.run, prepare.USAGE),
-    "tokenizer": (tokenizer.run, tokenizer.USAGE),
-    "import": (hf_import.run, hf_import.USAGE),
-    "export": (export.run, export.USAGE),
-    "eval": (evaluate.run, evaluate.USAGE),
-    "generate": (generate.run, generate.USAGE),
-    "prune": (prune.run, prune.USAGE),
-    "quantize": (quantize.run, quantize.USAGE),
-    "report": (report.run, report.USAGE),
-    "distill": (distill.run, distill.USAGE),
-    "compress": (compress.run, compress.USAGE),
+# name -> (handler(argv) -> exit status, the command's flags)
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], Command]] = {
+    module.COMMAND.name: (module.run, module.COMMAND)
+    for module in (train, prepare, tokenizer, hf_import, export, evaluate, generate, prune, quantize, report, distill,
+                   compress)
 }
-
-
-def usage() -> str:
-    return "usage:\n" + "\n".join(f"  {u}" for _, u in COMMANDS.values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimjax`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+    if not argv or argv[0] in HELP:
+        overview = describe({name: command for name, (_, command) in COMMANDS.items()})
+        print(overview, file=sys.stdout if argv else sys.stderr)  # no arguments is a mistake: usage on stderr
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
         if command not in COMMANDS:
             raise SlimjaxError(f"unknown command '{command}'{suggest(command, COMMANDS)}; commands: "
                                f"{', '.join(COMMANDS)}")
-        return COMMANDS[command][0](rest)
+        handler, flags = COMMANDS[command]
+        if wants_help(rest):
+            print(flags.help(rest))
+            return 0
+        return handler(rest)
     except SlimjaxError as e:
         print(f"slimjax: error: {one_line(str(e))}", file=sys.stderr)
         return 2

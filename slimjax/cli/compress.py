@@ -21,14 +21,10 @@ import shlex
 import shutil
 from typing import Any, Callable, Sequence
 
-from slimjax.cli.flags import iter_flags, number_flag
+from slimjax.cli.command import Command, Flag, integer
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError
 
-USAGE = ("slimjax compress --workdir=RUN --out=DIR (--stages='prune --sparsity=0.5; distill --steps=200; quantize "
-         "--bits=4' | --preset=NAME) [--report_docs=0] [--repeats=3]   (re-run to resume; presets: "
-         + ", ".join(("4x",)) + ")")
-FLAGS = ("workdir", "out", "stages", "preset", "report_docs", "repeats")
 # "4x smaller at <= 5% perplexity": half the block weights removed (SparseGPT), recovered by
 # distillation from the original, then 4-bit GPTQ codes in groups of 128 (>= 4x fewer weight bytes
 # from the codes alone; the zeros are a size-only saving on top).
@@ -74,24 +70,28 @@ def parsers() -> dict[str, Callable[[Sequence[str]], Any]]:
     return {"prune": prune.parse, "distill": distill.parse, "quantize": quantize.parse}
 
 
+COMMAND = Command("compress", "run a recipe of slimming stages and report each against the original", (
+    Flag("workdir", "the run to compress (trained or imported)", metavar="RUN", required=True),
+    Flag("out", "the recipe's directory: stages/K-NAME runs and compress.json (re-run to resume)", metavar="DIR",
+         required=True),
+    Flag("stages", "';'-separated stages, each a command and its flags: prune ...; distill ...; quantize ...",
+         metavar="RECIPE"),
+    Flag("preset", f"a recipe by name ({', '.join(f'{k}: {v}' for k, v in PRESETS.items())})", metavar="NAME"),
+    Flag("report_docs", "held-out documents per stage report (0: all)", integer(0), 0, metavar="N"),
+    Flag("repeats", "timed calls per stage report", integer(1), 3, metavar="N"),
+), details="Stage k reads stage k-1's run (the first reads --workdir) and writes OUT/stages/k-NAME; a distill stage "
+           "trains the previous run as its student with --workdir as the teacher. A re-run keeps finished stages "
+           "and resumes a distillation from its last checkpoint.")
+
+
 def parse(argv: Sequence[str]) -> dict:
-    v: dict = {"workdir": None, "out": None, "stages": None, "preset": None, "report_docs": 0, "repeats": 3}
-    for name, value in iter_flags(argv, example="--workdir=RUN"):
-        if name not in FLAGS:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
-        if name in ("report_docs", "repeats"):
-            v[name] = number_flag(name, value, int, 0 if name == "report_docs" else 1)
-        else:
-            v[name] = value
-    for name in ("workdir", "out"):
-        if not v[name]:
-            raise SlimjaxError(f"slimjax compress needs --{name}; usage: {USAGE}")
-    if bool(v["stages"]) == bool(v["preset"]):
+    args = COMMAND.parse(argv)
+    if bool(args.stages) == bool(args.preset):
         raise SlimjaxError("slimjax compress needs exactly one of --stages='CMD --flag=...; CMD ...' and --preset=NAME")
-    if v["preset"] and v["preset"] not in PRESETS:
-        raise SlimjaxError(f"--preset={v['preset']!r} is not a preset{suggest(v['preset'], PRESETS)}; presets: "
+    if args.preset and args.preset not in PRESETS:
+        raise SlimjaxError(f"--preset={args.preset!r} is not a preset{suggest(args.preset, PRESETS)}; presets: "
                            f"{', '.join(PRESETS)}")
-    return v
+    return vars(args)
 
 
 def plan(text: str, out: str) -> list[Stage]:

@@ -17,42 +17,44 @@ import json
 import os
 from typing import Sequence
 
-from slimjax.cli.flags import apply_override, iter_flags, number_flag
-from slimjax.config import Config, saved_config_dict, suggest, validate
+from slimjax.cli.command import Command, Flag, integer, number, split_overrides
+from slimjax.cli.flags import apply_override
+from slimjax.config import Config, saved_config_dict, validate
 from slimjax.errors import SlimjaxError
 
-USAGE = ("slimjax distill --teacher=RUN --out=NEW_RUN (--layers=N | --student=RUN) [--steps=300] [--temperature=2] "
-         "[--alpha=0.5] [--mse_probs=0] [--mse_logits=0] [--hidden=0] [--top_k=0] [--config.KEY=VALUE ...]"
-         "   (re-run to resume)")
-FLAGS = ("teacher", "out", "layers", "student", "steps", "temperature", "alpha", "mse_probs", "mse_logits", "hidden",
-         "top_k")
-FLOATS = ("temperature", "alpha", "mse_probs", "mse_logits", "hidden")
+COMMAND = Command("distill", "train a student against a teacher run (re-run to resume)", (
+    Flag("teacher", "the teacher run (trained or imported)", metavar="RUN", required=True),
+    Flag("out", "the student's run directory (re-running the same command resumes it)", metavar="NEW_RUN",
+         required=True),
+    Flag("layers", "a student of N evenly spaced teacher layers, every other weight copied", integer(1), 0,
+         metavar="N"),
+    Flag("student", "an existing run as the student (pruned, quantized, factorised; same tokenizer)", metavar="RUN"),
+    Flag("steps", "training steps of the student", integer(1), 300, metavar="N"),
+    Flag("temperature", "softmax temperature T of the soft targets (the KL term is scaled by T^2)", number(), 2.0,
+         metavar="T"),
+    Flag("alpha", "weight of the KL term; the hard-label loss gets 1 - alpha", number(0.0), 0.5, metavar="A"),
+    Flag("mse_probs", "beta: weight of MSE(softmax(z_s/T), softmax(z_t/T))", number(0.0), 0.0, metavar="B"),
+    Flag("mse_logits", "gamma: weight of MSE(z_s, z_t)", number(0.0), 0.0, metavar="G"),
+    Flag("hidden", "weight of last-hidden-state matching (a learned projection when widths differ)", number(0.0),
+         0.0, metavar="W"),
+    Flag("top_k", "KL over the teacher's k most likely tokens only (0: the whole vocabulary)", integer(0), 0,
+         metavar="K"),
+), details="Give exactly one of --layers and --student. --config.KEY=VALUE overrides set keys of the student's "
+           "training config (e.g. --config.optimizer.learning_rate=1e-3). The student's run directory holds "
+           "config.py with the teacher's spec recorded, so it resumes without the teacher's directory.")
+OPTIONS = ("temperature", "alpha", "mse_probs", "mse_logits", "hidden", "top_k")
 INIT_DIR = "student_init"  # inside --out: the student before distillation (a --layers student)
 
 
 def parse(argv: Sequence[str]) -> tuple[dict, list[tuple[str, str]]]:
     """Flags -> (options, config overrides); SlimjaxError naming the flag."""
-    v: dict = {"teacher": None, "out": None, "layers": 0, "student": None, "steps": 300, "options": {}}
-    overrides = []
-    for name, value in iter_flags(argv, example="--teacher=RUN"):
-        if name.startswith("config."):
-            overrides.append((name[len("config."):], value))
-        elif name not in FLAGS:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
-        elif name in FLOATS:
-            v["options"][name] = number_flag(name, value, float)
-        elif name in ("layers", "steps", "top_k"):
-            number = number_flag(name, value, int, 0 if name == "top_k" else 1)
-            v["options" if name == "top_k" else name] = (
-                {**v["options"], "top_k": number} if name == "top_k" else number)
-        else:
-            v[name] = value
-    for name in ("teacher", "out"):
-        if not v[name]:
-            raise SlimjaxError(f"slimjax distill needs --{name}; usage: {USAGE}")
-    if bool(v["layers"]) == bool(v["student"]):
+    rest, overrides = split_overrides(argv)
+    args = COMMAND.parse(rest)
+    if bool(args.layers) == bool(args.student):
         raise SlimjaxError("slimjax distill needs exactly one of --layers=N (a student from the teacher's layers) "
                            "and --student=RUN (an existing run as the student)")
+    v = {"teacher": args.teacher, "out": args.out, "layers": args.layers, "student": args.student,
+         "steps": args.steps, "options": {k: getattr(args, k) for k in OPTIONS}}
     return v, overrides
 
 

@@ -14,49 +14,48 @@ import os
 import shutil
 from typing import Sequence
 
-from slimjax.cli.flags import iter_flags, number_flag
-from slimjax.config import suggest
+from slimjax.cli.command import Command, Flag, boolean, choice, integer
 from slimjax.errors import SlimjaxError
+from slimjax.interop import hf_config
 
-USAGE = ("slimjax export --workdir=RUN (--out=DIR | --sparse[=DIR]) [--step=N] [--architecture=LlamaForCausalLM|"
-         "MistralForCausalLM|GPT2LMHeadModel] [--adapters]   (--adapters: a LoRA run's adapters alone, as a PEFT "
-         "directory; --sparse: the parameters as a sparse store, default DIR <workdir>/sparse)")
-FLAGS = ("workdir", "out", "step", "architecture", "adapters", "sparse")
+COMMAND = Command("export", "write a run's checkpoint as a Hugging Face directory, PEFT adapters or a sparse store", (
+    Flag("workdir", "the run directory", metavar="RUN", required=True),
+    Flag("out", "the new (or empty) Hugging Face directory", metavar="DIR"),
+    Flag("sparse", "write the parameters as a sparse store instead (default DIR: <workdir>/sparse)", metavar="DIR",
+         switch=True, const=""),
+    Flag("step", "checkpoint step (default: the latest)", integer(0), metavar="N"),
+    Flag("architecture", "Hugging Face class within the run's model family (default: the imported one, else "
+         "LlamaForCausalLM or GPT2LMHeadModel)", choice(*hf_config.ARCHITECTURES), metavar="CLASS"),
+    Flag("adapters", "a LoRA run's adapters alone, as a PEFT directory", boolean, False, "true|false",
+         switch=True),
+), details="The model is built from the checkpoint's own spec; LoRA adapters are merged into their kernels first "
+   "(--adapters: exported alone instead). --sparse writes the store that slimjax report reads.")
 
 
 def run(argv: Sequence[str]) -> int:
-    values = {}
-    for name, value in iter_flags(argv, switches=frozenset({"adapters", "sparse"}), example="--out=DIR"):
-        if name not in FLAGS:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
-        values[name] = value
-    step = None if values.get("step") is None else number_flag("step", values["step"])
-    if "sparse" in values:
-        if not values.get("workdir"):
-            raise SlimjaxError(f"slimjax export needs --workdir; usage: {USAGE}")
-        if "out" in values or "adapters" in values:
+    args = COMMAND.parse(argv)
+    if args.sparse is not None:
+        if args.out or args.adapters:
             raise SlimjaxError("--sparse writes a sparse store alone; run --out / --adapters as another export")
-        return export_sparse(values["workdir"], values["sparse"], step)
-    for need in ("workdir", "out"):
-        if not values.get(need):
-            raise SlimjaxError(f"slimjax export needs --{need}; usage: {USAGE}")
-    out = os.path.abspath(values["out"])
+        return export_sparse(args.workdir, args.sparse, args.step)
+    if not args.out:
+        raise SlimjaxError("slimjax export needs --out=DIR (or --sparse); see slimjax export --help")
+    out = os.path.abspath(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SlimjaxError(f"--out '{values['out']}' exists and is not an empty directory; give a new one")
+        raise SlimjaxError(f"--out '{args.out}' exists and is not an empty directory; give a new one")
 
     import jax
 
     from slimjax.cli.rundir import open_run
-    from slimjax.interop import hf, hf_config
+    from slimjax.interop import hf
 
-    arch = values.get("architecture")
-    if arch is not None and arch not in hf_config.ARCHITECTURES:
-        raise SlimjaxError(f"--architecture {arch!r} is not one of {', '.join(hf_config.ARCHITECTURES)}")
-    rd = open_run(values["workdir"], step)
-    if "adapters" in values:
+    rd = open_run(args.workdir, args.step)
+    if args.architecture:
+        check_family(args.architecture, rd)
+    if args.adapters:
         return export_adapters(rd, out)
-    arch = arch or rd.meta.get("hf", {}).get("architecture")
     hf_config.family(rd.spec.model)  # an unexportable model fails before anything is read or written
+    arch = args.architecture or rd.meta.get("hf", {}).get("architecture")
     data = rd.cfg.data
     tokenizer = data.tokenizer if data.tokenizer_kind == "huggingface" and os.path.isfile(data.tokenizer) else None
     spec, params = rd.exported_params()
@@ -72,6 +71,16 @@ def run(argv: Sequence[str]) -> int:
         files.append("tokenizer.model")
     print(f"exported step {rd.step} of {rd.workdir} -> {out}: {', '.join(files)}")
     return 0
+
+
+def check_family(architecture: str, rd) -> None:
+    """Refuses an ``--architecture`` of another model family than the run's (it would be replaced)."""
+    family = hf_config.family(rd.spec.model)
+    if hf_config.ARCHITECTURES[architecture] != family:
+        fits = [name for name, f in hf_config.ARCHITECTURES.items() if f == family]
+        raise SlimjaxError(f"--architecture={architecture} is a {hf_config.ARCHITECTURES[architecture]} model but run "
+                           f"'{rd.workdir}' is a {family} model; give --architecture={' or '.join(fits)} or leave "
+                           "the flag out; nothing was written")
 
 
 def export_adapters(rd, out: str) -> int:

@@ -1,4 +1,4 @@
-"""Config flags shared by every command that takes a config.
+"""The config conventions of every command that takes a config, and numeric flag values.
 
 Flags follow the absl + ml_collections conventions: ``--config`` names a Python file whose
 ``get_config()`` returns a ConfigDict (or the name of a bundled config, e.g. ``gpt2_small``) and
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -26,6 +26,12 @@ def bundled_config_path(name: str) -> str:
     from slimjax import configs
 
     return os.path.join(os.path.dirname(configs.__file__), f"{name}.py")
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with slimjax (``tiny``, ``gpt2_small`` ...)."""
+    folder = os.path.dirname(bundled_config_path(DEFAULT_CONFIG))
+    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
 
 
 def load_config_file(ref: str) -> ml_collections.ConfigDict:
@@ -98,52 +104,3 @@ def number_flag(name: str, text: str, kind: type = int, minimum: float | None = 
     if minimum is not None and value < minimum:
         raise SlimjaxError(f"--{name}={value} must be >= {minimum}")
     return value
-
-
-def iter_flags(argv: Sequence[str], switches: frozenset[str] = frozenset(), example: str = "--name=value"
-               ) -> Iterator[tuple[str, str | None]]:
-    """``(name, value)`` per flag given as ``--name=value`` or ``--name value``; a bare ``--name``
-    in ``switches`` yields ``(name, None)``."""
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise SlimjaxError(f"unexpected argument '{arg}'; flags look like {example}")
-        name, has_value, value = arg[2:].partition("=")
-        if not has_value:
-            if name in switches:
-                yield name, None
-                continue
-            if not args:
-                raise SlimjaxError(f"flag --{name} needs a value")
-            value = args.pop(0)
-        yield name, value
-
-
-def parse_config_args(argv: Sequence[str], extra: Sequence[str] = ("workdir",)
-                      ) -> tuple[ml_collections.ConfigDict, str, dict[str, str]]:
-    """``--config``, ``--config.a.b=v`` and the ``extra`` flags -> (config, config ref, extras).
-
-    Any other flag is an error naming the nearest known flag.
-    """
-    ref, values, overrides = DEFAULT_CONFIG, {}, []
-    for name, value in iter_flags(argv, example="--config.train.steps=10"):
-        if name == "config":
-            ref = value
-        elif name in extra:
-            values[name] = value
-        elif name.startswith("config."):
-            overrides.append((name[len("config."):], value))
-        else:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, ['config', *extra])}")
-    config = load_config_file(ref)
-    for dotted, value in overrides:
-        apply_override(config, dotted, value)
-    return config, ref, values
-
-
-def parse_train_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """Flags of ``slimjax train`` -> (config, workdir); the workdir defaults to runs/<config name>."""
-    config, ref, values = parse_config_args(argv)
-    workdir = values.get("workdir") or os.path.join("runs", os.path.splitext(os.path.basename(ref))[0])
-    return config, workdir

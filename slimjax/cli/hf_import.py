@@ -14,29 +14,24 @@ import os
 import shutil
 from typing import Sequence
 
-from slimjax.cli.flags import iter_flags
-from slimjax.config import suggest
+from slimjax.cli.command import Command, Flag
 from slimjax.errors import SlimjaxError
 
-USAGE = ("slimjax import --hf_dir=DIR --workdir=RUN [--adapter=PEFT_DIR]   (DIR: config.json + *.safetensors "
-         "[+ tokenizer.json], Llama / Mistral / GPT-2; PEFT_DIR: a LoRA adapter made with peft for that model)")
-FLAGS = ("hf_dir", "workdir", "adapter")
-REQUIRED = ("hf_dir", "workdir")
+COMMAND = Command("import", "turn a Hugging Face model directory (and a PEFT LoRA adapter) into a run directory", (
+    Flag("hf_dir", "config.json + *.safetensors [+ tokenizer.json] of a Llama, Mistral or GPT-2 model", metavar="DIR",
+         required=True),
+    Flag("workdir", "the new run directory", metavar="RUN", required=True),
+    Flag("adapter", "a LoRA adapter made with peft for that model, imported on top of it", metavar="PEFT_DIR"),
+), details="The run serves eval, generate, export and fine-tuning (--config=RUN/config.py "
+   "--config.checkpoint.init_from=RUN).")
 CONFIG_FILE = "config.py"  # the imported model as a --config file (for fine-tuning with checkpoint.init_from)
 
 
 def run(argv: Sequence[str]) -> int:
-    values = {}
-    for name, value in iter_flags(argv, example="--hf_dir=DIR"):
-        if name not in FLAGS:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
-        values[name] = value
-    missing = [f for f in REQUIRED if not values.get(f)]
-    if missing:
-        raise SlimjaxError(f"slimjax import needs --{missing[0]}; usage: {USAGE}")
-    hf_dir, workdir = os.path.abspath(values["hf_dir"]), os.path.abspath(values["workdir"])
+    args = COMMAND.parse(argv)
+    hf_dir, workdir = os.path.abspath(args.hf_dir), os.path.abspath(args.workdir)
     if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
-        raise SlimjaxError(f"--workdir '{values['workdir']}' exists and is not empty; give a new directory")
+        raise SlimjaxError(f"--workdir '{args.workdir}' exists and is not empty; give a new directory")
 
     import jax
     from jax.experimental import multihost_utils
@@ -68,8 +63,8 @@ def run(argv: Sequence[str]) -> int:
     mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
     model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
     spec = ModelSpec("decoder", model_cfg)
-    if values.get("adapter"):  # read and checked against the model before anything is written
-        cfg, spec, params = with_adapter(values["adapter"], c, model_cfg, params, mesh, rules)
+    if args.adapter:  # read and checked against the model before anything is written
+        cfg, spec, params = with_adapter(args.adapter, c, model_cfg, params, mesh, rules)
 
     is_main = jax.process_index() == 0  # the checkpoint is written by all processes, files by process 0
     if is_main:

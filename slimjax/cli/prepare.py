@@ -6,51 +6,43 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from typing import Any, Sequence
+from typing import Sequence
 
-from slimjax.cli.flags import iter_flags
-from slimjax.config import parse_source, suggest
-from slimjax.errors import SlimjaxError
+from slimjax.cli.command import Command, Flag, boolean, integer, number, text
+from slimjax.cli.keydocs import field_docs
+from slimjax.config import parse_source
+from slimjax.data.prepare import PrepareOptions
 
-USAGE = ("slimjax prepare --source=SPEC [--source=SPEC ...] --out=DIR [--threshold=0.8] [--verify] "
-         "[--no-dedup] [--min_chars=200] [--heldout=0.01] [--workers=N] [--strict] [--bands=B --rows=R]"
-         "   (SPEC: stdlib, shakespeare, text:GLOB, jsonl:GLOB, slimpajama:GLOB, tfds:NAME)")
+# Every PrepareOptions field is a flag with the field's comment as its help, so the options and the
+# command cannot drift apart; a bool is a switch (--verify, --no-dedup).
+_PARSERS = {int: (integer(), "N"), float: (number(), "X"), bool: (boolean, "true|false")}
 
 
-def parse(argv: Sequence[str]):
-    """Flags -> ``PrepareOptions``; ``--flag`` alone sets a boolean, ``--no-flag`` clears it."""
-    from slimjax.data.prepare import PrepareOptions
-
-    hints = typing.get_type_hints(PrepareOptions)
-    fields = [f.name for f in dataclasses.fields(PrepareOptions)]
-    values: dict[str, Any] = {"sources": []}
-    switches = frozenset(n for f in fields if hints[f] is bool for n in (f, f"no_{f}", f"no-{f}"))
-    for name, value in iter_flags(argv, switches, example="--source=stdlib"):
-        name = name.replace("-", "_")
-        if value is None:  # --verify, --no_dedup
-            values[name.removeprefix("no_")] = not name.startswith("no_")
+def _option_flags() -> list[Flag]:
+    hints, docs = typing.get_type_hints(PrepareOptions), field_docs(PrepareOptions)
+    made = []
+    for field in dataclasses.fields(PrepareOptions):
+        if field.name in ("sources", "out"):  # --source is repeated and parsed; --out is required
             continue
-        if name != "source" and (name not in fields or name == "sources"):
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, ['source', *fields[1:]])}")
-        if name == "source":
-            values["sources"].append(parse_source(f"--source[{len(values['sources'])}]", value))
-        else:
-            values[name] = _typed(name, value, hints[name])
-    if "out" not in values:
-        raise SlimjaxError(f"slimjax prepare needs --out=DIR; usage: {USAGE}")
-    values["sources"] = tuple(values["sources"])
-    return PrepareOptions(**values)
+        parse, metavar = _PARSERS.get(hints[field.name], (text, "VALUE"))
+        switch = hints[field.name] is bool
+        made.append(Flag(field.name, docs[field.name], parse, field.default, metavar, switch=switch, negatable=switch))
+    return made
 
 
-def _typed(name: str, text: str, hint: Any) -> Any:
-    try:
-        if hint is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError("expected true or false")
-            return text.lower() in ("true", "1", "yes")
-        return hint(text)
-    except ValueError as e:
-        raise SlimjaxError(f"--{name}={text!r}: {e}") from None
+COMMAND = Command("prepare", "clean and near-deduplicate corpora into SlimPajama-layout jsonl.zst shards", (
+    Flag("source", "a corpus: stdlib, shakespeare, text:GLOB, jsonl:GLOB, slimpajama:GLOB, tfds:NAME", metavar="SPEC",
+         repeated=True, required=True),
+    Flag("out", "the new output directory (report.json inside)", metavar="DIR", required=True),
+    *_option_flags(),
+))
+
+
+def parse(argv: Sequence[str]) -> PrepareOptions:
+    """Flags -> ``PrepareOptions``."""
+    args = vars(COMMAND.parse(argv))
+    sources = tuple(parse_source(f"--source[{i}]", spec) for i, spec in enumerate(args.pop("source")))
+    return PrepareOptions(sources=sources, **args)
 
 
 def run(argv: Sequence[str]) -> int:

@@ -12,69 +12,73 @@ Everything is checked and computed before OUT is created; a failure leaves nothi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from typing import Sequence
 
-from slimjax.cli.flags import iter_flags, number_flag
-from slimjax.config import suggest
+from slimjax.cli.command import Command, Flag, boolean, choice, integer, number
 from slimjax.errors import SlimjaxError
 
-USAGE = ("slimjax prune --workdir=RUN --out=NEW_RUN [--method=magnitude|wanda|sparsegpt] [--sparsity=0.5] "
-         "[--nm=N:M] [--scope=layer|global] [--target=REGEX ...] [--calibration_samples=128] [--heads=F] [--mlp=F] "
-         "[--sequential=true|false] [--step=N]   (structured: --heads/--mlp remove that fraction of heads/neurons)")
-FLAGS = ("workdir", "out", "method", "sparsity", "nm", "scope", "target", "calibration_samples", "heads", "mlp",
-         "sequential", "step")
 REPORT_FILE = "prune.json"
 RECOVER_DOC = """A pruned run ({what}).
 
 Recover (fine-tune with the masks fixed):
   slimjax train --config={path} --workdir=NEW_RUN --config.train.steps=N
 """
+# Unstructured flags default to None so that giving any of them with --heads/--mlp is caught.
+UNSTRUCTURED = {"method": "magnitude", "sparsity": 0.5, "nm": None, "scope": "layer"}
 
 
-def _nm(text: str) -> tuple[int, int]:
+def _nm(name: str, text: str) -> tuple[int, int]:
     n, sep, m = text.partition(":")
     if not sep or not n.isdigit() or not m.isdigit() or not 0 < int(n) < int(m):
-        raise SlimjaxError(f"--nm={text!r} must look like N:M with 0 < N < M (e.g. 2:4: two of every four inputs kept)")
+        raise SlimjaxError(f"--{name}={text!r} must look like N:M with 0 < N < M (e.g. 2:4: two of every four inputs "
+                           "kept)")
     return int(n), int(m)
 
 
-def parse(argv: Sequence[str]) -> dict:
-    v: dict = {"method": "magnitude", "sparsity": 0.5, "nm": None, "scope": "layer", "targets": [], "samples": 128,
-               "heads": 0.0, "mlp": 0.0, "sequential": True, "step": None, "workdir": None, "out": None}
-    given = set()
-    for name, value in iter_flags(argv, example="--workdir=RUN"):
-        if name not in FLAGS:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
-        given.add(name)
-        if name == "target":
-            v["targets"].append(value)
-        elif name in ("sparsity", "heads", "mlp"):
-            v[name] = number_flag(name, value, float)
-        elif name in ("calibration_samples", "step"):
-            v["samples" if name == "calibration_samples" else name] = number_flag(name, value, int, 0)
-        elif name == "nm":
-            v["nm"] = _nm(value)
-        elif name == "sequential":
-            if value.lower() not in ("true", "false"):
-                raise SlimjaxError(f"--sequential={value!r} must be true or false")
-            v["sequential"] = value.lower() == "true"
-        else:
-            v[name] = value
-    for name in ("workdir", "out"):
-        if not v[name]:
-            raise SlimjaxError(f"slimjax prune needs --{name}; usage: {USAGE}")
+COMMAND = Command("prune", "one-shot pruning of a run's checkpoint into a new run directory", (
+    Flag("workdir", "the run to prune", metavar="RUN", required=True),
+    Flag("out", "the new run directory", metavar="NEW_RUN", required=True),
+    Flag("method", "unstructured criterion (default: magnitude; wanda and sparsegpt calibrate)",
+         choice("magnitude", "wanda", "sparsegpt"), metavar="METHOD"),
+    Flag("sparsity", "fraction of targeted weights set to zero (default: 0.5)", number(), metavar="F"),
+    Flag("nm", "N:M sparsity instead: N of every M consecutive inputs kept (e.g. 2:4)", _nm, metavar="N:M"),
+    Flag("scope", "'layer' (each matrix at the sparsity) or 'global' (one magnitude threshold; default: layer)",
+         choice("layer", "global"), metavar="SCOPE"),
+    Flag("target", "regex on per-layer kernel paths (default: every block projection)", metavar="REGEX",
+         repeated=True),
+    Flag("calibration_samples", "calibration rows from the run's training data", integer(0), 128, metavar="N"),
+    Flag("heads", "structured: fraction of attention heads (kv groups under GQA) removed per layer", number(), 0.0,
+         metavar="F"),
+    Flag("mlp", "structured: fraction of MLP neurons removed per layer", number(), 0.0, metavar="F"),
+    Flag("sequential", "calibrate each block with the earlier blocks already pruned", boolean, True,
+         metavar="true|false"),
+    Flag("step", "checkpoint step (default: the latest)", integer(0), metavar="N"),
+), details="""
+    Unstructured pruning keeps the model's shapes: the new run holds the pruned weights at zero and
+    the masks (slim.recipe=('prune',)), so slimjax train --config=OUT/config.py fine-tunes with the
+    masks fixed. Structured pruning (--heads, --mlp) writes a smaller dense model. Nothing is
+    written unless everything succeeds.""")
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Flags -> options, checked before anything is read."""
+    v = COMMAND.parse(argv)
     for name in ("heads", "mlp"):
-        if not 0.0 <= v[name] < 1.0:
-            raise SlimjaxError(f"--{name}={v[name]} must lie in [0, 1): the fraction removed from every layer")
-    v["structured"] = bool(v["heads"] or v["mlp"])
-    if v["structured"] and given & {"method", "sparsity", "nm", "scope"}:
+        if not 0.0 <= getattr(v, name) < 1.0:
+            raise SlimjaxError(f"--{name}={getattr(v, name)} must lie in [0, 1): the fraction removed from every layer")
+    v.structured = bool(v.heads or v.mlp)
+    if v.structured and any(getattr(v, name) is not None for name in UNSTRUCTURED):
         raise SlimjaxError("--heads/--mlp (structured) and --method/--sparsity/--nm/--scope (unstructured) are "
                            "separate runs of slimjax prune; give one kind")
-    out = os.path.abspath(os.path.expanduser(v["out"]))
+    for name, default in UNSTRUCTURED.items():
+        if getattr(v, name) is None:
+            setattr(v, name, default)
+    out = os.path.abspath(os.path.expanduser(v.out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SlimjaxError(f"--out '{v['out']}' already exists and is not an empty directory; give a new directory")
+        raise SlimjaxError(f"--out '{v.out}' already exists and is not an empty directory; give a new directory")
     return v
 
 
@@ -86,27 +90,27 @@ def run(argv: Sequence[str]) -> int:
     from slimjax.slim import calibrate
     from slimjax.slim.oneshot import OneShotOptions, default_prune_config
 
-    rd = open_run(v["workdir"], v["step"])
+    rd = open_run(v.workdir, v.step)
     names = [name for name, _ in rd.spec.recipe]
     if names not in ([], ["prune"]):
-        raise SlimjaxError(f"run '{v['workdir']}' has slim recipe {names}; prune a plain or pruned model (export "
+        raise SlimjaxError(f"run '{v.workdir}' has slim recipe {names}; prune a plain or pruned model (export "
                            "LoRA runs first: slimjax export merges adapters)")
-    targets = tuple(v["targets"]) or default_prune_config().targets
-    opts = OneShotOptions(v["method"], v["sparsity"], v["nm"], v["scope"], targets, v["sequential"])
+    targets = tuple(v.target) or default_prune_config().targets
+    opts = OneShotOptions(v.method, v.sparsity, v.nm, v.scope, targets, v.sequential)
     log = lambda msg: print(f"slimjax prune: {msg}", flush=True) if jax.process_index() == 0 else None  # noqa: E731
     params = rd.restore_params()
     batches = []
-    if v["structured"] or opts.calibrated:
-        batches = calibrate.calibration_batches(rd.cfg, rd.workdir, v["samples"])
-    if v["structured"]:
+    if v.structured or opts.calibrated:
+        batches = calibrate.calibration_batches(rd.cfg, rd.workdir, v.calibration_samples)
+    if v.structured:
         cfg, spec, params, slim, summary = _structured(rd, params, batches, v)
     else:
         cfg, spec, params, slim, summary = _unstructured(rd, params, batches, opts, log)
-    summary = {"source": rd.workdir, "source_step": rd.step, "calibration_samples": v["samples"] if batches else 0,
-               **summary}
-    write_run(rd, v["out"], cfg, spec, params, slim, summary, kind="prune", report_file=REPORT_FILE, doc=RECOVER_DOC)
+    summary = {"source": rd.workdir, "source_step": rd.step,
+               "calibration_samples": v.calibration_samples if batches else 0, **summary}
+    write_run(rd, v.out, cfg, spec, params, slim, summary, kind="prune", report_file=REPORT_FILE, doc=RECOVER_DOC)
     if jax.process_index() == 0:
-        print(summary["line"] + f" -> {os.path.abspath(v['out'])}")
+        print(summary["line"] + f" -> {os.path.abspath(v.out)}")
     return 0
 
 
@@ -150,16 +154,16 @@ def _structured(rd, params, batches, v):
 
     patterns = ["attn/wo$", "mlp/down$"]
     stats = calibrate.collect_stats(rd.spec, params, batches, rd.mesh, rd.rules, patterns, gram=False)
-    model, small, detail = structured_prune(rd.spec.model, params, stats, v["heads"], v["mlp"])
+    model, small, detail = structured_prune(rd.spec.model, params, stats, v.heads, v.mlp)
     cfg = dataclasses.replace(rd.cfg, model=model)
     spec = ModelSpec(rd.spec.family, model)
     built = build(spec)
     small = jax.device_put(small, rd.rules.tree_shardings(built.axes, built.shapes, rd.mesh))
     n_before = sum(int(x.size) for x in jax.tree.leaves(params))
     n_after = sum(int(x.size) for x in jax.tree.leaves(small))
-    line = (f"removed {v['heads']:.0%} of heads ({rd.spec.model.n_heads} -> {model.n_heads}, kv {rd.spec.model.n_kv_heads}"
-            f" -> {model.n_kv_heads}) and {v['mlp']:.0%} of MLP neurons (d_ff {rd.spec.model.d_ff} -> {model.d_ff}): "
+    line = (f"removed {v.heads:.0%} of heads ({rd.spec.model.n_heads} -> {model.n_heads}, kv {rd.spec.model.n_kv_heads}"
+            f" -> {model.n_kv_heads}) and {v.mlp:.0%} of MLP neurons (d_ff {rd.spec.model.d_ff} -> {model.d_ff}): "
             f"{n_before:,} -> {n_after:,} parameters")
-    summary = {"kind": "structured", "heads": v["heads"], "mlp": v["mlp"], "parameters_before": n_before,
+    summary = {"kind": "structured", "heads": v.heads, "mlp": v.mlp, "parameters_before": n_before,
                "parameters_after": n_after, "layers": detail, "line": line}
     return cfg, spec, small, None, summary

@@ -20,67 +20,66 @@ Everything is checked and computed before OUT is created; a failure leaves nothi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
 
-from slimjax.cli.flags import iter_flags, number_flag
-from slimjax.config import suggest
+from slimjax.cli.command import Command, Flag, boolean, choice, integer, number
 from slimjax.errors import SlimjaxError
+from slimjax.slim.ptq import PtqOptions
 
-USAGE = ("slimjax quantize --workdir=RUN --out=NEW_RUN [--bits=8|4|3|2] [--group_size=128] [--asymmetric=true] "
-         "[--method=rtn|gptq] [--budget_bits=3.0 | --budget_bytes=N] [--candidates=2,3,4,8] [--target=REGEX ...] "
-         "[--sensitivity=loss|output] [--calibration_samples=128] [--sequential=true|false] [--step=N]")
-FLAGS = ("workdir", "out", "bits", "group_size", "asymmetric", "method", "budget_bits", "budget_bytes", "candidates",
-         "target", "calibration_samples", "sensitivity", "sequential", "step")
 REPORT_FILE = "quantize.json"
+DEFAULT = PtqOptions()
 
 
-def _bool(name: str, text: str) -> bool:
-    if text.lower() not in ("true", "false", ""):
-        raise SlimjaxError(f"--{name}={text!r} must be true or false")
-    return text.lower() != "false"
+def _widths(name: str, text: str) -> tuple[int, ...]:
+    """``2,3,4`` -> (2, 3, 4); which widths are allowed is checked with the other options."""
+    return tuple(integer()(name, c) for c in text.split(",") if c.strip())
 
 
-def parse(argv: Sequence[str]) -> dict:
-    v: dict = {"bits": 8, "group_size": 0, "symmetric": True, "method": "rtn", "budget_bits": None,
-               "budget_bytes": None, "candidates": (2, 3, 4, 8), "targets": [], "samples": 128, "sequential": True,
-               "sensitivity": "loss",
-               "step": None, "workdir": None, "out": None}
-    for name, value in iter_flags(argv, example="--workdir=RUN"):
-        if name not in FLAGS:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
-        if name == "target":
-            v["targets"].append(value)
-        elif name in ("bits", "group_size", "budget_bytes", "step"):
-            v[name] = number_flag(name, value, int)
-        elif name == "calibration_samples":
-            v["samples"] = number_flag(name, value, int)
-        elif name == "budget_bits":
-            v[name] = number_flag(name, value, float)
-        elif name == "candidates":
-            v[name] = tuple(number_flag(name, c, int) for c in value.split(",") if c.strip())
-        elif name == "asymmetric":
-            v["symmetric"] = not _bool(name, value)
-        elif name == "sequential":
-            v[name] = _bool(name, value)
-        else:
-            v[name] = value
-    for name in ("workdir", "out"):
-        if not v[name]:
-            raise SlimjaxError(f"slimjax quantize needs --{name}; usage: {USAGE}")
-    out = os.path.abspath(os.path.expanduser(v["out"]))
+COMMAND = Command("quantize", "post-training weight quantization of a run's checkpoint into a new run directory", (
+    Flag("workdir", "the run to quantize (plain, QAT-trained or already quantized)", metavar="RUN", required=True),
+    Flag("out", "the new run directory", metavar="NEW_RUN", required=True),
+    Flag("bits", "code width: 2, 3, 4 or 8", integer(), DEFAULT.bits, metavar="B"),
+    Flag("group_size", "input rows sharing a scale (0: one scale per output channel)", integer(), DEFAULT.group_size,
+         metavar="N"),
+    Flag("asymmetric", "a zero point per group and output column", boolean, not DEFAULT.symmetric,
+         metavar="true|false", switch=True),
+    Flag("method", "'rtn' (round to nearest) or 'gptq' (calibrated)", choice("rtn", "gptq"), DEFAULT.method,
+         metavar="METHOD"),
+    Flag("budget_bits", "choose each layer's width from --candidates under this many bits per weight",
+         number(), metavar="BITS"),
+    Flag("budget_bytes", "... or under this many bytes of targeted kernels", integer(), metavar="N"),
+    Flag("candidates", "widths the budget chooses from", _widths, DEFAULT.candidates, metavar="B,B,..."),
+    Flag("target", "regex on per-layer kernel paths (default: every block projection)", metavar="REGEX",
+         repeated=True),
+    Flag("sensitivity", "budget: a layer's cost is the calibration 'loss' increase or its 'output' error",
+         choice("loss", "output"), DEFAULT.sensitivity, metavar="KIND"),
+    Flag("calibration_samples", "calibration rows from the run's training data", integer(), 128, metavar="N"),
+    Flag("sequential", "GPTQ: calibrate each block with the earlier blocks already quantized", boolean,
+         DEFAULT.sequential, metavar="true|false"),
+    Flag("step", "checkpoint step (default: the latest)", integer(), metavar="N"),
+), details="""
+    The new run stores the targeted kernels as integer codes plus scales; eval, generate and report
+    run from them and export writes the dequantized model. A stored-integer model does not train:
+    recover with slimjax train --config.slim.recipe="('qat',)" on the float run, then quantize that.
+    Nothing is written unless everything succeeds.""")
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Flags -> options; a used --out is refused before anything is read."""
+    v = COMMAND.parse(argv)
+    out = os.path.abspath(os.path.expanduser(v.out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SlimjaxError(f"--out '{v['out']}' already exists and is not an empty directory; give a new directory")
+        raise SlimjaxError(f"--out '{v.out}' already exists and is not an empty directory; give a new directory")
     return v
 
 
-def options(v: dict):
-    from slimjax.slim.ptq import PtqOptions
-
-    targets = tuple(v["targets"]) or PtqOptions().targets
-    return PtqOptions(v["bits"], v["group_size"], v["symmetric"], v["method"], targets, v["budget_bytes"],
-                      v["budget_bits"], v["candidates"], v["sensitivity"], v["sequential"])
+def options(v: argparse.Namespace):
+    targets = tuple(v.target) or DEFAULT.targets
+    return PtqOptions(v.bits, v.group_size, not v.asymmetric, v.method, targets, v.budget_bytes, v.budget_bits,
+                      v.candidates, v.sensitivity, v.sequential)
 
 
 def float_source(rd, opts) -> tuple:
@@ -120,12 +119,12 @@ def run(argv: Sequence[str]) -> int:
 
     opts = options(v)
     check_bits(opts.bits, "--bits")  # before reading anything heavy
-    rd = open_run(v["workdir"], v["step"])
+    rd = open_run(v.workdir, v.step)
     spec, params = float_source(rd, opts)
     matrices = ptq.quant_matrices(spec, opts)
     ptq.check_options(opts, matrices, spec.model.scan_layers)
     log = lambda msg: print(f"slimjax quantize: {msg}", flush=True) if jax.process_index() == 0 else None  # noqa: E731
-    batches = calibrate.calibration_batches(rd.cfg, rd.workdir, v["samples"]) if opts.calibrated else []
+    batches = calibrate.calibration_batches(rd.cfg, rd.workdir, v.calibration_samples) if opts.calibrated else []
     new_spec, qparams, summary = ptq.quantize_params(spec, params, opts, rd.mesh, rd.rules, batches, progress=log)
     qopts = dict(new_spec.recipe[-1][1])
     quant_cfg = QuantConfig(**{**qopts, "targets": tuple(qopts["targets"]), "layer_bits": tuple(qopts["layer_bits"])})
@@ -134,9 +133,10 @@ def run(argv: Sequence[str]) -> int:
     line = (f"quantized {len(matrices)} layer matrices ({kind}, {opts.method}, group_size={opts.group_size}, "
             f"{'symmetric' if opts.symmetric else 'asymmetric'}): {summary['bytes']:,} bytes, "
             f"{summary['bits_per_weight']:.3f} bits/weight")
-    summary = {"source": rd.workdir, "source_step": rd.step, "calibration_samples": v["samples"] if batches else 0,
+    summary = {"source": rd.workdir, "source_step": rd.step,
+               "calibration_samples": v.calibration_samples if batches else 0,
                "options": dataclasses.asdict(opts), **summary, "line": line}
-    out = os.path.abspath(os.path.expanduser(v["out"]))
+    out = os.path.abspath(os.path.expanduser(v.out))
     doc = (f"A quantized run ({line}).\n\nIts kernels are stored integer codes, which do not train. Recover quality "
            "with quantization-aware training of the float run instead:\n  slimjax train --config.slim.recipe=\"('qat',)\" "
            f"--config.checkpoint.init_from={rd.workdir} --workdir=QAT_RUN ...\nthen slimjax quantize --workdir=QAT_RUN.\n")

@@ -12,29 +12,18 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from slimjax.cli.flags import iter_flags, number_flag
-from slimjax.config import suggest
+from slimjax.cli.command import Command, Flag, integer
 from slimjax.errors import SlimjaxError
+from slimjax.slim.report import PLOT_FILE, REPORT_FILE
 
-USAGE = ("slimjax report --workdir=RUN [--against=OTHER_RUN] [--out=FILE.json] [--max_docs=N] [--batch_size=N] "
-         "[--repeats=5]   (quality on the run's held-out split; timings are medians of --repeats calls)")
-FLAGS = ("workdir", "against", "out", "max_docs", "batch_size", "repeats")
-
-
-def parse(argv: Sequence[str]) -> dict:
-    values: dict = {"workdir": None, "against": None, "out": None, "max_docs": 0, "batch_size": 0, "repeats": 5}
-    for name, value in iter_flags(argv, example="--workdir=RUN"):
-        if name not in FLAGS:
-            raise SlimjaxError(f"unknown flag --{name}{suggest(name, FLAGS)}")
-        if name in ("max_docs", "batch_size"):
-            values[name] = number_flag(name, value, int, 0)
-        elif name == "repeats":
-            values[name] = number_flag(name, value, int, 1)
-        else:
-            values[name] = value
-    if not values["workdir"]:
-        raise SlimjaxError(f"slimjax report needs --workdir; usage: {USAGE}")
-    return values
+COMMAND = Command("report", "a run's weights, quality and speed, optionally against another run, with verdicts", (
+    Flag("workdir", "the run directory", metavar="RUN", required=True),
+    Flag("against", "another run to compare with (e.g. the unpruned one)", metavar="OTHER_RUN"),
+    Flag("out", f"result JSON (default: <workdir>/{REPORT_FILE})", metavar="FILE.json"),
+    Flag("max_docs", "score the first N held-out documents (0: all)", integer(0), 0, metavar="N"),
+    Flag("batch_size", "rows per forward pass (0: each run's global batch size)", integer(0), 0, metavar="N"),
+    Flag("repeats", "timings are medians of this many calls", integer(1), 5, metavar="N"),
+), details=f"Prints a table and draws per-layer sparsity to <workdir>/{PLOT_FILE}.")
 
 
 def build_report(workdir: str, against: str | None = None, *, max_docs: int = 0, batch_size: int = 0,
@@ -83,18 +72,18 @@ def build_report(workdir: str, against: str | None = None, *, max_docs: int = 0,
 
 
 def run(argv: Sequence[str]) -> int:
-    opts = parse(argv)
+    opts = COMMAND.parse(argv)
     import jax
 
     from slimjax.slim import report
     from slimjax.train.metrics import write_json
 
-    result = build_report(opts["workdir"], opts["against"], max_docs=opts["max_docs"],
-                                 batch_size=opts["batch_size"], timing_repeats=opts["repeats"])
+    result = build_report(opts.workdir, opts.against, max_docs=opts.max_docs, batch_size=opts.batch_size,
+                          timing_repeats=opts.repeats)
     if jax.process_index() != 0:
         return 0
     workdir = result["run"]["workdir"]
-    out = opts["out"] or os.path.join(workdir, report.REPORT_FILE)
+    out = opts.out or os.path.join(workdir, report.REPORT_FILE)
     write_json(out, result)
     png = os.path.join(workdir, report.PLOT_FILE)
     report.plot_sparsity(result, png)

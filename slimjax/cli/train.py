@@ -10,15 +10,24 @@ import os
 import sys
 from typing import Sequence
 
-from slimjax.cli.flags import parse_train_args
+import ml_collections
 
-USAGE = ("slimjax train [--config=FILE_OR_NAME] [--config.KEY=VALUE ...] [--workdir=DIR]"
-         "   (default config: tiny; default workdir: runs/<config name>; resumes from DIR's checkpoints;"
-         " on SIGTERM saves a checkpoint and exits 143)")
+from slimjax.cli.command import Command, Flag
+
+COMMAND = Command("train", "train a model from a config; a second run on the same --workdir resumes it", (
+    Flag("workdir", "run directory: checkpoints, metrics, summary (default: runs/<config name>); resumes from its "
+         "latest checkpoint", metavar="DIR"),
+), details="On SIGTERM a checkpoint is saved and the command exits with status 143.", config=True)
+
+
+def parse(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """Flags of ``slimjax train`` -> (config, workdir); the workdir defaults to runs/<config name>."""
+    args = COMMAND.parse(argv)
+    return args.config, args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config_ref))[0])
 
 
 def run(argv: Sequence[str]) -> int:
-    config, workdir = parse_train_args(argv)
+    config, workdir = parse(argv)
     import jax
 
     import slimjax
