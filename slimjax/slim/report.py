@@ -326,7 +326,7 @@ SUMMARY = (("params", "totals"), ("nonzero_params", "totals"), ("sparsity", "tot
            ("forward_ms", "speed"), ("decode_ms_per_token", "speed"))
 
 
-def formattable(report: dict[str, Any]) -> str:
+def format_table(report: dict[str, Any]) -> str:
     """The report as text: per-layer weights of the run, then a summary (and ratios and verdicts
     when it is against another run)."""
     run = report["run"]
