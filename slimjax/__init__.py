@@ -1,7 +1,9 @@
 """slimjax: train Transformer LMs on a JAX device mesh, then make them smaller.
 
 ``slimjax.train(config, workdir, hooks=[slimjax.Hook(...)])`` is the one entry point that the CLI,
-``scripts/train.py`` and notebooks share; hooks add periodic work to its loop. Note that the name
+``scripts/train.py`` and notebooks share; hooks add periodic work to its loop. A trained run is
+used through ``slimjax.load_run(workdir)`` (config, spec, sharded parameters, tokenizer, logits),
+``slimjax.generate`` and ``slimjax.evaluate``; bundled configs are ``slimjax.configs.<name>``. Note that the name
 ``slimjax.train`` is that function; the subpackage of the same name stays importable with
 ``from slimjax.train import loop`` (not ``import slimjax.train.loop as ...``).
 """
@@ -10,5 +12,8 @@ __version__ = "0.1.0"
 
 from slimjax.train.hooks import Hook, HookContext  # noqa: E402  (before the next line's rebinding)
 from slimjax.train.loop import train  # noqa: E402  (rebinds the name from the subpackage)
+from slimjax import configs, sharding  # noqa: E402  (attributes: slimjax.configs.tiny, slimjax.sharding.explain)
+from slimjax.api import LoadedRun, evaluate, generate, load_run  # noqa: E402
 
-__all__ = ["train", "Hook", "HookContext", "__version__"]
+__all__ = ["train", "Hook", "HookContext", "load_run", "LoadedRun", "generate", "evaluate", "configs", "sharding",
+           "__version__"]

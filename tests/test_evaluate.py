@@ -108,7 +108,7 @@ def test_eval_command_errors(imported, tmp_path, capsys):
     run, pattern = imported
     cases = [
         (["eval", f"--workdir={tmp_path}"], "has no checkpoints/ directory"),
-        (["eval", f"--workdir={run}", "--batch_size=12"], "--batch_size=12 must be a multiple of the 8"),
+        (["eval", f"--workdir={run}", "--batch_size=12"], "batch_size=12 must be a multiple of the 8"),
         (["eval", f"--workdir={run}", "--split=test"], "--split='test'"),
         (["eval", f"--workdir={run}", "--step=5"], "--step 5 is not a checkpoint"),
     ]

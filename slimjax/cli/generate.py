@@ -41,23 +41,14 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def run(argv: Sequence[str]) -> int:
     opts, prompts = parse(argv)
-    import dataclasses
-
     import jax
 
-    from slimjax.cli.rundir import open_run, run_tokenizer
-    from slimjax.infer.generate import Generator, complete
-    from slimjax.infer.sampling import Sampling
-    from slimjax.slim.spec import abstract_fn
+    from slimjax.api import generate, load_run
 
-    sampling = Sampling(opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty)
-    rd = open_run(opts.workdir, opts.step)
-    data = rd.cfg.data
-    if opts.tokenizer:
-        data = dataclasses.replace(data, tokenizer=opts.tokenizer)
-    tok = run_tokenizer(data, rd.workdir, rd.cfg.model.vocab_size, "generate")
-    generator = Generator(rd.spec.model, rd.restore_params(), rd.mesh, rd.rules, abstract=abstract_fn(rd.spec))
-    texts = complete(generator, tok, prompts, opts.max_new_tokens, sampling, opts.seed)
+    run = load_run(opts.workdir, opts.step, tokenizer=opts.tokenizer)
+    texts = generate(run, prompts, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                     top_p=opts.top_p, repetition_penalty=opts.repetition_penalty, seed=opts.seed)
+    rd = run.rundir
     if jax.process_index() == 0:
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             print(f"--- {i + 1}/{len(prompts)} (step {rd.step})")

@@ -1,0 +1,183 @@
+"""The Python API for using a trained (or imported, pruned, quantized) run from a notebook or script.
+
+    import slimjax
+    run = slimjax.load_run("runs/tiny")                 # latest checkpoint, the run's own tokenizer
+    run.logits("ROMEO:")                                # [tokens, vocab] float32, BOS included
+    slimjax.generate(run, ["ROMEO:"], max_new_tokens=20)
+    slimjax.evaluate(run)                               # loss, perplexity, bits per byte (held out)
+    print(run.explain())                                # where every parameter lives on the mesh
+
+A run is read exactly as the ``slimjax eval`` and ``generate`` commands read it
+(``slimjax.cli.rundir.open_run``): the model is built from the checkpoint's spec, so LoRA
+adapters and other transforms come back as they were trained, and every parameter is sharded by
+the run's rules table on its mesh (or on the mesh given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from slimjax.cli.rundir import RunDir, open_run, run_tokenizer
+from slimjax.config import Config, SourceConfig, parse_source
+from slimjax.data.tokenizer import Tokenizer
+from slimjax.errors import SlimjaxError
+from slimjax.infer import evaluate as evaluation
+from slimjax.infer.generate import Generator, complete
+from slimjax.infer.sampling import Sampling
+from slimjax.infer.scoring import forward
+from slimjax.sharding import BATCH_AXES, Rules, activation_rules, explain
+from slimjax.slim.spec import ModelSpec, abstract_fn
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """One checkpoint of a run, ready to use: config, model spec, graphdef, sharded parameters
+    (the model's own tree, as ``nnx.merge(graphdef, params)`` takes it) and tokenizer."""
+
+    rundir: RunDir
+    tokenizer: Tokenizer
+
+    @functools.cached_property
+    def params(self) -> dict:
+        """The checkpoint's parameters, each sharded by the rules on the mesh (read on first use,
+        so a bad evaluation request fails before the model is loaded)."""
+        return self.rundir.restore_params()
+
+    @property
+    def workdir(self) -> str:
+        return self.rundir.workdir
+
+    @property
+    def step(self) -> int:
+        return self.rundir.step
+
+    @property
+    def config(self) -> Config:
+        return self.rundir.cfg
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.rundir.spec
+
+    @property
+    def graphdef(self) -> Any:
+        return self.rundir.built.graphdef
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.rundir.mesh
+
+    @property
+    def rules(self) -> Rules:
+        return self.rundir.rules
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` after BOS, as training and generation see a document's start."""
+        return [self.tokenizer.bos_id, *self.tokenizer.encode_batch([text])[0]]
+
+    def logits(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """Next-token logits (float32 numpy) of a text (encoded after BOS), a list of token ids, or
+        a list of either: one ``[length, vocab]`` array per input (a single input gives one array)."""
+        single = isinstance(inputs, str) or (len(inputs) > 0 and all(isinstance(i, (int, np.integer)) for i in inputs))
+        rows = [inputs] if single else list(inputs)
+        if not rows:
+            raise SlimjaxError("logits() needs at least one text or list of token ids")
+        ids = [self.encode(r) if isinstance(r, str) else [int(t) for t in r] for r in rows]
+        longest = max(len(r) for r in ids)
+        if min(len(r) for r in ids) == 0 or longest > self.config.model.max_seq_len:
+            raise SlimjaxError(f"each input must have 1..model.max_seq_len={self.config.model.max_seq_len} "
+                               f"tokens; got lengths {[len(r) for r in ids]}")
+        ways = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+        batch = -(-len(ids) // ways) * ways  # rows padded to split evenly over the batch axes
+        host = {k: np.zeros((batch, longest), np.int32) for k in ("inputs", "positions", "segment_ids")}
+        for row, r in enumerate(ids):
+            # Right padding in segment 0: causal attention keeps it out of the real tokens' logits.
+            host["inputs"][row, :len(r)] = r
+            host["positions"][row, :len(r)] = np.arange(len(r))
+            host["segment_ids"][row, :len(r)] = 1
+        sharding = NamedSharding(self.mesh, self.rules.spec(("batch", "length")))
+        placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in host.items()}
+        out = np.asarray(jax.device_get(self._forward(self.params, placed)))
+        arrays = [out[row, :len(r)] for row, r in enumerate(ids)]
+        return arrays[0] if single else arrays
+
+    @functools.cached_property
+    def _forward(self):
+        """The jitted forward pass on the run's mesh (compiled once per batch shape)."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def logits(params, batch):
+            with activation_rules(self.mesh, self.rules):
+                return forward(self.graphdef, params, batch).astype(jnp.float32)
+
+        return jax.jit(logits, in_shardings=(self.rundir.shardings(), None), out_shardings=replicated)
+
+    @functools.cached_property
+    def generator(self) -> Generator:
+        """The KV-cache generator over these parameters (compiled programs are kept between calls)."""
+        return Generator(self.spec.model, self.params, self.mesh, self.rules, abstract=abstract_fn(self.spec))
+
+    def explain(self) -> str:
+        """A table of every parameter: shape, logical axes and partition spec on this run's mesh."""
+        built = self.rundir.built
+        return explain(built.axes, built.shapes, self.rules, self.mesh)
+
+
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None, tokenizer: str | None = None
+             ) -> LoadedRun:
+    """The latest (or given) checkpoint of a run directory, with its tokenizer.
+
+    ``mesh``: restore onto this mesh instead of the one in the run's config (any device count the
+    rules can split the parameters over). ``tokenizer``: a tokenizer file to use instead of the
+    run's own. Raises ``SlimjaxError`` naming what is missing.
+    """
+    rd = open_run(workdir, step)
+    if mesh is not None:
+        rd.mesh = mesh
+    data = rd.cfg.data if tokenizer is None else dataclasses.replace(rd.cfg.data, tokenizer=tokenizer)
+    tok = run_tokenizer(data, rd.workdir, rd.cfg.model.vocab_size, "load_run")
+    return LoadedRun(rd, tok)
+
+
+def generate(run: LoadedRun, prompts: str | Sequence[str], max_new_tokens: int = 64, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0) -> list[str]:
+    """Continuations of text prompts (each encoded after BOS; generation stops at EOS), greedy by
+    default; the same sampling options as ``slimjax generate``."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    return complete(run.generator, run.tokenizer, prompts, max_new_tokens, sampling, seed)
+
+
+def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), split: str = "eval", max_docs: int = 0,
+             batch_size: int = 0) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of the run on the ``split`` ("eval": held out, or
+    "train") documents of ``sources`` (``data.sources`` specs; default: the run's own), as
+    ``slimjax eval`` computes them; ``batch_size`` 0 takes the run's ``train.global_batch_size``."""
+    data = run.config.data
+    if sources:
+        data = dataclasses.replace(data, sources=tuple(
+            s if isinstance(s, SourceConfig) else parse_source(f"sources[{i}]", s) for i, s in enumerate(sources)))
+    if split not in ("eval", "train"):
+        raise SlimjaxError(f"split={split!r}: choose 'eval' (held out) or 'train'")
+    rows = batch_size or run.config.train.global_batch_size
+    ways = int(np.prod([run.mesh.shape[a] for a in BATCH_AXES]))
+    if rows % (ways * jax.process_count()):
+        raise SlimjaxError(f"batch_size={rows} must be a multiple of the {ways} batch-sharding devices "
+                           f"x {jax.process_count()} processes")
+    docs = evaluation.split_documents(data, split, max_docs)
+    if not docs:
+        raise SlimjaxError(f"no documents in the '{split}' split of {', '.join(s.name for s in data.sources)}; "
+                           "try split='train' or other sources")
+    rd = run.rundir
+    step_fn = evaluation.compile_eval_step(rd.built.graphdef, rd.built.shapes, rd.shardings(), rd.mesh, rd.rules,
+                                           rows, data.seq_len)
+    score = evaluation.score_documents(step_fn, run.params, data, run.tokenizer, docs, rows, rd.mesh, rd.rules)
+    return {"step": run.step, "split": split, "sources": [s.name for s in data.sources],
+            "tokenizer": run.tokenizer.path, "seq_len": data.seq_len, **score.as_dict()}
