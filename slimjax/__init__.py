@@ -10,6 +10,10 @@ used through ``slimjax.load_run(workdir)`` (config, spec, sharded parameters, to
 
 __version__ = "0.1.0"
 
+from slimjax.logs import quiet_logging  # noqa: E402
+
+quiet_logging()  # before JAX and Orbax are imported: their INFO lines are noise for a user
+
 from slimjax.train.hooks import Hook, HookContext  # noqa: E402  (before the next line's rebinding)
 from slimjax.train.loop import train  # noqa: E402  (rebinds the name from the subpackage)
 from slimjax import configs, sharding  # noqa: E402  (attributes: slimjax.configs.tiny, slimjax.sharding.explain)

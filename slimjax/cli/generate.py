@@ -44,6 +44,7 @@ def run(argv: Sequence[str]) -> int:
     import jax
 
     from slimjax.api import generate, load_run
+    from slimjax.train.loop import display_text
 
     run = load_run(opts.workdir, opts.step, tokenizer=opts.tokenizer)
     texts = generate(run, prompts, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
@@ -52,5 +53,5 @@ def run(argv: Sequence[str]) -> int:
     if jax.process_index() == 0:
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             print(f"--- {i + 1}/{len(prompts)} (step {rd.step})")
-            print(prompt + text)
+            print(display_text(prompt + text))
     return 0

@@ -38,7 +38,7 @@ def run(argv: Sequence[str]) -> int:
     except Preempted as e:
         print(f"slimjax: {e}", file=sys.stderr)
         return Preempted.EXIT_STATUS
-    if jax.process_index() == 0:  # one line per run, not one per host
+    if jax.process_index() == 0 and not summary.get("already_complete"):  # one line per run, not one per host
         print(f"done: step {summary['final_step']}, train loss {summary['final_train_loss']:.4f}, "
               f"eval loss {summary['final_eval_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
               f"MFU {summary['mfu']:.1%} -> {os.path.abspath(workdir)}")

@@ -12,7 +12,9 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import statistics
+import sys
 import time
 from typing import Any, Sequence
 
@@ -24,13 +26,14 @@ from slimjax.config import Config, validate
 from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
 from slimjax.infer.generate import Generator, complete
+from slimjax.logs import quiet_logging
 from slimjax.sharding import Rules, path_str
 from slimjax.train import distributed, flops
 from slimjax.train.hooks import Hook, HookContext, check_hooks
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
-from slimjax.train.run import Run, build_run, prepare_workdir
+from slimjax.train.run import Run, build_run, finished_summary
 from slimjax.slim.spec import abstract_fn
 from slimjax.train.step import LEAF_FINITE, model_view, tree_bytes
 
@@ -67,6 +70,9 @@ class Loop:
     sample: str | None = None  # the end-of-training sample, once taken
 
 
+# Key of the summary ``train`` returns (never written to disk) when the workdir's run was already complete.
+ALREADY_COMPLETE = "already_complete"
+
 # The names of the built-in hooks (also the prefixes of what they write), in the order they run.
 BUILTIN_HOOKS = ("train", "eval", "checkpoint", "sample")
 
@@ -86,8 +92,16 @@ def train(config: ml_collections.ConfigDict | Config, workdir: str, hooks: Seque
     # other processes or creating the workdir, so a typo'd logical name leaves nothing behind.
     Rules.from_config(cfg.mesh)
     user_hooks = check_hooks(hooks, BUILTIN_HOOKS)
+    quiet_logging()  # again: absl.app.run sets its own verbosity after slimjax was imported
     distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
-    workdir = prepare_workdir(workdir)
+    done = finished_summary(cfg, workdir)
+    if done is not None:  # nothing to train: leave every file of the finished run as it is
+        step, summary = done
+        if jax.process_index() == 0:
+            print(f"slimjax: {os.path.abspath(workdir)} is already complete at step {step} (train.steps="
+                  f"{cfg.train.steps}); nothing changed. Raise train.steps to train further, or use a new --workdir",
+                  file=sys.stderr)
+        return {**summary, ALREADY_COMPLETE: True}
     run = build_run(cfg, workdir)
     try:
         with PreemptionWatch() as watch:
@@ -148,7 +162,9 @@ def _loop(run: Run, watch: PreemptionWatch, user_hooks: Sequence[Hook]) -> dict[
     if lp.sample is not None:
         summary["sample"] = lp.sample
     if is_main:
-        write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
+        # Strict JSON: a value with nothing measured (no step trained: no tokens/s) is null, not NaN.
+        write_json(os.path.join(run.workdir, SUMMARY_FILE),
+                   {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()})
         plot_loss_curve(read_metrics(os.path.join(run.workdir, METRICS_FILE)),
                         os.path.join(run.workdir, CURVE_FILE), title=f"slimjax: {run.workdir}")
     writer.close()
@@ -244,7 +260,13 @@ def _checkpoint(lp: Loop, ctx: HookContext) -> None:
 def _sample(lp: Loop, ctx: HookContext) -> None:
     lp.sample = sample_text(lp.run)
     if ctx.is_main:
-        print(f"sample: {lp.sample}")
+        print(f"sample: {display_text(lp.sample)}")
+
+
+def display_text(text: str) -> str:
+    """Generated text for a terminal: blank lines collapsed and trailing whitespace dropped (a
+    barely trained model emits newline after newline); the summary keeps the text as generated."""
+    return re.sub(r"\n[ \t]*(?:\n[ \t]*)+", "\n", text).rstrip()
 
 
 def evaluate_loss(run: Run) -> float:

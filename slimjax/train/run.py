@@ -7,7 +7,9 @@ logs, evaluates and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -23,8 +25,9 @@ from slimjax.errors import SlimjaxError
 from slimjax.infer.scoring import make_eval_step
 from slimjax.models import compute_dtype
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
-from slimjax.slim.spec import build, rewrite_fn, spec_from_config, spec_of
+from slimjax.slim.spec import ModelSpec, build, rewrite_fn, spec_from_config, spec_of
 from slimjax.train import optimizer as optim
+from slimjax.train.metrics import SUMMARY_FILE
 from slimjax.train.state import Setup, TrainState, init_state, make_setup, state_from_params
 from slimjax.train.step import StepOptions, make_state_eval_step, make_train_step
 
@@ -85,7 +88,9 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
 
 
 def build_run(cfg: Config, workdir: str) -> Run:
-    """Everything before the first step. Raises SlimjaxError before touching the workdir's files."""
+    """Everything before the first step. Everything that can be checked without the data (mesh,
+    batch, rules, model spec) is checked before the workdir is created; a workdir this call
+    created is removed again if anything later fails, so a failed start leaves nothing behind."""
     mesh = make_mesh(cfg.mesh)
     rules = Rules.from_config(cfg.mesh)
     check_batch(cfg, mesh)
@@ -95,19 +100,50 @@ def build_run(cfg: Config, workdir: str) -> Run:
     # logical name and the transforms against the model before anything is written.
     setup = make_setup(spec_from_config(cfg), dtype, tx, rules, mesh)
 
-    share_tokenizer(cfg, workdir)
-    data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
-                        cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
+    created = not os.path.exists(os.path.abspath(os.path.expanduser(workdir)))
+    workdir = prepare_workdir(workdir)
+    try:
+        share_tokenizer(cfg, workdir)
+        data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
+                            cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
 
-    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
-    state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
+        checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
+        state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
-    batch_sharding = pipeline.batch_shardings(mesh, rules)
-    train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+        batch_sharding = pipeline.batch_shardings(mesh, rules)
+        train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+    except BaseException:
+        if created and jax.process_index() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)  # only what this call made (a bad data source ...)
+        raise
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules, tok=data.tokenizer, train_data=data.train,
                eval_data=data.eval, data_stats=data.stats, batch_sharding=batch_sharding, setup=setup, state=state,
                start_step=start, data_state=data_state, train_step=train_step, eval_step=eval_step, compile_seconds=compile_s,
                checkpointer=checkpointer, dtype=dtype)
+
+
+def finished_summary(cfg: Config, workdir: str) -> tuple[int, dict] | None:
+    """(step, saved summary) when ``workdir`` holds a run of this config's model that already
+    reached ``train.steps`` and wrote its summary; None otherwise (also for a new workdir).
+    Reads only: a finished run is left byte for byte as it was."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    ckpt_dir, summary_path = os.path.join(path, CHECKPOINT_DIR), os.path.join(path, SUMMARY_FILE)
+    if not (os.path.isdir(ckpt_dir) and os.path.isfile(summary_path)):
+        return None
+    checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint, read_only=True)
+    try:
+        step = checkpointer.latest_step()
+        if step is None or step < cfg.train.steps:
+            return None
+        check_same_model(checkpointer, step, spec_from_config(cfg), cfg)
+    finally:
+        checkpointer.close()
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None  # an unreadable summary is rewritten by the normal path
+    return (step, summary) if summary.get("final_step") == step else None
 
 
 def share_tokenizer(cfg: Config, workdir: str) -> None:
@@ -155,9 +191,16 @@ def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, rules
         # Transform state read from outside the run (a distillation teacher), unless the source carried it.
         slim = setup.built.load_state(state.slim, setup.abstract.slim, mesh, rules, skip=carried)
         return dataclasses.replace(state, slim=slim), 0, None
+    check_same_model(checkpointer, step, setup.spec, cfg)
+    restored, data_state, _ = checkpointer.restore(step, setup.abstract.as_dict())
+    return TrainState(**restored), step, data_state
+
+
+def check_same_model(checkpointer: Checkpointer, step: int, spec: ModelSpec, cfg: Config) -> None:
+    """A checkpoint continues only under the model spec and optimizer it was written with."""
     meta = checkpointer.read_meta(step)
     where = f"checkpoint {checkpointer.directory}/{step}"
-    changed = spec_of(meta).difference(setup.spec)
+    changed = spec_of(meta).difference(spec)
     saved_opt = meta.get("config", {}).get("optimizer", {}).get("name", cfg.optimizer.name)
     if changed is None and saved_opt != cfg.optimizer.name:
         changed = ("optimizer.name", saved_opt, cfg.optimizer.name)  # a different optimizer state layout
@@ -165,8 +208,6 @@ def restore_or_init(checkpointer: Checkpointer, setup: Setup, cfg: Config, rules
         key, saved, now = changed
         raise SlimjaxError(f"{where} was written with {key}={saved!r}, the config now says {now!r}; use a new "
                            "--workdir (or checkpoint.init_from to start from its params)")
-    restored, data_state, _ = checkpointer.restore(step, setup.abstract.as_dict())
-    return TrainState(**restored), step, data_state
 
 
 def state_from_source(source: str, setup: Setup, cfg: Config, rules: Rules, mesh: Mesh
