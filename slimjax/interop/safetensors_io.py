@@ -33,20 +33,58 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def _read_header(path: str) -> tuple[dict, int]:
-    """(header without ``__metadata__``, byte offset where tensor data starts)."""
+    """(header without ``__metadata__``, byte offset where tensor data starts), every tensor's
+    entry checked against the file (see ``_check_entries``)."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise ValueError("shorter than its 8-byte header length")
             (n,) = struct.unpack("<Q", raw_len)
-            if n > os.path.getsize(path):
-                raise ValueError(f"header length {n} exceeds the file size")
+            if 8 + n > size:
+                raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        _check_entries(header, size - 8 - n)
     except (OSError, ValueError) as e:
-        raise SlimjaxError(f"'{path}' is not a readable safetensors file: {e}") from None
-    header.pop("__metadata__", None)
+        raise SlimjaxError(f"'{path}' is not a readable safetensors file: {e}; re-download or re-export "
+                           "it") from None
     return header, 8 + n
+
+
+def _check_entries(header: dict, data_bytes: int) -> None:
+    """Every tensor has a known dtype, a shape of non-negative ints and a byte range inside the
+    ``data_bytes`` after the header whose length is prod(shape) x itemsize; no two ranges
+    overlap. A truncated or partly written file fails here, naming the first tensor it cuts."""
+    ranges = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"tensor '{name}' has no dtype/shape/data_offsets entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor '{name}' has dtype {dtype!r}, which slimjax cannot read "
+                             f"(known: {', '.join(DTYPES)})")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"tensor '{name}' has shape {shape!r}; expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor '{name}' has data_offsets {offsets!r}; expected [begin, end] with "
+                             "0 <= begin <= end")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+            raise ValueError(f"tensor '{name}' has {end - begin} bytes for shape {tuple(shape)} {dtype} "
+                             f"({math.prod(shape) * DTYPES[dtype].itemsize} expected)")
+        if end > data_bytes:
+            raise ValueError(f"tensor '{name}' ends at data byte {end}, but the file holds only {data_bytes} "
+                             "bytes of tensor data (truncated?)")
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise ValueError(f"tensors '{first}' and '{second}' overlap in the file")
 
 
 class TensorFile:
@@ -57,10 +95,6 @@ class TensorFile:
         self.header, self._data_start = _read_header(path)
         size = os.path.getsize(path)
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size > self._data_start else None
-        for name, entry in self.header.items():
-            if entry.get("dtype") not in DTYPES:
-                raise SlimjaxError(f"tensor '{name}' in '{path}' has dtype {entry.get('dtype')!r}, which "
-                                   f"slimjax cannot read (known: {', '.join(DTYPES)})")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
@@ -68,10 +102,7 @@ class TensorFile:
     def array(self, name: str) -> np.ndarray:
         entry = self.header[name]
         dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise SlimjaxError(f"tensor '{name}' in '{self.path}' has {end - begin} bytes for shape {shape} "
-                               f"{entry['dtype']}; the file is corrupt")
+        begin, end = entry["data_offsets"]  # checked against the file when it was opened
         if math.prod(shape) == 0:
             return np.zeros(shape, dtype)
         start = self._data_start + begin
