@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import reference
+from hf_models import save, sentences
 from jax.sharding import Mesh
 
 import slimjax
@@ -100,3 +101,37 @@ def test_load_run_names_a_missing_run(tmp_path):
     with pytest.raises(SlimjaxError, match="has no checkpoints/ directory"):
         slimjax.load_run(str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+    """A random Llama imported with a word-level tokenizer.json that adds no special tokens itself."""
+    root = tmp_path_factory.mktemp("imported")
+    hf_dir = save("llama_gqa", str(root / "hf"))
+    assert main(["import", f"--hf_dir={hf_dir}", f"--workdir={root / 'run'}"]) == 0
+    return str(root / "run")
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "huggingface"])
+def test_exported_tokenizer_and_model_generate_under_transformers_as_in_slimjax(which, run_dir, imported_run,
+                                                                                tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    workdir = run_dir if which == "sentencepiece" else imported_run
+    out = tmp_path / "hf"
+    assert main(["export", f"--workdir={workdir}", f"--out={out}"]) == 0
+    run = slimjax.load_run(workdir)
+    assert run.config.data.tokenizer_kind == which
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    eos = run.tokenizer.eos_id
+    assert model.generation_config.eos_token_id == eos and hf_tok.bos_token_id == run.tokenizer.bos_id
+    prompts = ["ROMEO: what light", "To be , or not"] if which == "sentencepiece" else sentences(2, seed=5)
+    for prompt in prompts:
+        ids = hf_tok(prompt)["input_ids"]
+        assert ids == run.encode(prompt)  # BOS first, as slimjax encodes a prompt
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        ref = ref[:ref.index(eos)] if eos in ref else ref  # slimjax stops at EOS and drops it
+        assert run.generator.generate([ids], 8, stop_tokens=(eos,)).tokens[0] == ref

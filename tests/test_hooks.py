@@ -57,11 +57,11 @@ def test_user_hooks_run_at_their_steps_after_the_builtins(tmp_path, capsys):
     assert summary["final_step"] == 5 and summary["sample"].startswith("ROMEO:")
     assert capsys.readouterr().out.count(f"sample: {summary['sample']}\n") == 1
 
-    # Already complete: nothing is trained, so user hooks do not run; eval and the sample report on the model.
+    # Already complete: nothing runs (no hook, no eval), the saved summary comes back.
     again = slimjax.train(byte_config(sample_tokens=4), workdir, hooks=hooks)
     assert len(seen) == 3 and at_end == [5]
-    assert again["start_step"] == 5 and again["sample"] == summary["sample"]
-    assert math.isfinite(again["final_eval_loss"])
+    assert again["already_complete"] and again["final_step"] == 5 and again["sample"] == summary["sample"]
+    assert again["final_eval_loss"] == summary["final_eval_loss"]
 
 
 def test_an_exception_in_a_hook_ends_the_run_and_keeps_its_metrics(tmp_path):

@@ -11,7 +11,6 @@ on the base model. ``--sparse[=DIR]`` writes the exported parameters as a sparse
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Sequence
 
 from slimjax.cli.command import Command, Flag, boolean, choice, integer
@@ -46,8 +45,10 @@ def run(argv: Sequence[str]) -> int:
 
     import jax
 
-    from slimjax.cli.rundir import open_run
+    from slimjax.cli.rundir import open_run, run_tokenizer
+    from slimjax.data import tokenizer as tokenizers
     from slimjax.interop import hf
+    from slimjax.interop.tokenizer_files import export_tokenizer
 
     rd = open_run(args.workdir, args.step)
     if args.architecture:
@@ -57,18 +58,19 @@ def run(argv: Sequence[str]) -> int:
     hf_config.family(rd.spec.model)  # an unexportable model fails before anything is read or written
     arch = args.architecture or rd.meta.get("hf", {}).get("architecture")
     data = rd.cfg.data
-    tokenizer = data.tokenizer if data.tokenizer_kind == "huggingface" and os.path.isfile(data.tokenizer) else None
+    tok_file = data.tokenizer or (str(tokenizers.cached_model_path(rd.workdir)) if data.tokenizer_kind == "sentencepiece" else "")
+    # A run without a tokenizer file (an imported model that shipped none) exports the model alone.
+    tok = run_tokenizer(data, rd.workdir, rd.cfg.model.vocab_size, "export") if (
+        data.tokenizer_kind == "byte" or os.path.isfile(tok_file)) else None
     spec, params = rd.exported_params()
     if spec.recipe:
         raise SlimjaxError(f"run '{rd.workdir}' has transforms that a Hugging Face checkpoint cannot hold "
                            f"({', '.join(name for name, _ in spec.recipe)}); nothing was written")
-    files = hf.export_hf(spec.model, params, out, architecture=arch, tokenizer=tokenizer)
+    files = hf.export_hf(spec.model, params, out, architecture=arch)
     if jax.process_index() != 0:  # process 0 wrote the files
         return 0
-    spm = os.path.join(rd.workdir, "tokenizer", "spm.model") if not data.tokenizer else data.tokenizer
-    if data.tokenizer_kind == "sentencepiece" and os.path.isfile(spm):
-        shutil.copyfile(spm, os.path.join(out, "tokenizer.model"))  # what LlamaTokenizer reads
-        files.append("tokenizer.model")
+    if tok is not None:
+        files += export_tokenizer(out, data.tokenizer_kind, tok.path, tok.bos_id, tok.eos_id)
     print(f"exported step {rd.step} of {rd.workdir} -> {out}: {', '.join(files)}")
     return 0
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -152,9 +151,9 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
 
 
 def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str | None = None,
-              tokenizer: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Writes ``config.json`` and safetensors (plus ``tokenizer.json`` when given) that
-    ``transformers`` loads; returns the file names. ``out_dir`` must be new or empty.
+              max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes ``config.json`` and safetensors that ``transformers`` loads; returns the file names.
+    ``out_dir`` must be new or empty (the tokenizer: ``tokenizer_files.export_tokenizer``).
 
     With several processes every one must call this (each tensor is gathered collectively);
     process 0 writes the files (and gets their names), the others get ``[]``.
@@ -209,7 +208,4 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str
     with open(os.path.join(out_dir, hf_config.CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
     files.append(hf_config.CONFIG_FILE)
-    if tokenizer:
-        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_FILE))
-        files.append(TOKENIZER_FILE)
     return files
