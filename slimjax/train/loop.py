@@ -27,13 +27,13 @@ from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
 from slimjax.infer.generate import Generator, complete
 from slimjax.logs import quiet_logging
-from slimjax.sharding import Rules, path_str
+from slimjax.sharding import Rules, make_mesh, path_str
 from slimjax.train import distributed, flops
 from slimjax.train.hooks import Hook, HookContext, check_hooks
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
-from slimjax.train.run import Run, build_run, finished_summary
+from slimjax.train.run import Run, build_run, check_batch, finished_summary
 from slimjax.slim.spec import abstract_fn
 from slimjax.train.step import LEAF_FINITE, model_view, tree_bytes
 
@@ -94,6 +94,7 @@ def train(config: ml_collections.ConfigDict | Config, workdir: str, hooks: Seque
     user_hooks = check_hooks(hooks, BUILTIN_HOOKS)
     quiet_logging()  # again: absl.app.run sets its own verbosity after slimjax was imported
     distributed.initialize(cfg.distributed)  # before any device is touched; no-op for one process
+    check_batch(cfg, make_mesh(cfg.mesh))  # a finished run too: the same flags must still make sense
     done = finished_summary(cfg, workdir)
     if done is not None:  # nothing to train: leave every file of the finished run as it is
         step, summary = done
