@@ -47,8 +47,8 @@ OVERRIDES: dict[str, list[str]] = {
     "train": TRAIN,
     "eval": ["--max_docs=2", "--batch_size=8"],
     "generate": ["--max_new_tokens=4"],
-    "prune": ["--calibration_samples=8"],
-    "quantize": ["--calibration_samples=8"],
+    "prune": ["--calibration_samples=8", "--sequential=false"],  # one calibration pass, not one per block
+    "quantize": ["--calibration_samples=8", "--sequential=false"],
     "report": ["--max_docs=2", "--batch_size=8", "--repeats=1"],
 }
 REDIRECT = ("/data/", "/shared/")  # absolute paths in examples, moved into the test directory
