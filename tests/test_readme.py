@@ -50,6 +50,8 @@ OVERRIDES: dict[str, list[str]] = {
     "prune": ["--calibration_samples=8", "--sequential=false"],  # one calibration pass, not one per block
     "quantize": ["--calibration_samples=8", "--sequential=false"],
     "report": ["--max_docs=2", "--batch_size=8", "--repeats=1"],
+    "distill": ["--steps=2"],
+    "compress": ["--report_docs=2", "--repeats=1"],
 }
 REDIRECT = ("/data/", "/shared/")  # absolute paths in examples, moved into the test directory
 
