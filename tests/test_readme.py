@@ -140,10 +140,43 @@ def workspace(tmp_path_factory, spm_path):
         os.chdir(cwd)
 
 
+def small_stages(stages: str) -> str:
+    """A ``slimjax compress`` recipe with each stage's command overrides applied."""
+    out = []
+    for stage in stages.split(";"):
+        name, *flags = shlex.split(stage)
+        out.append(shlex.join([name, *with_overrides(flags, OVERRIDES.get(name, []))]))
+    return "; ".join(out)
+
+
+def in_process(argv: list[str]) -> int:
+    """``slimjax ARGV`` with the overrides, in this process; compress recipes (given or preset) get
+    the overrides of each of their stages."""
+    command, flags = argv[0], with_overrides(argv[1:], OVERRIDES.get(argv[0], []))
+    if command != "compress":
+        return main([command, *flags])
+    from slimjax.cli import compress
+
+    flags = [f"--stages={small_stages(f.split('=', 1)[1])}" if f.startswith("--stages=") else f for f in flags]
+    presets = dict(compress.PRESETS)
+    compress.PRESETS.update({name: small_stages(stages) for name, stages in presets.items()})
+    try:
+        return main([command, *flags])
+    finally:
+        compress.PRESETS.update(presets)
+
+
+def simple(command: str) -> bool:
+    """Whether ``command`` is one program call (no ``;``, ``&&``, pipes or background jobs outside quotes)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    return not any(set(token) <= set(";&|") for token in lexer)
+
+
 def run_shell(command: str, root: str) -> None:
     argv = shlex.split(command, comments=True)
-    if argv[0] == "slimjax" and "&&" not in argv and ";" not in command:
-        status = main([argv[1], *with_overrides(argv[2:], OVERRIDES.get(argv[1], []))])
+    if argv[0] == "slimjax" and simple(command):
+        status = in_process(argv[1:])
         assert status == 0, f"`{command}` exited {status}"
         return
     env = dict(os.environ, PATH=os.path.join(root, ".bin") + os.pathsep + os.environ["PATH"])
