@@ -6,7 +6,10 @@ The targeted Dense kernels (per-layer patterns) become the ``lowrank`` transform
 the best spread under a parameter budget (a fraction of the targeted layers' parameters). Layers
 (or scanned stacks) where factoring would not save parameters stay dense. The spec gets a
 ``('lowrank', options)`` entry with the chosen ranks, ``slimjax.slim.spec.rewrite_fn`` turns the
-parameters into that tree on the mesh, and the factors are written layer by layer.
+parameters into that tree on the mesh, and the factors are written layer by layer. Each layer's
+SVD runs on its own matrix copied whole to every device (one layer at a time, never the model):
+the decomposition needs the whole matrix anyway, and a program of replicated inputs has no
+collectives for a LAPACK call to stall on the CPU backend.
 
 ``method="svd"`` truncates W itself (best in ``||W - W_r||``). ``method="whitened"`` (SVD-LLM,
 Wang et al. 2024) truncates ``L^T W`` with ``L L^T`` the (damped) Gram matrix of the layer's
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.config import LowRankConfig
 from slimjax.errors import SlimjaxError
@@ -106,6 +109,7 @@ def check_options(opts: FactorizeOptions, matrices: Sequence[LayerMatrix], batch
 
 _whitening = jax.jit(L.whitening, static_argnums=1)
 _spectrum = jax.jit(L.spectrum)
+_svd_factors = jax.jit(L.svd_factors, static_argnums=1)
 _whitened_factors = jax.jit(L.whitened_factors, static_argnums=2)
 
 
@@ -125,6 +129,11 @@ def factorize(spec: ModelSpec, params: dict, opts: FactorizeOptions, mesh: Mesh,
     matrices = matrices_of(spec, opts.targets)
     check_options(opts, matrices, batches)
     flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def whole(lm: LayerMatrix) -> jax.Array:
+        return jax.device_put(lm.read(flat).astype(jnp.float32), replicated)
+
     stats: dict[str, LayerStats] = {}
     if batches:
         progress(f"calibrating {len(matrices)} layers")
@@ -132,11 +141,12 @@ def factorize(spec: ModelSpec, params: dict, opts: FactorizeOptions, mesh: Mesh,
                               gram=True)
 
     def chol(lm: LayerMatrix) -> jax.Array | None:
-        return _whitening(stats[lm.name].gram, opts.damp) if opts.method == "whitened" else None
+        if opts.method != "whitened":
+            return None
+        return _whitening(jax.device_put(stats[lm.name].gram, replicated), opts.damp)
 
     progress("spectra")
-    spectra = {lm.name: np.asarray(jax.device_get(_spectrum(lm.read(flat).astype(jnp.float32), chol(lm))), np.float64)
-               for lm in matrices}
+    spectra = {lm.name: np.asarray(jax.device_get(_spectrum(whole(lm), chol(lm))), np.float64) for lm in matrices}
     groups = groups_of(matrices)
     shapes = [R.Group(*members[0].target.matrix, tuple(spectra[lm.name] for lm in members))
               for members in groups.values()]
@@ -160,13 +170,14 @@ def factorize(spec: ModelSpec, params: dict, opts: FactorizeOptions, mesh: Mesh,
         progress(f"factoring {len(entries)} layers ({opts.method})")
         new = jax.jit(rewrite_fn(source, target), out_shardings=out_shardings)(params, jax.random.key(0))
         new_flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(new)[0]}
-        if opts.method == "whitened":  # the rewrite's factors are the plain SVD's
-            for lm in matrices:
-                if rank[lm.name] is not None:
-                    write_factors(lm, new_flat, *_whitened_factors(lm.read(flat).astype(jnp.float32), chol(lm),
-                                                                  rank[lm.name]))
-            new = jax.device_put(_unflatten(new, new_flat), out_shardings)
-            new_flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(new)[0]}
+        for lm in matrices:  # the rewrite's factors are placeholders of the right shapes
+            r = rank[lm.name]
+            if r is not None:
+                c = chol(lm)
+                write_factors(lm, new_flat, *(_svd_factors(whole(lm), r) if c is None else
+                                              _whitened_factors(whole(lm), c, r)))
+        new = jax.device_put(_unflatten(new, new_flat), out_shardings)
+        new_flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(new)[0]}
         approx = {lm.name: read_factors(lm, new_flat) for lm in matrices if rank[lm.name] is not None}
 
     layers = []
@@ -176,9 +187,9 @@ def factorize(spec: ModelSpec, params: dict, opts: FactorizeOptions, mesh: Mesh,
                 "params_after": d_in * d_out if r is None else r * (d_in + d_out),
                 "retained_energy": R.retained_energy(spectra[lm.name], r)}
         if lm.name in stats:
-            w = lm.read(flat).astype(jnp.float32)
-            w_r = w if r is None else approx[lm.name]
-            gram = stats[lm.name].gram
+            w = whole(lm)
+            w_r = w if r is None else jax.device_put(approx[lm.name], replicated)
+            gram = jax.device_put(stats[lm.name].gram, replicated)
             line["relative_error"] = float(pruning.reconstruction_error(w, w_r, gram)
                                            / jnp.maximum(pruning.reconstruction_error(w, 0 * w, gram), 1e-30))
         layers.append(line)

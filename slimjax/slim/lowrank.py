@@ -4,12 +4,15 @@ For a kernel ``[*in, *out]`` (``d_in x d_out`` as a matrix, with a leading stack
 layers are scanned) the rewrite removes the dense kernel and puts a :class:`LowRankTap` in the
 ``Dense.tap`` seam holding ``u [*in, r]`` and ``v [r, *out]``; the layer computes ``(x @ u) @ v +
 bias``. ``u`` carries the kernel's logical axes on its in dims and ``v`` on its out dims, with
-``lowrank_rank`` on r (replicated by default), so the factors shard like the kernel did. Applied
-to a model's own values (``rewrite_fn`` from a trained run, or a fresh init) the factors are the
-truncated SVD ``u = U_r sqrt(S_r)``, ``v = sqrt(S_r) V_r^T``; the one-shot factoriser
-(:mod:`slimjax.slim.factorize`) may overwrite them with activation-aware (whitened) factors. Both
-factors train. ``export`` multiplies ``u @ v`` back into a plain kernel, so exported checkpoints
-are dense models that need no ``lowrank`` entry in their recipe.
+``lowrank_rank`` on r (replicated by default), so the factors shard like the kernel did. The
+rewrite makes factors of the right shapes, drawn at random with ``u @ v`` as spread as the kernel
+(a low-rank model trained from scratch starts there); it does not factor the kernel's values: a
+trained model is factored by :func:`slimjax.slim.factorize.factorize` (truncated SVD ``u = U_r
+sqrt(S_r)``, ``v = sqrt(S_r) V_r^T``, plain or whitened), which computes each layer's SVD on its
+own. (An SVD inside the one sharded rewrite program would gather every kernel at once; on the
+CPU backend, a LAPACK call between the gathers of a multi-device program can also deadlock.)
+Both factors train. ``export`` multiplies ``u @ v`` back into a plain kernel, so exported
+checkpoints are dense models that need no ``lowrank`` entry in their recipe.
 
 Ranks are data in the spec (``slim.lowrank.ranks``, ``"blocks/3/attn/wq=16"``; ``slim.lowrank.rank``
 for targeted layers not named; 0 leaves them dense), so ``build(spec)`` recreates the shapes.
@@ -24,7 +27,6 @@ One rank per stack keeps every counted parameter a stored one. Unrolled, each la
 
 from __future__ import annotations
 
-import math
 import string
 from typing import Any
 
@@ -78,19 +80,19 @@ def whitened_factors(w: jax.Array, chol: jax.Array, rank: int) -> tuple[jax.Arra
 class LowRankTap(nnx.Module):
     """The factors of one Dense (all its stacked layers): ``u [*lead, *in, r]``, ``v [*lead, r, *out]``."""
 
-    def __init__(self, kernel: nnx.Param, rank: int):
+    def __init__(self, kernel: nnx.Param, rank: int, rngs: nnx.Rngs):
         meta = kernel.get_metadata()
         self.n_in, self.n_out = meta["matrix"]
         self.kernel_axes = tuple(meta["axes"])
         shape = tuple(kernel.shape)
         lead = len(shape) - self.n_in - self.n_out
-        d_in, d_out = math.prod(shape[lead:lead + self.n_in]), math.prod(shape[lead + self.n_in:])
-        w = jnp.asarray(kernel[...], jnp.float32).reshape(*shape[:lead], d_in, d_out)
-        u, v = svd_factors(w, rank)
+        # Entries of u @ v sum r products: factors of std sqrt(std(W)) / r^(1/4) give u @ v the kernel's std.
+        std = jnp.sqrt(jnp.std(jnp.asarray(kernel[...], jnp.float32))) / rank ** 0.25
+        u_shape, v_shape = (*shape[:lead + self.n_in], rank), (*shape[:lead], rank, *shape[lead + self.n_in:])
         axes = self.kernel_axes
-        self.u = nnx.Param(u.reshape(*shape[:lead + self.n_in], rank), axes=(*axes[:lead + self.n_in], RANK_AXIS),
-                           matrix=(self.n_in, 1))
-        self.v = nnx.Param(v.reshape(*shape[:lead], rank, *shape[lead + self.n_in:]),
+        self.u = nnx.Param(std * jax.random.normal(rngs.params(), u_shape, jnp.float32),
+                           axes=(*axes[:lead + self.n_in], RANK_AXIS), matrix=(self.n_in, 1))
+        self.v = nnx.Param(std * jax.random.normal(rngs.params(), v_shape, jnp.float32),
                            axes=(*axes[:lead], RANK_AXIS, *axes[lead + self.n_in:]), matrix=(1, self.n_out))
         ins = string.ascii_lowercase[1:1 + self.n_in]
         outs = string.ascii_lowercase[1 + self.n_in:1 + self.n_in + self.n_out]
@@ -162,7 +164,7 @@ class LowRank(Transform):
 
     def rewrite(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
         for sel, rank in self.layer_ranks(model):
-            sel.dense.tap = LowRankTap(sel.dense.kernel, rank)
+            sel.dense.tap = LowRankTap(sel.dense.kernel, rank, rngs)
             sel.dense.kernel = None  # the dense kernel is gone: the parameter count really drops
 
     def export(self, model: nnx.Module) -> bool:
