@@ -37,7 +37,7 @@ from flax import nnx
 from slimjax.config import LowRankConfig, parse_layer_ranks
 from slimjax.errors import SlimjaxError
 from slimjax.models.layers import Dense
-from slimjax.slim.select import Selected, Target, layer_names, select_layers, stacked_layers
+from slimjax.slim.select import Selected, Target, bake_taps, layer_names, select_layers, stacked_layers
 from slimjax.slim.transform import Transform
 
 RANK_AXIS = "lowrank_rank"
@@ -174,8 +174,4 @@ class LowRank(Transform):
 
 def merge_factors(model: nnx.Module) -> None:
     """Replaces every factored kernel by the plain kernel ``u @ v``, in place."""
-    for _, node in list(nnx.iter_graph(model)):
-        if isinstance(node, Dense) and isinstance(node.tap, LowRankTap):
-            tap = node.tap
-            node.kernel = nnx.Param(tap.merged(), axes=tap.kernel_axes, matrix=(tap.n_in, tap.n_out))
-            node.tap = None
+    bake_taps(model, LowRankTap, LowRankTap.merged)
