@@ -149,6 +149,14 @@ def get_config() -> ml_collections.ConfigDict:
     quant.symmetric = True  # symmetric codes (False: a zero point per group and output column)
     quant.layer_bits = ()  # per-layer widths overriding bits, e.g. ("blocks/0/attn/wq=8",); 16 = keep float
     quant.pack = True  # pack 2-, 3- and 4-bit codes into bytes (False: one int8 per code)
+    slim.lowrank = lowrank = ml_collections.ConfigDict()
+    # Low-rank factorisation: each targeted kernel W is stored as u [*in, r] @ v [r, *out] (the
+    # dense kernel removed), computed x @ u then @ v; both train. Applied to a model's own values
+    # it is the truncated SVD; `factorize` (slimjax.slim.factorize) picks per-layer ranks and may
+    # whiten by calibration activations. Export multiplies u @ v back into a plain kernel.
+    lowrank.targets = ("^blocks/",)  # per-layer kernel patterns (as slim.prune.targets)
+    lowrank.rank = 0  # rank of every targeted layer not named in ranks (0: those stay dense)
+    lowrank.ranks = ()  # per-layer ranks, e.g. ("blocks/0/attn/wq=16",); layers of one scanned stack share one
     slim.distill = distill = ml_collections.ConfigDict()
     # Knowledge distillation: the teacher's forward pass runs inside the student's step (no
     # gradients); its parameters are transform state, sharded by the same rules and checkpointed.

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import re
 import typing
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import ml_collections
 
@@ -206,6 +206,15 @@ class QuantConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LowRankConfig:
+    """Low-rank factorisation (``slim.lowrank``): targeted kernels stored as two factors ``u @ v``."""
+
+    targets: tuple[str, ...]
+    rank: int  # the rank of every targeted layer ``ranks`` does not name; 0: those stay dense
+    ranks: tuple[str, ...]  # "blocks/3/attn/wq=16" per-layer ranks (what ``factorize`` decides)
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation (``slim.distill``): the teacher run and the weights of the distillation terms."""
 
@@ -228,11 +237,12 @@ class SlimConfig:
     prune: PruneConfig
     qat: QatConfig
     quant: QuantConfig
+    lowrank: LowRankConfig
     distill: DistillConfig
 
 
 # Transforms a recipe may name (each has a section of the same name under ``slim``).
-TRANSFORMS = ("lora", "prune", "qat", "quant", "distill")
+TRANSFORMS = ("lora", "prune", "qat", "quant", "lowrank", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -558,6 +568,7 @@ def _check_slim(slim: SlimConfig) -> None:
     _check_prune(slim.prune)
     _check_quant("slim.qat", slim.qat)
     _check_quant("slim.quant", slim.quant)
+    _check_lowrank(slim.lowrank, "lowrank" in slim.recipe)
     if "distill" in slim.recipe:
         _check_distill(slim.distill)
     if "qat" in slim.recipe and "quant" in slim.recipe:
@@ -630,17 +641,39 @@ def _check_quant(key: str, q: QatConfig | QuantConfig) -> None:
         parse_layer_bits(f"{key}.layer_bits", (entry,))
 
 
+def _check_lowrank(lowrank: LowRankConfig, in_recipe: bool) -> None:
+    _check_patterns("slim.lowrank.targets", lowrank.targets)
+    if lowrank.rank < 0:
+        raise SlimjaxError(f"config key 'slim.lowrank.rank' must be >= 0 (0: only the layers slim.lowrank.ranks "
+                           f"names are factored), got {lowrank.rank}")
+    ranks = parse_layer_ranks("slim.lowrank.ranks", lowrank.ranks)
+    if in_recipe and not lowrank.rank and not ranks:
+        raise SlimjaxError("slim.recipe names 'lowrank' but slim.lowrank.rank is 0 and slim.lowrank.ranks is empty: "
+                           "nothing would be factored; set slim.lowrank.rank (e.g. 16) or per-layer ranks")
+
+
 def parse_layer_bits(key: str, entries: tuple[str, ...]) -> dict[str, int]:
     """``("blocks/3/attn/wq=4", ...)`` as ``{layer name: bits}``; bits are a quantized width or 16 (float)."""
+    widths = ", ".join(map(str, (*QUANT_BITS, FLOAT_BITS)))
+    return _parse_layer_values(key, entries, lambda b: b in (*QUANT_BITS, FLOAT_BITS),
+                               f"'LAYER=BITS' with BITS one of {widths} (e.g. 'blocks/3/attn/wq=4')")
+
+
+def parse_layer_ranks(key: str, entries: tuple[str, ...]) -> dict[str, int]:
+    """``("blocks/3/attn/wq=16", ...)`` as ``{layer name: rank}``; every rank at least 1."""
+    return _parse_layer_values(key, entries, lambda r: r >= 1, "'LAYER=RANK' with RANK >= 1 (e.g. 'blocks/3/attn/wq=16')")
+
+
+def _parse_layer_values(key: str, entries: tuple[str, ...], valid: Callable[[int], bool], form: str) -> dict[str, int]:
+    """``("LAYER=N", ...)`` as ``{layer: N}``, each N checked by ``valid``; errors name ``key`` and ``form``."""
     out = {}
     for entry in entries:
-        name, sep, bits = str(entry).rpartition("=")
-        if not sep or not name or not bits.isdigit() or int(bits) not in (*QUANT_BITS, FLOAT_BITS):
-            raise SlimjaxError(f"config key '{key}' entry {entry!r} is not 'LAYER=BITS' with BITS one of "
-                               f"{', '.join(map(str, (*QUANT_BITS, FLOAT_BITS)))} (e.g. 'blocks/3/attn/wq=4')")
+        name, sep, value = str(entry).rpartition("=")
+        if not sep or not name or not value.isdigit() or not valid(int(value)):
+            raise SlimjaxError(f"config key '{key}' entry {entry!r} is not {form}")
         if name in out:
             raise SlimjaxError(f"config key '{key}' names layer '{name}' twice; keep one entry")
-        out[name] = int(bits)
+        out[name] = int(value)
     return out
 
 

@@ -36,7 +36,7 @@ from slimjax.errors import SlimjaxError
 from slimjax.models.layers import Dense
 from slimjax.sharding import tree_paths
 from slimjax.slim import quantize as Q
-from slimjax.slim.select import Selected, Target, layer_names, select_layers, stacked_layers
+from slimjax.slim.select import Selected, Target, bake_taps, layer_names, select_layers, stacked_layers
 from slimjax.slim.transform import Transform
 
 TAP_NAME = "tap"  # the Dense attribute holding the codes: <dense>/tap/{codes,scale,zero}
@@ -221,11 +221,7 @@ class Quant(Transform):
 
 def dequantize_taps(model: nnx.Module) -> None:
     """Replaces every quantized kernel by its dequantized float32 kernel, in place."""
-    for _, node in list(nnx.iter_graph(model)):
-        if isinstance(node, Dense) and isinstance(node.tap, QuantTap):
-            tap = node.tap
-            node.kernel = nnx.Param(tap.dequantized(), axes=tap.kernel_axes, matrix=(tap.n_in, tap.n_out))
-            node.tap = None
+    bake_taps(model, QuantTap, QuantTap.dequantized)
 
 
 def stored_bytes(params: dict) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +36,16 @@ class Selected:
     @property
     def name(self) -> str:
         return "/".join(map(str, self.path))
+
+
+def bake_taps(model: nnx.Module, tap_type: type, kernel: Callable[[Any], jax.Array]) -> None:
+    """Replaces, in place, every Dense tap of ``tap_type`` by a plain kernel ``kernel(tap)``
+    (the tap keeps the kernel's ``kernel_axes``, ``n_in`` and ``n_out``): how stored forms export."""
+    for _, node in list(nnx.iter_graph(model)):
+        if isinstance(node, Dense) and isinstance(node.tap, tap_type):
+            tap = node.tap
+            node.kernel = nnx.Param(kernel(tap), axes=tap.kernel_axes, matrix=(tap.n_in, tap.n_out))
+            node.tap = None
 
 
 def weight(layer: Dense | Embed) -> nnx.Param:

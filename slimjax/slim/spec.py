@@ -34,20 +34,22 @@ Recipe = tuple[tuple[str, Mapping[str, Any]], ...]
 
 def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
     # Imported here: each transform module imports this one's neighbours, not the reverse.
-    from slimjax.config import DistillConfig, LoraConfig, PruneConfig, QatConfig, QuantConfig
+    from slimjax.config import DistillConfig, LoraConfig, LowRankConfig, PruneConfig, QatConfig, QuantConfig
     from slimjax.slim.distill import Distill
     from slimjax.slim.lora import Lora
+    from slimjax.slim.lowrank import LowRank
     from slimjax.slim.prune import Prune
     from slimjax.slim.quant import Qat, Quant
 
     def options(opts: Mapping[str, Any]) -> dict[str, Any]:
-        tuples = {k: tuple(opts[k]) for k in ("targets", "layer_bits") if k in opts}
+        tuples = {k: tuple(opts[k]) for k in ("targets", "layer_bits", "ranks") if k in opts}
         return {**opts, **tuples}
 
     return {"lora": lambda opts: Lora(LoraConfig(**options(opts))),
             "prune": lambda opts: Prune(PruneConfig(**options(opts))),
             "qat": lambda opts: Qat(QatConfig(**options(opts))),
             "quant": lambda opts: Quant(QuantConfig(**options(opts))),
+            "lowrank": lambda opts: LowRank(LowRankConfig(**options(opts))),
             "distill": lambda opts: Distill(DistillConfig(**opts))}
 
 
