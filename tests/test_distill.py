@@ -265,3 +265,35 @@ def test_bad_compress_recipes_are_one_line_exit_2_and_write_nothing(teacher, tmp
     line = one_line_error(cli_here(capsys, "compress", f"--workdir={teacher}", f"--out={out}", f"--stages={stages}"))
     assert named in line, line
     assert not os.path.exists(out)
+
+
+# ---- slimjax lowrank (the CLI over slimjax.slim.factorize) ---------------------------------------
+
+def test_slimjax_lowrank_writes_a_smaller_run_that_distillation_recovers(teacher, tmp_path, capsys):
+    out, rec = str(tmp_path / "svd"), str(tmp_path / "svd-recovered")
+    result = cli_here(capsys, "lowrank", f"--workdir={teacher}", f"--out={out}", "--method=whitened", "--budget=0.8",
+                      "--calibration_samples=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from slimjax.cli.rundir import open_run
+
+    small, big = open_run(out), open_run(teacher)
+    n = lambda rd: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(rd.built.shapes))  # noqa: E731
+    report = json.load(open(os.path.join(out, "lowrank.json")))
+    assert n(small) == report["model_params_after"] < n(big) == report["model_params_before"]
+    assert [name for name, _ in small.spec.recipe] == ["lowrank"]
+    result = cli_here(capsys, "distill", f"--teacher={teacher}", f"--student={out}", f"--out={rec}", "--steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [name for name, _ in open_run(rec).spec.recipe] == ["lowrank", "distill"]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--rank=64"], "rank=64"),
+    (["--budget=1.5"], "budget=1.5"),
+    (["--rank=4", "--budget=0.5"], "exactly one of"),
+    (["--energy=0.9", "--method=qr"], "--method"),
+], ids=["rank-too-large", "budget", "two-choices", "method"])
+def test_bad_lowrank_input_is_one_line_exit_2(teacher, tmp_path, capsys, flags, named):
+    out = str(tmp_path / "out")
+    line = one_line_error(cli_here(capsys, "lowrank", f"--workdir={teacher}", f"--out={out}", *flags))
+    assert named in line, line
+    assert not os.path.exists(out)

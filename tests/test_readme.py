@@ -49,6 +49,7 @@ OVERRIDES: dict[str, list[str]] = {
     "generate": ["--max_new_tokens=4"],
     "prune": ["--calibration_samples=8", "--sequential=false"],  # one calibration pass, not one per block
     "quantize": ["--calibration_samples=8", "--sequential=false"],
+    "lowrank": ["--calibration_samples=8"],
     "report": ["--max_docs=2", "--batch_size=8", "--repeats=1"],
     "distill": ["--steps=2"],
     "compress": ["--report_docs=2", "--repeats=1"],

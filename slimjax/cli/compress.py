@@ -59,15 +59,15 @@ class Stage:
 
 
 def commands() -> dict[str, Callable[[Sequence[str]], int]]:
-    from slimjax.cli import distill, prune, quantize
+    from slimjax.cli import distill, lowrank, prune, quantize
 
-    return {"prune": prune.run, "distill": distill.run, "quantize": quantize.run}
+    return {"prune": prune.run, "lowrank": lowrank.run, "distill": distill.run, "quantize": quantize.run}
 
 
 def parsers() -> dict[str, Callable[[Sequence[str]], Any]]:
-    from slimjax.cli import distill, prune, quantize
+    from slimjax.cli import distill, lowrank, prune, quantize
 
-    return {"prune": prune.parse, "distill": distill.parse, "quantize": quantize.parse}
+    return {"prune": prune.parse, "lowrank": lowrank.parse, "distill": distill.parse, "quantize": quantize.parse}
 
 
 COMMAND = Command("compress", "run a recipe of slimming stages and report each against the original", (
@@ -110,8 +110,8 @@ def plan(text: str, out: str) -> list[Stage]:
     for s in stages:
         if s.name == "distill" and not seen and not any(f.startswith("--layers") for f in s.flags):
             raise SlimjaxError(f"stage {s.index} 'distill' has no student: put it after a stage that makes one "
-                               "(prune, quantize) or give it --layers=N")
-        if s.name in ("distill", "prune") and "quantize" in seen:
+                               "(prune, lowrank, quantize) or give it --layers=N")
+        if s.name in ("distill", "prune", "lowrank") and "quantize" in seen:
             raise SlimjaxError(f"stage {s.index} '{s.name}' comes after 'quantize': stored integer codes are fixed; "
                                f"put {s.name} before quantize")
         seen.append(s.name)

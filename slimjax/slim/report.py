@@ -86,6 +86,8 @@ def _matrix_weights(rd: Run) -> tuple[dict[str, int], dict[str, tuple[tuple[int,
             leaf = "/".join(map(str, (*path, TAP_NAME, "codes")))
             out[leaf] = tap.kernel_shape[0] if lead else 0
             codes[leaf] = (tap.kernel_shape[lead:], tap.bits)
+        elif isinstance(node, Dense) and node.kernel is None:
+            continue  # factored (slim.lowrank): its u and v count in the totals, not as a matrix row
         elif isinstance(node, MATRIX_LAYERS):
             leaf = "kernel" if isinstance(node, Dense) else "embedding"
             out["/".join(map(str, (*path, leaf)))] = stacked_layers(node)
