@@ -104,3 +104,11 @@ def number_flag(name: str, text: str, kind: type = int, minimum: float | None = 
     if minimum is not None and value < minimum:
         raise SlimjaxError(f"--{name}={value} must be >= {minimum}")
     return value
+
+
+def check_new_dir(path: str, flag: str = "--out") -> str:
+    """The absolute path of a run directory a command is about to write: new or empty, else an error."""
+    out = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise SlimjaxError(f"{flag} '{path}' already exists and is not an empty directory; give a new directory")
+    return out

@@ -19,6 +19,7 @@ import os
 from typing import Sequence
 
 from slimjax.cli.command import Command, Flag, boolean, choice, integer, number
+from slimjax.cli.flags import check_new_dir
 from slimjax.errors import SlimjaxError
 
 REPORT_FILE = "lowrank.json"
@@ -56,9 +57,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     v = COMMAND.parse(argv)
     if sum(x is not None for x in (v.rank, v.energy, v.budget)) != 1:
         raise SlimjaxError("slimjax lowrank needs exactly one of --rank=R, --energy=E and --budget=F")
-    out = os.path.abspath(os.path.expanduser(v.out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SlimjaxError(f"--out '{v.out}' already exists and is not an empty directory; give a new directory")
+    check_new_dir(v.out)
     return v
 
 

@@ -18,6 +18,7 @@ import os
 from typing import Sequence
 
 from slimjax.cli.command import Command, Flag, boolean, choice, integer, number
+from slimjax.cli.flags import check_new_dir
 from slimjax.errors import SlimjaxError
 
 REPORT_FILE = "prune.json"
@@ -76,9 +77,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     for name, default in UNSTRUCTURED.items():
         if getattr(v, name) is None:
             setattr(v, name, default)
-    out = os.path.abspath(os.path.expanduser(v.out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SlimjaxError(f"--out '{v.out}' already exists and is not an empty directory; give a new directory")
+    check_new_dir(v.out)
     return v
 
 

@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 
 from slimjax.cli.command import Command, Flag, boolean, choice, integer, number
+from slimjax.cli.flags import check_new_dir
 from slimjax.errors import SlimjaxError
 from slimjax.slim.ptq import PtqOptions
 
@@ -70,9 +71,7 @@ COMMAND = Command("quantize", "post-training weight quantization of a run's chec
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """Flags -> options; a used --out is refused before anything is read."""
     v = COMMAND.parse(argv)
-    out = os.path.abspath(os.path.expanduser(v.out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SlimjaxError(f"--out '{v.out}' already exists and is not an empty directory; give a new directory")
+    check_new_dir(v.out)
     return v
 
 
