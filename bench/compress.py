@@ -36,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prune import cli, done, train  # noqa: E402
-from table import print_table, write_result  # noqa: E402
+from table import finish, print_table  # noqa: E402
 
 # beta weights a mean over the vocabulary of squared probability differences (each ~1/V^2):
 # beta = V makes it the sum over the vocabulary, comparable in size to the hard-label loss.
@@ -202,21 +202,11 @@ def main() -> None:
                             seconds if stage.startswith("3") else 0.0))
         print_table(rows[-3:], list(rows[-1]))
 
-    print()
     columns = ["variant", "stage", "perplexity", "ppl_delta_pct", "params", "weight_bytes", "smaller_x",
                "checkpoint_param_bytes", "forward_speedup", "decode_speedup", "seconds"]
-    print_table(rows, columns)
-    t = targets(rows)
-    print_table(t, ["name", "value", "target", "met"])
-    import jax
-
-    path = write_result("compress", {
-        "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(a), "teacher": teacher,
-        "model": teacher_rep["run"]["model"], "teacher_params": teacher_rep["run"]["totals"]["params"],
-        "held_out_documents": teacher_rep["documents"], "rows": rows, "targets": t})
-    print(f"wrote {path}")
-
+    finish("compress", rows, columns, targets(rows), {
+        "args": vars(a), "teacher": teacher, "model": teacher_rep["run"]["model"],
+        "teacher_params": teacher_rep["run"]["totals"]["params"], "held_out_documents": teacher_rep["documents"]})
 
 if __name__ == "__main__":
     main()

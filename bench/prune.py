@@ -39,7 +39,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from table import print_table, write_result  # noqa: E402
+from table import finish, print_table  # noqa: E402
 
 ONESHOT = [("magnitude-50%", ["--method=magnitude", "--sparsity=0.5"]),
            ("wanda-50%", ["--method=wanda", "--sparsity=0.5"]),
@@ -210,21 +210,11 @@ def main() -> None:
             seconds = train(wd, steps, extra, a, log)
         rows.append(row(name, f"{steps} steps", report(wd, reference, a, log), seconds))
         print_table(rows[-1:], list(rows[-1]))
-    print()
     columns = ["variant", "stage", "perplexity", "ppl_delta_pct", "sparsity", "params", "checkpoint_bytes",
                "sparse_bytes", "bytes_ratio", "forward_speedup", "seconds"]
-    print_table(rows, columns)
-    t = targets(rows)
-    print_table(t, ["name", "value", "target", "met"])
-    import jax
-
-    path = write_result("prune", {
-        "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(a),
-        "model": base_rep["run"]["model"], "dense_params": base_rep["run"]["totals"]["params"],
-        "held_out_documents": base_rep["documents"], "rows": rows, "targets": t})
-    print(f"wrote {path}")
-
+    finish("prune", rows, columns, targets(rows), {
+        "args": vars(a), "model": base_rep["run"]["model"], "dense_params": base_rep["run"]["totals"]["params"],
+        "held_out_documents": base_rep["documents"]})
 
 if __name__ == "__main__":
     main()

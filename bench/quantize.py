@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prune import cli, done, model_flags  # noqa: E402
-from table import print_table, write_result  # noqa: E402
+from table import finish, print_table  # noqa: E402
 
 
 def train(workdir: str, steps: int, extra: list[str], a, log: str) -> float:
@@ -185,22 +185,14 @@ def main() -> None:
         rows.append(row(name, report(out, base, a, log), time.perf_counter() - t0, out))
         print_table(rows[-1:], list(rows[-1]))
 
-    print()
     columns = ["variant", "perplexity", "ppl_delta_pct", "bits_per_weight", "weight_bytes", "bytes_ratio",
                "checkpoint_param_bytes", "forward_ms", "forward_speedup", "seconds"]
-    print_table(rows, columns)
-    t = targets(rows)
-    print_table(t, ["name", "value", "target", "met"])
-    import jax
-
-    path = write_result("quantize", {
-        "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {k: v for k, v in vars(a).items() if k != "qwix"},
+    finish("quantize", rows, columns, targets(rows), {
+        "args": {k: v for k, v in vars(a).items() if k != "qwix"},
         "model": base_rep["run"]["model"], "float_params": base_rep["run"]["totals"]["params"],
-        "held_out_documents": base_rep["documents"], "rows": rows, "targets": t,
+        "held_out_documents": base_rep["documents"],
         "not_measured": "W8A8 (int8 activations) is not implemented; quantized layers dequantize then multiply "
                         "in float, so int storage saves bytes only (see each row's verdict and forward_speedup)"})
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

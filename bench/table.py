@@ -32,3 +32,21 @@ def write_result(name: str, result: dict[str, Any]) -> str:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     return path
+
+
+def finish(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], targets: Sequence[dict[str, Any]],
+           fields: dict[str, Any]) -> str:
+    """The closing tables of a slimming benchmark (every row, then its targets) and
+    ``bench/results/<name>.json`` with the jax version, device, time, rows, targets and ``fields``."""
+    import time
+
+    import jax
+
+    print()
+    print_table(rows, columns)
+    print_table(targets, ["name", "value", "target", "met"])
+    path = write_result(name, {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), **fields, "rows": list(rows),
+                               "targets": list(targets)})
+    print(f"wrote {path}")
+    return path
