@@ -170,7 +170,7 @@ def main() -> None:
         print_table(rows[-1:], list(rows[-1]))
 
     # Low-rank at -20% of the block parameters: plain and whitened, one-shot and recovered.
-    for name, flags in (("svd-20%-plain", []), ("svd-20%-whitened", ["--whiten"])):
+    for name, flags in (("svd-20%-plain", []), ("svd-20%-whitened", ["--method=whitened"])):
         if not want(name):
             continue
         wd = os.path.join(root, name)
