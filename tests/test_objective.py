@@ -24,8 +24,8 @@ class WeightedRows(Transform):
     name = "weighted_rows"
 
     def loss_terms(self):
-        def rows(params, state, batch, logits):
-            nll, _ = token_losses(logits, batch["targets"])
+        def rows(params, state, batch, out):
+            nll, _ = token_losses(out.logits, batch["targets"])
             return jnp.sum(nll * batch["loss_mask"] * batch["row_weight"][:, None])
 
         def scale_l2(params, state):
