@@ -274,7 +274,8 @@ def compare(run: dict[str, Any], other: dict[str, Any]) -> tuple[dict[str, float
     gone = len(theirs.keys() - mine.keys())
     if changed or reshaped or gone or mine.keys() != theirs.keys():
         detail = changed + ([f"{len(reshaped)} layers changed shape"] if reshaped else []) + (
-            [f"{gone} layers removed"] if gone else []) + [f"parameters {ratios['params']:.3g}x"]
+            # A factored layer (slim.lowrank) has no matrix row of its own: it counts here too.
+            [f"{gone} layer matrices removed or factored"] if gone else []) + [f"parameters {ratios['params']:.3g}x"]
         shrank = t["params"] < o["params"]
         verdicts.append({"saving": "structure", "kind": "real" if shrank else "none", "detail": "; ".join(detail),
                          "verdict": REAL if shrank else "shapes changed without fewer parameters"})
