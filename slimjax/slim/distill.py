@@ -130,6 +130,11 @@ def load_teacher(source: str, teacher: Built, abstract: dict, mesh: Mesh, rules:
     return jax.jit(to_teacher, out_shardings=out)(params, slim)
 
 
+def _projected(params: dict, hidden: jax.Array) -> jax.Array:
+    """The student's hidden state in the teacher's width (through ``distill_proj`` when widths differ)."""
+    return hidden @ params[PROJ].astype(hidden.dtype) if PROJ in params else hidden
+
+
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
@@ -187,22 +192,18 @@ class Distill(Transform):
     def loss_terms(self) -> list[LossTerm]:
         c = self.cfg
         weights = dict(zip(TERMS, (c.alpha, c.mse_probs, c.mse_logits, c.hidden)))
-        per_token = {
-            "kd": lambda s, t: kd_per_token(s.logits, t.logits, c.temperature, c.top_k),
-            "mse_probs": lambda s, t: mse_probs_per_token(s.logits, t.logits, c.temperature),
-            "mse_logits": lambda s, t: mse_per_token(s.logits, t.logits),
-            "hidden": None,  # needs the projection parameter: below
+        # Per target token, from the student's parameters and outputs and the teacher's outputs.
+        values = {
+            "kd": lambda p, s, t: kd_per_token(s.logits, t.logits, c.temperature, c.top_k),
+            "mse_probs": lambda p, s, t: mse_probs_per_token(s.logits, t.logits, c.temperature),
+            "mse_logits": lambda p, s, t: mse_per_token(s.logits, t.logits),
+            "hidden": lambda p, s, t: mse_per_token(_projected(p, s.hidden), t.hidden),
         }
 
         def term(name):
             def fn(params: dict, state: dict, batch: dict, out: Outputs) -> jax.Array:
                 teacher = out.shared(self.name, lambda: self._teacher_outputs(state, batch))
-                if name == "hidden":
-                    h = out.hidden @ params[PROJ].astype(out.hidden.dtype) if PROJ in params else out.hidden
-                    values = mse_per_token(h, teacher.hidden)
-                else:
-                    values = per_token[name](out, teacher)
-                return jnp.sum(values * batch["loss_mask"])
+                return jnp.sum(values[name](params, out, teacher) * batch["loss_mask"])
             return LossTerm(name, weights[name], fn, per_token=True)
 
         return [term(name) for name in TERMS if weights[name]]
