@@ -11,7 +11,7 @@ import pytest
 from helpers import build as build_run_parts
 from helpers import build_state, flat, small_config, synthetic_batch, with_mesh
 
-from slimjax.config import _check_slim
+from slimjax.config import check_slim
 from slimjax.data import pipeline
 from slimjax.slim import pruning
 from slimjax.slim.prune import layer_sparsities
@@ -26,7 +26,7 @@ def with_prune(cfg, **prune):
         prune["targets"] = tuple(prune["targets"])
     cfg = dataclasses.replace(cfg, slim=dataclasses.replace(
         cfg.slim, recipe=("prune",), prune=dataclasses.replace(cfg.slim.prune, **prune)))
-    _check_slim(cfg.slim)
+    check_slim(cfg.slim)
     return cfg
 
 

@@ -175,7 +175,7 @@ def with_quant(cfg, name="quant", **opts):
         if key in opts:
             opts[key] = tuple(opts[key])
     slim = dataclasses.replace(cfg.slim, recipe=(name,), **{name: dataclasses.replace(getattr(cfg.slim, name), **opts)})
-    C._check_slim(slim)
+    C.check_slim(slim)
     return dataclasses.replace(cfg, slim=slim)
 
 
