@@ -128,7 +128,10 @@ def run(argv: Sequence[str]) -> int:
     out = os.path.abspath(os.path.expanduser(v["out"]))
     text = PRESETS[v["preset"]] if v["preset"] else v["stages"]
     stages = plan(text, out)
-    for i, s in enumerate(stages):  # every stage's flags checked up front (as its command would)
+    # Every stage's flags checked up front by its own command's parser. Prune/quantize parsers also
+    # refuse an existing --out, which a stage killed mid-write leaves behind (it is rewritten below),
+    # so they check against a path that never exists.
+    for i, s in enumerate(stages):
         if not s.done():
             previous = stages[i - 1].directory if i else original
             parsers()[s.name](s.argv(previous, original) if s.name == "distill" else
