@@ -20,20 +20,23 @@ import functools
 from typing import Any, Sequence
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.cli.rundir import RunDir, open_run, run_tokenizer
-from slimjax.config import Config, SourceConfig, parse_source
+from slimjax.config import Config, SourceConfig, parse_source, validate
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.infer import evaluate as evaluation
 from slimjax.infer.generate import Generator, complete
 from slimjax.infer.sampling import Sampling
 from slimjax.infer.scoring import forward
-from slimjax.sharding import BATCH_AXES, Rules, activation_rules, explain
-from slimjax.slim.spec import ModelSpec, abstract_fn
+from slimjax import sharding
+from slimjax.sharding import BATCH_AXES, Rules, activation_rules
+from slimjax.slim.spec import ModelSpec, abstract_fn, build, spec_from_config
+from slimjax.tables import Table
 
 
 @dataclasses.dataclass
@@ -124,10 +127,10 @@ class LoadedRun:
         """The KV-cache generator over these parameters (compiled programs are kept between calls)."""
         return Generator(self.spec.model, self.params, self.mesh, self.rules, abstract=abstract_fn(self.spec))
 
-    def explain(self) -> str:
-        """A table of every parameter: shape, logical axes and partition spec on this run's mesh."""
+    def explain(self) -> Table:
+        """Where every parameter of the run lives on its mesh (see :func:`slimjax.sharding.explain`)."""
         built = self.rundir.built
-        return explain(built.axes, built.shapes, self.rules, self.mesh)
+        return sharding.explain(built.axes, built.shapes, self.rules, self.mesh)
 
 
 def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None, tokenizer: str | None = None
@@ -181,3 +184,23 @@ def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), 
     score = evaluation.score_documents(step_fn, run.params, data, run.tokenizer, docs, rows, rd.mesh, rd.rules)
     return {"step": run.step, "split": split, "sources": [s.name for s in data.sources],
             "tokenizer": run.tokenizer.path, "seq_len": data.seq_len, **score.as_dict()}
+
+
+def explain(config: ml_collections.ConfigDict | Config, devices: Sequence[jax.Device] | None = None) -> Table:
+    """Where every parameter of ``config``'s model would live on its mesh, before anything is
+    compiled or allocated: the model is built abstractly (shapes only) from the config's spec,
+    transforms included, and its rules applied to the mesh over ``devices`` (default: all)."""
+    cfg = config if isinstance(config, Config) else validate(config)
+    built = build(spec_from_config(cfg))
+    return sharding.explain(built.axes, built.shapes, Rules.from_config(cfg.mesh), sharding.make_mesh(cfg.mesh, devices))
+
+
+def run_command(command: str, *flags: str) -> None:
+    """Runs a ``slimjax`` command in this process, as the shell would (``run_command("prepare",
+    "--source=stdlib", "--out=data")``), for notebooks; a failing command raises ``SlimjaxError``
+    with its one-line message instead of exiting."""
+    from slimjax.cli import dispatch  # the command table imports every command: only when asked
+
+    status = dispatch(command, flags)
+    if status != 0:
+        raise SlimjaxError(f"slimjax {command} exited with status {status}")

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.config import MeshConfig, suggest
 from slimjax.errors import SlimjaxError
+from slimjax.tables import Table, human_bytes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Mesh axes that split the batch: a global batch must divide by their product.
@@ -211,16 +212,33 @@ def _is_axes(x: Any) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def explain(axes_tree: Any, shapes_tree: Any, rules: Rules, mesh: Mesh) -> str:
-    """A table of every parameter: shape, logical axes and the resulting partition spec."""
+def explain(axes_tree: Any, shapes_tree: Any, rules: Rules, mesh: Mesh) -> Table:
+    """Where every parameter lives: shape, logical axes, partition spec, and the shape and bytes
+    each device holds, with per-device and total bytes as notes. ``str()`` of it is a text table;
+    in a notebook it shows as HTML, ``.to_pandas()`` makes it a DataFrame."""
     shardings = rules.tree_shardings(axes_tree, shapes_tree, mesh)
-    rows = [("parameter", "shape", "logical axes", "partition spec")]
     flat_axes = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)[0]
+    rows, total, per_device = [], 0, 0
     for (path, axes), leaf, sh in zip(flat_axes, jax.tree_util.tree_leaves(shapes_tree),
                                       jax.tree_util.tree_leaves(shardings)):
-        rows.append((path_str(path), str(tuple(leaf.shape)), str(axes), str(sh.spec)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        itemsize = np.dtype(leaf.dtype).itemsize
+        local = sh.shard_shape(tuple(leaf.shape))
+        total += math.prod(leaf.shape) * itemsize
+        per_device += math.prod(local) * itemsize
+        rows.append((path_str(path), tuple(leaf.shape), axes, str(sh.spec), local, math.prod(local) * itemsize))
+    notes = (f"{len(rows)} parameters on mesh {_fmt(dict(mesh.shape))}: {human_bytes(total)} in all, "
+             f"{human_bytes(per_device)} on each device",)
+    return Table(("parameter", "shape", "logical axes", "partition spec", "per-device shape", "per-device bytes"),
+                 tuple(rows), notes)
+
+
+def device_bytes(tree: Any) -> dict[jax.Device, int]:
+    """Bytes each device holds of a tree of ``jax.Array`` (what the shardings really placed)."""
+    out: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return dict(sorted(out.items(), key=lambda kv: kv[0].id))
 
 
 # --- activation constraints -------------------------------------------------------------------

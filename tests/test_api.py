@@ -16,16 +16,51 @@ from slimjax.cli import main
 from slimjax.errors import SlimjaxError
 
 
+FIGURES = []  # what the live loss plot showed while the run_dir fixture trained
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, spm_path):
-    """A 3-step run of the bundled tiny config, trained through the notebook entry point."""
+    """A 3-step run of the bundled tiny config, trained through the notebook entry point with the
+    notebook's live loss plot."""
     config = slimjax.configs.tiny.get_config()  # the README's notebook line
     config.train.steps, config.train.global_batch_size, config.data.seq_len = 3, 8, 32
     config.train.eval_batches, config.train.sample_tokens, config.data.tokenizer = 1, 0, spm_path
+    config.train.log_every, config.train.eval_every = 1, 2
     workdir = str(tmp_path_factory.mktemp("api") / "run")
-    summary = slimjax.train(config, workdir)
+    summary = slimjax.train(config, workdir, hooks=[slimjax.live_loss_plot(every=2, show=FIGURES.append)])
     assert summary["final_step"] == 3
     return workdir
+
+
+def test_live_loss_plot_draws_the_logged_losses_so_far(run_dir):
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert len(FIGURES) == 2  # every=2 over 3 steps: at step 2 and at the end
+    for figure, step in zip(FIGURES, (2, 3)):
+        lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+        for key in ("train/loss", "eval/loss"):
+            logged = [(r["step"], r[key]) for r in records if key in r and r["step"] <= step]
+            assert list(zip(lines[key].get_xdata(), lines[key].get_ydata())) == logged, key
+        assert f"step {step}" in figure.axes[0].get_title()
+
+
+def test_explain_a_config_before_training_equals_the_trained_placement(run_dir):
+    run = slimjax.load_run(run_dir)
+    before = slimjax.explain(run.config)
+    assert before.rows == run.explain().rows and len(before) == len(jax.tree.leaves(run.params))
+    frame = before.to_pandas()
+    assert list(frame.columns) == list(before.columns) and frame["per-device bytes"].sum() == sum(
+        before.column("per-device bytes"))
+    assert "<table>" in before._repr_html_() and "blocks/attn/wq/kernel" in str(before)
+
+
+def test_run_command_runs_a_command_in_process_and_raises_on_a_mistake(run_dir, capsys):
+    slimjax.run_command("generate", f"--workdir={run_dir}", "--prompt=ROMEO:", "--max_new_tokens=4")
+    assert "ROMEO:" in capsys.readouterr().out
+    with pytest.raises(SlimjaxError, match="unknown command 'generat'.*generate"):
+        slimjax.run_command("generat", f"--workdir={run_dir}")
+    with pytest.raises(SlimjaxError, match="max_new_tokens"):
+        slimjax.run_command("generate", f"--workdir={run_dir}", "--max_new_tokens=many")
 
 
 def test_configs_are_attributes_of_the_package():
@@ -59,7 +94,8 @@ def test_load_run_shards_params_by_the_rules_and_logits_match_float64(run_dir):
     np.testing.assert_allclose(both[0], single, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(both[1], run.logits(other), rtol=1e-5, atol=1e-5)
     table = run.explain()
-    assert "embed" in table and "partition spec" in table
+    assert len(table) == len(jax.tree.leaves(run.params))
+    assert set(slimjax.sharding.device_bytes(run.params).values()) == {sum(table.column("per-device bytes"))}
     with pytest.raises(SlimjaxError, match="max_seq_len"):
         run.logits([[1] * (run.config.model.max_seq_len + 1)])
 

@@ -205,11 +205,20 @@ def test_fsdp_divides_parameter_and_optimizer_memory():
 
 
 def test_layout_table_explains_every_parameter():
-    from slimjax.sharding import Rules, explain
+    from slimjax.sharding import Rules, device_bytes, explain
 
     cfg = with_mesh(small_config("llama"), 1, 2, 4)
-    mesh, _, setup, _ = build_state(cfg)
+    mesh, _, setup, state = build_state(cfg)
     table = explain(setup.axes, setup.abstract.params, Rules.from_config(cfg.mesh), mesh)
-    row = next(line for line in table.splitlines() if line.startswith("blocks/attn/wq/kernel "))
-    assert "('layers', 'embed', 'heads', 'head_dim')" in row and "P(None, 'fsdp', 'tensor')" in row
-    assert len(table.splitlines()) == 1 + len(jax.tree.leaves(setup.abstract.params))
+    row = table.where("parameter", "blocks/attn/wq/kernel")
+    assert row["logical axes"] == ("layers", "embed", "heads", "head_dim")
+    assert row["partition spec"] == str(P(None, "fsdp", "tensor"))
+    layers, embed, heads, head_dim = row["shape"]
+    assert row["per-device shape"] == (layers, embed // 2, heads // 4, head_dim)
+    assert row["per-device bytes"] == layers * embed // 2 * heads // 4 * head_dim * 4
+    assert len(table) == len(jax.tree.leaves(setup.abstract.params))
+    assert str(table).splitlines()[0].split() == ["parameter", "shape", "logical", "axes", "partition", "spec",
+                                                  "per-device", "shape", "per-device", "bytes"]
+    # The table's per-device bytes are what the real sharded parameters occupy on each device.
+    placed = device_bytes(state.params)
+    assert set(placed.values()) == {sum(table.column("per-device bytes"))}, placed

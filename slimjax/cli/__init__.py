@@ -30,19 +30,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         overview = describe({name: command for name, (_, command) in COMMANDS.items()})
         print(overview, file=sys.stdout if argv else sys.stderr)  # no arguments is a mistake: usage on stderr
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
     try:
-        if command not in COMMANDS:
-            raise SlimjaxError(f"unknown command '{command}'{suggest(command, COMMANDS)}; commands: "
-                               f"{', '.join(COMMANDS)}")
-        handler, flags = COMMANDS[command]
-        if wants_help(rest):
-            print(flags.help(rest))
-            return 0
-        return handler(rest)
+        return dispatch(argv[0], argv[1:])
     except SlimjaxError as e:
         print(f"slimjax: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+
+
+def dispatch(command: str, rest: Sequence[str]) -> int:
+    """Runs one command on its flags (or prints its help); a user's mistake raises SlimjaxError."""
+    if command not in COMMANDS:
+        raise SlimjaxError(f"unknown command '{command}'{suggest(command, COMMANDS)}; commands: "
+                           f"{', '.join(COMMANDS)}")
+    handler, flags = COMMANDS[command]
+    if wants_help(rest):
+        print(flags.help(rest))
+        return 0
+    return handler(list(rest))
 
 
 if __name__ == "__main__":

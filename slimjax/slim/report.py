@@ -353,15 +353,13 @@ def format_table(report: dict[str, Any]) -> str:
 
 def plot_sparsity(report: dict[str, Any], path: str) -> None:
     """A bar chart of per-layer sparsity (the other run's beside it when there is one), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's display backend stays as it was
 
     series = [("run", report["run"])] + ([("against", report["against"])] if "against" in report else [])
     names = [r["name"] for r in report["run"]["layers"]]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 4.2), dpi=110)
+    fig = Figure(figsize=(max(6.0, 0.22 * len(names)), 4.2), dpi=110)
+    ax = fig.subplots()
     for k, (label, rep) in enumerate(series):
         by_name = {r["name"]: r["sparsity"] for r in rep["layers"]}
         ax.bar(np.arange(len(names)) + k * width, [by_name.get(n, 0.0) for n in names], width,
@@ -374,6 +372,5 @@ def plot_sparsity(report: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)
 

@@ -56,14 +56,15 @@ def read_metrics(path: str) -> list[dict[str, float]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curve(records: list[dict[str, float]], out_path: str, title: str) -> None:
-    """Train loss per step and eval loss at each evaluation, on one log-scaled plot."""
-    import matplotlib
+def loss_figure(records: list[dict[str, float]], title: str) -> Any:
+    """A matplotlib ``Figure`` of train loss per step and eval loss at each evaluation (log scale).
 
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
+    Built without pyplot, so it neither needs nor changes a display backend: a notebook shows it
+    with ``display(fig)``, a server saves it."""
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
     for key, style in (("train/loss", "-"), ("eval/loss", "o-")):
         pts = sorted((r["step"], r[key]) for r in records if key in r and math.isfinite(r[key]))
         if pts:
@@ -72,12 +73,17 @@ def plot_loss_curve(records: list[dict[str, float]], out_path: str, title: str) 
     ax.set_ylabel("loss (nats/token)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(records: list[dict[str, float]], out_path: str, title: str) -> None:
+    """:func:`loss_figure` saved as a PNG (written under a temporary name, then renamed)."""
     tmp = out_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
+    loss_figure(records, title).savefig(tmp)
     os.replace(tmp, out_path)
 
 
