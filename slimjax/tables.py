@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
