@@ -83,6 +83,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(grid, MESH_AXES)
 
 
+def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh of these axis sizes (one may be -1) over ``devices`` (default: all), for notebooks and
+    scripts: ``slimjax.load_run(run_dir, mesh=build_mesh(fsdp=2, tensor=4))``."""
+    return make_mesh(MeshConfig(data, fsdp, tensor, ()), devices)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rules:
     """The logical-name -> mesh-axes table, with the checks that make it safe to use."""

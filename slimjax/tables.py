@@ -12,7 +12,7 @@ import html
 from typing import Any
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Table:
     """Named columns and rows of values; ``notes`` are lines printed under the rows (totals)."""
 
@@ -58,6 +58,8 @@ class Table:
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
         return "\n".join(lines + list(self.notes))
+
+    __repr__ = __str__  # a Table ending a cell in a terminal IPython prints as text
 
     def _repr_html_(self) -> str:
         """How Jupyter and Colab show a Table that ends a cell."""

@@ -8,6 +8,7 @@ TensorBoard and the final ``loss_curve.png`` show.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Callable
 
@@ -38,10 +39,13 @@ def live_loss_plot(every: int = 10, name: str = "live_plot",
 def _notebook_show(figure: Any) -> None:
     try:
         from IPython import get_ipython
-        from IPython.display import clear_output, display
+        from IPython.display import Image, clear_output, display
     except ImportError:
         return
     if get_ipython() is None or not hasattr(get_ipython(), "kernel"):  # a terminal or plain Python
         return
+    # As PNG bytes: a pyplot-free Figure has no image formatter unless the notebook set one up.
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
     clear_output(wait=True)
-    display(figure)
+    display(Image(data=png.getvalue(), format="png"))

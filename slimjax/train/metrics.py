@@ -62,6 +62,7 @@ def loss_figure(records: list[dict[str, float]], title: str) -> Any:
     Built without pyplot, so it neither needs nor changes a display backend: a notebook shows it
     with ``display(fig)``, a server saves it."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
 
     fig = Figure(figsize=(7, 4.2), dpi=110)
     ax = fig.subplots()
@@ -72,6 +73,8 @@ def loss_figure(records: list[dict[str, float]], title: str) -> Any:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_yscale("log")
+    for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_ticks(FormatStrFormatter("%.4g"))  # plain numbers: losses span less than a decade
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
