@@ -50,13 +50,16 @@ HF_DIR, RUN, FINETUNED, EXPORTED = "hf/tiny-llama", "runs/imported", "runs/lora"
 # %% [markdown]
 # ## A model to import
 #
-# A real checkpoint would be a directory you download, e.g. from the Hub (`config.json`,
-# `*.safetensors`, `tokenizer.json`); import it exactly as below, with its path as `HF_DIR`:
-#
-# ```
-# slimjax.run_command("import", "--hf_dir=/content/Llama-3.2-1B", "--workdir=runs/llama1b")
-# ```
-#
+# A real checkpoint is a directory (`config.json`, `*.safetensors`, `tokenizer.json`) downloaded
+# from the Hub or copied to the runtime; uncomment the next cell's lines to import one. Everything
+# below works the same with its path as `HF_DIR`.
+
+# %%
+# from huggingface_hub import snapshot_download
+# path = snapshot_download("meta-llama/Llama-3.2-1B", allow_patterns=["*.json", "*.safetensors"])
+# slimjax.run_command("import", f"--hf_dir={path}", "--workdir=runs/llama1b")
+
+# %% [markdown]
 # Here we make one: a byte-level BPE tokenizer trained on Python's own standard library sources,
 # and a 4-layer Llama with grouped-query attention and random weights, saved the way the Hub
 # stores models.

@@ -3,7 +3,8 @@ jupytext source and carries no outputs, and each has an "Open in Colab" link.
 
 A notebook runs in a fresh kernel (nbclient) in a temporary directory with its cell tagged
 ``parameters`` replaced by ``PARAMETERS[name]`` (papermill's convention), which keeps it small; a
-failing cell fails the test with that cell's error.
+failing cell fails the test with that cell's error. The kernel inherits the environment that
+tests/conftest.py sets: 8 fake CPU devices and the suite's XLA compilation cache.
 """
 
 from __future__ import annotations
@@ -89,19 +90,9 @@ def outputs(notebook: nbformat.NotebookNode, kind: str) -> list:
     return [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if kind in o.get("data", {})]
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for the notebooks' kernels, empty at the start of the
-    session: a program compiled once (the tiny model's programs recur across notebooks, and
-    `compress` reports three runs of the same shape) is read back instead of compiled again."""
-    return str(tmp_path_factory.mktemp("xla_cache"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs_on_cpu(name, tmp_path, compilation_cache, monkeypatch):
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", compilation_cache)  # the kernel inherits the environment
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+def test_notebook_runs_on_cpu(name, tmp_path):
     notebook = execute(name, str(tmp_path))
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
