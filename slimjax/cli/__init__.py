@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from slimjax.cli import (compress, distill, evaluate, export, generate, hf_import, lowrank, prepare, prune, quantize,
-                         report, tokenizer, train)
+from slimjax.cli import (compress, distill, evaluate, explain, export, generate, hf_import, lowrank, prepare, prune,
+                         quantize, report, tokenizer, train)
 from slimjax.cli.command import HELP, Command, describe, wants_help
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError, one_line
@@ -19,7 +19,7 @@ from slimjax.errors import SlimjaxError, one_line
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], Command]] = {
     module.COMMAND.name: (module.run, module.COMMAND)
     for module in (train, prepare, tokenizer, hf_import, export, evaluate, generate, prune, quantize, lowrank, report,
-                   distill, compress)
+                   distill, compress, explain)
 }
 
 

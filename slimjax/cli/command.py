@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import re
 import textwrap
 from typing import Any, Callable, Sequence
 
@@ -46,6 +47,18 @@ def boolean(name: str, value: str) -> bool:
         return flags.parse_value(value, False)
     except ValueError:
         raise SlimjaxError(f"--{name}={value!r} must be true or false") from None
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(name: str, value: str) -> int:
+    """A size in bytes: ``80GB``, ``16GiB``, ``1.5e9`` (decimal units KB..TB, binary KiB..TiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise SlimjaxError(f"--{name}={value!r} is not a size; write e.g. 16GiB, 80GB or 17179869184")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def choice(*options: str) -> Callable[[str, str], str]:

@@ -1,0 +1,301 @@
+"""What a config will do to each device, before (and, on request, after) compiling it.
+
+``layout(cfg)`` builds the train state abstractly (no array is allocated) and reports, per device:
+where every parameter lives and which rule put it there, the optimizer state, gradients, an
+estimate of the activations the backward pass keeps for the configured batch, microbatching and
+remat, warnings (rules that change nothing, large parameters left replicated, mesh axes that split
+no parameter) and whether it fits the device memory. ``compiled(cfg)`` lowers and compiles the real
+train step and reads the compiler's memory analysis and the collectives in the optimized program,
+each beside the figure the layout predicts.
+
+The activation figure is an estimate from the model's shapes (stated assumptions below); the
+compiled analysis is the ground truth for one backend and is what ``--compiled`` adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from slimjax.config import Config
+from slimjax.errors import SlimjaxError
+from slimjax.models.decoder import compute_dtype
+from slimjax.sharding import BATCH_AXES, Rules, explain, make_mesh
+from slimjax.tables import Table, human_bytes
+from slimjax.train import optimizer as optim
+from slimjax.train.state import Setup, make_setup
+from slimjax.slim.spec import spec_from_config
+
+REPLICATED_WARN_BYTES = 1 << 20  # a replicated parameter larger than this on a multi-device mesh is worth a look
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything ``slimjax explain`` prints, as data."""
+
+    mesh: dict[str, int]
+    params: Table  # one row per parameter
+    activations: Table  # one row per key activation of one layer (and the logits)
+    memory: Table  # per-device bytes by kind, with the verdict as a note
+    warnings: tuple[str, ...]
+    fits: bool | None  # None: the device memory is unknown
+
+    def __str__(self) -> str:
+        mesh = ", ".join(f"{a}={s}" for a, s in self.mesh.items())
+        parts = [f"mesh ({mesh})", "", "parameters", str(self.params), "", "activations (one layer, per device)",
+                 str(self.activations), "", "memory per device", str(self.memory)]
+        if self.warnings:
+            parts += ["", "warnings"] + [f"- {w}" for w in self.warnings]
+        return "\n".join(parts)
+
+
+def layout(cfg: Config, devices: Sequence[jax.Device] | None = None, device_memory: int | None = None,
+           replicated_warn_bytes: int = REPLICATED_WARN_BYTES) -> Layout:
+    """The per-device picture of ``cfg`` on its mesh over ``devices`` (default: all). ``device_memory``
+    (bytes per device) defaults to what the backend reports (GPU/TPU); on CPU it stays unknown."""
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = Rules.from_config(cfg.mesh)
+    setup = abstract_setup(cfg, rules, mesh)
+    built = setup.built
+    params = explain(built.axes, built.shapes, rules, mesh)
+    params = _with_rule_column(params, rules, mesh)
+    acts = activation_table(cfg, rules, mesh)
+    opt_bytes = per_device_bytes(setup.abstract.opt_state)
+    grad_bytes = per_device_bytes(setup.abstract.params)  # gradients: one per trainable leaf, sharded alike
+    param_bytes = sum(params.column("per-device bytes"))
+    slim_bytes = per_device_bytes(setup.abstract.slim)
+    act_bytes = activation_bytes(cfg, acts)
+    rows = [("parameters", param_bytes), ("gradients (trainable)", grad_bytes), ("optimizer state", opt_bytes),
+            ("transform state", slim_bytes), ("activations (estimate)", act_bytes)]
+    total = sum(b for _, b in rows)
+    limit = device_memory if device_memory is not None else backend_memory(mesh)
+    fits = None if limit is None else total <= limit
+    verdict = (f"verdict: unknown ({human_bytes(total)} per device; give --device_memory to compare)" if limit is None
+               else f"verdict: {'fits' if fits else 'does NOT fit'}: {human_bytes(total)} of {human_bytes(limit)} "
+                    f"per device ({100 * total / limit:.0f}%)")
+    memory = Table(("kind", "bytes", "human"), tuple((k, b, human_bytes(b)) for k, b in rows + [("total", total)]),
+                   (verdict,))
+    warnings = layout_warnings(cfg, rules, mesh, params, acts, replicated_warn_bytes)
+    return Layout(dict(mesh.shape), params, acts, memory, warnings, fits)
+
+
+def abstract_setup(cfg: Config, rules: Rules, mesh: Mesh) -> Setup:
+    """The train state's shapes and shardings for ``cfg``, nothing allocated."""
+    dtype = compute_dtype(cfg.model.dtype, mesh.devices.flat[0].platform)
+    return make_setup(spec_from_config(cfg), dtype, optim.make_optimizer(cfg.optimizer, cfg.train.steps), rules, mesh)
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ``ShapeDtypeStruct`` (the most-loaded device:
+    shards of an unevenly split dimension are rounded up, as XLA pads them)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if isinstance(leaf.sharding, NamedSharding) else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _with_rule_column(table: Table, rules: Rules, mesh: Mesh) -> Table:
+    """The parameter table with the rules that split each parameter (``embed->fsdp(2)``)."""
+    i = table.columns.index("logical axes")
+    rows = []
+    for row in table.rows:
+        applied = [f"{name}->{'x'.join(f'{a}({mesh.shape[a]})' for a in rules.table[name])}"
+                   for name in row[i] if name is not None and rules.table.get(name)]
+        rows.append((*row[:i + 1], " ".join(applied) or "replicated", *row[i + 1:]))
+    return Table((*table.columns[:i + 1], "rules", *table.columns[i + 1:]), tuple(rows), table.notes)
+
+
+# --- activations ------------------------------------------------------------------------------
+
+def activation_table(cfg: Config, rules: Rules, mesh: Mesh) -> Table:
+    """Key activations of one block for one microbatch, with logical axes and per-device shapes.
+
+    The backward pass keeps these per layer unless remat recomputes them; ``attention scores``
+    is the [heads, length, length] matrix the XLA attention materialises (cuDNN's flash kernel
+    keeps only a per-row log-sum-exp instead)."""
+    m = cfg.model
+    rows_per_step = cfg.train.global_batch_size // cfg.train.microbatches
+    b, t = rows_per_step, cfg.data.seq_len
+    acts = [
+        ("residual", ("batch", "length", "act_embed"), (b, t, m.d_model)),
+        ("queries", ("batch", "length", "act_heads", "head_dim"), (b, t, m.n_heads, m.head_dim)),
+        ("keys", ("batch", "length", "act_kv_heads", "head_dim"), (b, t, m.n_kv_heads, m.head_dim)),
+        ("values", ("batch", "length", "act_kv_heads", "head_dim"), (b, t, m.n_kv_heads, m.head_dim)),
+        ("attention scores", ("batch", "act_heads", "length", None), (b, m.n_heads, t, t)),
+        ("attention output", ("batch", "length", "act_heads", "head_dim"), (b, t, m.n_heads, m.head_dim)),
+        ("mlp hidden", ("batch", "length", "act_mlp"), (b, t, m.d_ff)),
+        ("logits", ("batch", "length", "act_vocab"), (b, t, m.vocab_size)),
+    ]
+    itemsize = np.dtype(compute_dtype(m.dtype, mesh.devices.flat[0].platform)).itemsize
+    rows = []
+    for name, axes, shape in acts:
+        spec = rules.spec(axes, shape, mesh, what=f"activation '{name}'")
+        local = NamedSharding(mesh, spec).shard_shape(shape)
+        size = 4 if name == "logits" else itemsize  # the loss is computed from float32 logits
+        rows.append((name, shape, axes, str(spec), local, math.prod(local) * size))
+    return Table(("activation", "shape", "logical axes", "partition spec", "per-device shape", "per-device bytes"),
+                 tuple(rows))
+
+
+# Activations the backward pass keeps per layer, by remat policy, as multiples of the rows above.
+# "none": the block's inputs and every intermediate (norm inputs and outputs, q/k/v, scores and
+# probabilities, attention output, gate/up/activated hidden, residuals); "dots": matmul outputs
+# only; "full": the block's input alone (one block is recomputed at a time, counted once).
+_KEPT = {
+    "none": {"residual": 6, "queries": 1, "keys": 1, "values": 1, "attention scores": 2, "attention output": 1,
+             "mlp hidden": 3},
+    "dots": {"residual": 2, "queries": 1, "keys": 1, "values": 1, "attention scores": 1, "attention output": 0,
+             "mlp hidden": 2},
+    "full": {"residual": 1},
+}
+
+
+def activation_bytes(cfg: Config, acts: Table) -> int:
+    """Estimated peak activation bytes per device for one microbatch: what every layer keeps for
+    the backward pass under ``model.remat``, plus one layer's full set while it is recomputed
+    (full remat) and the logits with their gradient."""
+    per = dict(zip(acts.column("activation"), acts.column("per-device bytes")))
+    kept = sum(per[name] * k for name, k in _KEPT[cfg.model.remat].items())
+    # Full remat rebuilds one block's intermediates at a time during the backward pass; "dots"
+    # recomputes only elementwise ops, whose transients are small next to what it keeps.
+    recompute = sum(per[n] * k for n, k in _KEPT["none"].items()) if cfg.model.remat == "full" else 0
+    return cfg.model.n_layers * kept + recompute + 2 * per["logits"]
+
+
+def backend_memory(mesh: Mesh) -> int | None:
+    """Bytes per device the backend reports (GPU, TPU); None where it reports none (CPU)."""
+    stats = mesh.devices.flat[0].memory_stats() if hasattr(mesh.devices.flat[0], "memory_stats") else None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+# --- warnings ---------------------------------------------------------------------------------
+
+def layout_warnings(cfg: Config, rules: Rules, mesh: Mesh, params: Table, acts: Table,
+                    replicated_warn_bytes: int) -> tuple[str, ...]:
+    """Rules that change nothing, large parameters left whole on every device, idle mesh axes."""
+    out = []
+    used = {name for axes in params.column("logical axes") + acts.column("logical axes") for name in axes if name}
+    for name, axes in cfg.mesh.rules:
+        if name not in used:
+            out.append(f"mesh.rules entry '{name}' -> {axes} matches no parameter or activation of this model")
+        elif axes and all(mesh.shape[a] == 1 for a in axes):
+            out.append(f"mesh.rules entry '{name}' -> {axes} splits nothing: those mesh axes have size 1")
+    if mesh.size > 1:
+        for row in params.records():
+            full = math.prod(row["shape"]) * (row["per-device bytes"] // max(math.prod(row["per-device shape"]), 1))
+            if row["per-device shape"] == row["shape"] and full > replicated_warn_bytes:
+                out.append(f"parameter '{row['parameter']}' ({human_bytes(full)}) is replicated on all {mesh.size} "
+                           f"devices; map one of {row['logical axes']} to a mesh axis to split it")
+    split = {a for spec in params.column("partition spec") for a in re.findall(r"'(\w+)'", spec)}
+    for axis, size in mesh.shape.items():
+        if size > 1 and axis not in split and axis not in BATCH_AXES:
+            out.append(f"mesh axis '{axis}' (size {size}) splits no parameter: it only replicates work")
+    return tuple(out)
+
+
+# --- compiled program -------------------------------------------------------------------------
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.*?)\s(?P<op>" + "|".join(COLLECTIVES)
+                 + r")(?:-start)?\(")
+_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(?P<entry>ENTRY )?%(?P<name>[^\s(]+) \(.*\{\s*$")
+_WHILE = re.compile(r"\bwhile\(.*?body=%(?P<body>[^\s,]+).*?\"known_trip_count\":\{\"n\":\"(?P<n>[0-9]+)\"")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%(?P<name>[^\s,)]+)")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Per collective kind in an optimized HLO module: how many ops run per step and the bytes of
+    their results (per device: the SPMD program is one device's). An op inside a loop counts once
+    per iteration (XLA's ``known_trip_count``: the scan over layers); async pairs count once."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if (m := _HEADER.match(line)) is not None:
+            current = m.group("name")
+            computations[current] = []
+            entry = current if m.group("entry") else entry
+        elif current is not None:
+            computations[current].append(line)
+    times = {entry: 1} if entry else {}
+    todo = [entry] if entry else []
+    while todo:  # how often each computation runs: loop bodies times their trip count, nested
+        name = todo.pop()
+        for line in computations.get(name, ()):
+            loops = {m.group("body"): int(m.group("n")) for m in _WHILE.finditer(line)}
+            for callee in _CALLS.findall(line):
+                if callee in computations and callee not in times:
+                    times[callee] = times[name] * loops.get(callee, 1)
+                    todo.append(callee)
+    out = {kind: {"ops": 0, "bytes": 0} for kind in COLLECTIVES}
+    for name, lines in computations.items():
+        for m in filter(None, map(_OP.match, lines)):
+            shapes = _ARRAY.findall(m.group("shape"))
+            if m.group("shape").startswith("(") and len(shapes) > 1 and m.group("op") != "all-reduce":
+                shapes = shapes[-1:]  # an async start's tuple holds (operand, result): count the result
+            nbytes = sum(math.prod(int(d) for d in dims.split(",") if d) * _itemsize(dt) for dt, dims in shapes)
+            out[m.group("op")]["ops"] += times.get(name, 1)
+            out[m.group("op")]["bytes"] += times.get(name, 1) * nbytes
+    return out
+
+
+def _itemsize(hlo_dtype: str) -> int:
+    if hlo_dtype == "pred":
+        return 1
+    bits = int(re.sub(r"[a-z]", "", hlo_dtype) or 32)
+    return max(bits // 8, 1)
+
+
+def expected_collectives(cfg: Config, mesh: Mesh, setup: Setup) -> dict[str, str]:
+    """What the layout should move per step, per device, as result bytes of each collective (the
+    textbook figures: data parallelism all-reduces the gradients; FSDP all-gathers every parameter
+    for the forward pass, again for the backward pass under remat, and reduce-scatters the
+    gradients; tensor parallelism all-reduces the residual twice per layer forward and twice
+    backward)."""
+    grads = per_device_bytes(setup.abstract.params)
+    out = {}
+    if mesh.shape["data"] > 1:
+        out["all-reduce (data)"] = f"the gradients once: ~{human_bytes(grads)}"
+    if mesh.shape["fsdp"] > 1:
+        gathered = grads * mesh.shape["fsdp"]
+        out["all-gather (fsdp)"] = (f"every parameter forward: ~{human_bytes(gathered)} (x2 when the backward "
+                                    "pass gathers again under remat)")
+        out["reduce-scatter (fsdp)"] = (f"the gradients once: ~{human_bytes(grads)} (some backends, CPU among "
+                                        "them, all-reduce instead)")
+    if mesh.shape["tensor"] > 1:
+        m = cfg.model
+        rows = cfg.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+        act = rows * cfg.data.seq_len * m.d_model * np.dtype(compute_dtype(m.dtype, mesh.devices.flat[0].platform)).itemsize
+        out["all-reduce (tensor)"] = f"the residual 4x per layer: ~{human_bytes(4 * m.n_layers * act)}"
+    return out
+
+
+def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None) -> tuple[Table, Table, dict[str, str]]:
+    """(memory analysis, collectives, expected) of the real train step compiled for ``cfg``."""
+    from slimjax.data import pipeline
+    from slimjax.train.run import compile_steps
+
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = Rules.from_config(cfg.mesh)
+    setup = abstract_setup(cfg, rules, mesh)
+    train_step, _, _ = compile_steps(cfg, setup, mesh, rules, pipeline.batch_shardings(mesh, rules))
+    mem = train_step.memory_analysis()
+    if mem is None:
+        raise SlimjaxError(f"the {mesh.devices.flat[0].platform} compiler reports no memory analysis")
+    kinds = [("arguments", mem.argument_size_in_bytes), ("outputs", mem.output_size_in_bytes),
+             ("aliased (donated state)", mem.alias_size_in_bytes), ("temporaries", mem.temp_size_in_bytes),
+             ("generated code", mem.generated_code_size_in_bytes)]
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    memory = Table(("kind", "bytes", "human"), tuple((k, b, human_bytes(b)) for k, b in kinds + [("peak", peak)]))
+    moved = collective_bytes(train_step.as_text())
+    coll = Table(("collective", "ops", "bytes per device", "human"),
+                 tuple((k, v["ops"], v["bytes"], human_bytes(v["bytes"])) for k, v in moved.items()))
+    return memory, coll, expected_collectives(cfg, mesh, setup)
+

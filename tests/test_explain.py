@@ -1,0 +1,120 @@
+"""slimjax explain: the layout table against the real sharded state, the activation estimate
+against the compiler's memory analysis, collectives counted from HLO (loops included), warnings,
+the verdict and the CLI."""
+
+import jax
+import pytest
+from helpers import small_config, with_mesh
+
+from slimjax.cli import main
+from slimjax.config import validate
+from slimjax.sharding import Rules, device_bytes, make_mesh
+from slimjax.train import explain
+from slimjax.train.run import fresh_state
+import slimjax
+
+HLO = """HloModule m
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %all-reduce.1 = f32[4,8]{1,0} all-reduce(%x), replica_groups={}, to_apply=%add
+  %ag-start = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%y), dimensions={0}
+  %ag-done = f32[8,8]{1,0} all-gather-done(%ag-start)
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %s = f32[] add(%x, %y)
+}
+
+ENTRY %main (a: f32[16]) -> f32[16] {
+  %combined = (f32[16]{0}, /*index=1*/bf16[2,3]{1,0}) all-reduce(%a, %b), to_apply=%add
+  %w = (s32[], f32[4,8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %cp = bf16[16]{0} collective-permute(%a), source_target_pairs={{0,1}}
+}
+"""
+
+
+def test_collectives_count_loop_bodies_per_iteration_and_async_pairs_once():
+    moved = explain.collective_bytes(HLO)
+    # entry: one combined all-reduce (16 f32 + 6 bf16); loop x3: one all-reduce of 32 f32 and one gather of 64 f32.
+    assert moved["all-reduce"] == {"ops": 1 + 3, "bytes": 16 * 4 + 6 * 2 + 3 * 32 * 4}
+    assert moved["all-gather"] == {"ops": 3, "bytes": 3 * 64 * 4}
+    assert moved["collective-permute"] == {"ops": 1, "bytes": 16 * 2}
+    assert moved["reduce-scatter"] == moved["all-to-all"] == {"ops": 0, "bytes": 0}
+
+
+def test_layout_matches_the_real_sharded_state_leaf_for_leaf():
+    cfg = with_mesh(small_config("llama"), 2, 2, 2)
+    plan = explain.layout(cfg)
+    mesh = make_mesh(cfg.mesh)
+    _, setup, state = fresh_state(cfg, mesh)
+    device0 = jax.devices()[0]
+    real = {"parameters": device_bytes(state.params)[device0] + device_bytes(state.frozen).get(device0, 0),
+            "optimizer state": device_bytes(state.opt_state)[device0],
+            "gradients (trainable)": device_bytes(state.params)[device0]}
+    memory = {r["kind"]: r["bytes"] for r in plan.memory.records()}
+    for kind, value in real.items():
+        assert memory[kind] == value, kind
+    row = plan.params.where("parameter", "blocks/mlp/up/kernel")
+    assert row["rules"] == "embed->fsdp(2) mlp->tensor(2)"
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert plan.mesh == {"data": 2, "fsdp": 2, "tensor": 2} and plan.fits is None  # CPU: memory unknown
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_estimated_total_is_within_2x_of_the_compilers_peak(remat):
+    cfg = with_mesh(small_config("llama", remat=remat), 8, 1, 1)
+    estimate = {r["kind"]: r["bytes"] for r in explain.layout(cfg).memory.records()}["total"]
+    memory, collectives, expected = explain.compiled(cfg)
+    peak = {r["kind"]: r["bytes"] for r in memory.records()}["peak"]
+    assert 0.5 < peak / estimate < 2.0, (peak, estimate)
+    # Pure data parallelism: the gradients are all-reduced once (the tied embedding's two uses
+    # may be reduced separately before they are summed), nothing else moves.
+    grads = explain.per_device_bytes(explain.abstract_setup(cfg, Rules.from_config(cfg.mesh),
+                                                            make_mesh(cfg.mesh)).abstract.params)
+    moved = {r["collective"]: r["bytes per device"] for r in collectives.records()}
+    assert grads <= moved["all-reduce"] <= 1.3 * grads, (moved, grads)
+    assert moved["all-gather"] == moved["reduce-scatter"] == 0
+    assert list(expected) == ["all-reduce (data)"]
+
+
+def test_remat_lowers_the_estimate():
+    sizes = {}
+    for remat in ("none", "dots", "full"):  # at 4+ layers: with fewer, full remat's one recomputed block dominates
+        cfg = with_mesh(small_config("llama", remat=remat, n_layers=6), 8, 1, 1)
+        sizes[remat] = {r["kind"]: r["bytes"] for r in explain.layout(cfg).memory.records()}["activations (estimate)"]
+    assert sizes["none"] > sizes["dots"] > sizes["full"]
+
+
+def test_warnings_name_idle_rules_replicated_parameters_and_idle_axes():
+    raw = slimjax.configs.tiny.get_config()
+    raw.mesh.update(data=2, fsdp=1, tensor=4)
+    raw.mesh.rules = (("positions", ("fsdp",)), ("heads", None), ("kv_heads", None), ("mlp", None), ("vocab", None))
+    plan = explain.layout(validate(raw), replicated_warn_bytes=100_000)
+    text = "\n".join(plan.warnings)
+    assert "mesh.rules entry 'positions'" in text and "matches no parameter" in text  # a RoPE model
+    assert "parameter 'blocks/mlp/up/kernel'" in text and "replicated on all 8 devices" in text
+    assert "mesh axis 'tensor' (size 4) splits no parameter" in text
+    assert "final_norm" not in text  # small: under the threshold
+
+
+def test_cli_verdict_exit_status_and_bad_size(capsys):
+    argv = ["explain", "--config.mesh.fsdp=2"]
+    assert main(argv + ["--device_memory=1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: fits" in out and "blocks/attn/wq/kernel" in out and "attention scores" in out
+    assert main(argv + ["--device_memory=1MB"]) == 1
+    assert "verdict: does NOT fit" in capsys.readouterr().out
+    assert main(argv + ["--device_memory=lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["slimjax: error: --device_memory='lots' is not a size; write e.g. 16GiB, 80GB or 17179869184"]
+
+
+def test_cli_compiled_prints_the_compilers_figures(capsys):
+    assert main(["explain", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.train.global_batch_size=8",
+                 "--config.data.seq_len=32", "--compiled"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled train step: memory per device" in out and "temporaries" in out
+    assert "all-gather (fsdp)" in out and "all-reduce (tensor)" in out
+    gathered = next(line for line in out.splitlines() if line.startswith("all-gather "))
+    assert int(gathered.split()[1]) > 0  # FSDP gathers parameters
