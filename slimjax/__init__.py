@@ -3,7 +3,7 @@
 ``slimjax.train(config, workdir, hooks=[slimjax.Hook(...)])`` is the one entry point that the CLI,
 ``scripts/train.py`` and notebooks share; hooks add periodic work to its loop. A trained run is
 used through ``slimjax.load_run(workdir)`` (config, spec, sharded parameters, tokenizer, logits),
-``slimjax.generate`` and ``slimjax.evaluate``; bundled configs are ``slimjax.configs.<name>``. Note that the name
+``slimjax.generate``, ``slimjax.evaluate`` and ``slimjax.evaluate_classifier``; bundled configs are ``slimjax.configs.<name>``. Note that the name
 ``slimjax.train`` is that function; the subpackage of the same name stays importable with
 ``from slimjax.train import loop`` (not ``import slimjax.train.loop as ...``).
 """
@@ -17,7 +17,8 @@ quiet_logging()  # before JAX and Orbax are imported: their INFO lines are noise
 from slimjax.train.hooks import Hook, HookContext  # noqa: E402  (before the next line's rebinding)
 from slimjax.train.loop import train  # noqa: E402  (rebinds the name from the subpackage)
 from slimjax import configs, sharding  # noqa: E402  (attributes: slimjax.configs.tiny, slimjax.sharding.explain)
-from slimjax.api import LoadedRun, evaluate, generate, load_run  # noqa: E402
+from slimjax.api import LoadedRun, evaluate, evaluate_classifier, generate, load_run  # noqa: E402
 
-__all__ = ["train", "Hook", "HookContext", "load_run", "LoadedRun", "generate", "evaluate", "configs", "sharding",
+__all__ = ["train", "Hook", "HookContext", "load_run", "LoadedRun", "generate", "evaluate", "evaluate_classifier",
+           "configs", "sharding",
            "__version__"]

@@ -33,8 +33,6 @@ from slimjax.train.state import Setup, TrainState, init_state, make_setup, state
 from slimjax.train.step import StepOptions, make_state_eval_step, make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
-# A classification batch: the language-model arrays plus each row's class id.
-CLASSIFY_BATCH: pipeline.BatchSpec = {**pipeline.LM_BATCH, "labels": (("batch",), np.int32)}
 
 
 @dataclasses.dataclass
@@ -118,7 +116,7 @@ def build_run(cfg: Config, workdir: str) -> Run:
         checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
         state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
-        spec = CLASSIFY_BATCH if task == "classify" else pipeline.LM_BATCH
+        spec = pipeline.CLASSIFY_BATCH if task == "classify" else pipeline.LM_BATCH
         batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
         train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     except BaseException:
