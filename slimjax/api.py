@@ -192,10 +192,12 @@ def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), 
             "tokenizer": run.tokenizer.path, "seq_len": data.seq_len, **score.as_dict()}
 
 
-def evaluate_classifier(run: LoadedRun, split: str = "eval", batch_size: int = 0) -> dict[str, Any]:
-    """Accuracy and macro-F1 of a classification run (``slim.classify``) on every ``split`` example
-    of its labelled sources, beside the majority-class baseline (the training set's most frequent
-    class); ``batch_size`` 0 takes the run's ``train.global_batch_size``."""
+def evaluate_classifier(run: LoadedRun, split: str = "eval", batch_size: int = 0, max_examples: int = 0
+                        ) -> dict[str, Any]:
+    """Accuracy and macro-F1 of a classification run (``slim.classify``) on the ``split`` examples
+    of its labelled sources (every one, or the first ``max_examples`` of the fixed shuffle that
+    training's evaluation uses), beside the majority-class baseline (the training set's most
+    frequent class); ``batch_size`` 0 takes the run's ``train.global_batch_size``."""
     from slimjax.data import finetune, records
 
     head = classify.head_of(run.rundir.built)
@@ -204,8 +206,10 @@ def evaluate_classifier(run: LoadedRun, split: str = "eval", batch_size: int = 0
     cfg, rd = run.config, run.rundir
     rows = _batch_rows(run, batch_size)
     classes = cfg.slim.classify.classes
-    examples = finetune.classification_examples(records.labelled(cfg.data, split, classes), classes, run.tokenizer,
-                                                cfg.data.seq_len)
+    examples = finetune.permuted(finetune.classification_examples(records.labelled(cfg.data, split, classes), classes,
+                                                                  run.tokenizer, cfg.data.seq_len))
+    if max_examples:
+        examples = {k: v[:max_examples] for k, v in examples.items()}
     train = finetune.classification_examples(records.labelled(cfg.data, "train", classes), classes, run.tokenizer,
                                              cfg.data.seq_len)
     counts = {c: int(np.sum(train["labels"] == i)) for i, c in enumerate(classes)}

@@ -20,7 +20,7 @@ COMMAND = Command("eval", "perplexity and bits per byte of a run's checkpoint on
     Flag("source", "a data source to score instead of the run's data.sources (stdlib, shakespeare, text:GLOB, "
          "jsonl:GLOB, slimpajama:GLOB, tfds:NAME)", metavar="SPEC", repeated=True),
     Flag("split", "'eval' (held out) or 'train'", choice("eval", "train"), "eval", metavar="SPLIT"),
-    Flag("max_docs", "score the first N documents (0: all)", integer(0), 0, metavar="N"),
+    Flag("max_docs", "score the first N documents (a classifier: examples) (0: all)", integer(0), 0, metavar="N"),
     Flag("batch_size", "rows per forward pass (0: the run's global batch size)", integer(0), 0, metavar="N"),
     Flag("step", "checkpoint step (default: the latest)", integer(0), metavar="N"),
     Flag("tokenizer", "tokenizer file (default: the run's)", metavar="FILE"),
@@ -60,10 +60,10 @@ def _classifier(run, opts, sources) -> int:
     from slimjax.errors import SlimjaxError
     from slimjax.train.metrics import MetricsWriter, write_json
 
-    if sources or opts.max_docs:
+    if sources:
         raise SlimjaxError(f"{run.workdir} is a classification run: it is scored on its own labelled data.sources; "
-                           "drop --source and --max_docs")
-    result = evaluate_classifier(run, opts.split, opts.batch_size)
+                           "drop --source")
+    result = evaluate_classifier(run, opts.split, opts.batch_size, opts.max_docs)
     if jax.process_index() == 0:
         write_json(opts.out or os.path.join(run.workdir, RESULT_FILE), result)
         writer = MetricsWriter(run.workdir)

@@ -132,7 +132,9 @@ def fixed_batches(examples: Examples, global_batch: int, max_batches: int = 0, p
     return out
 
 
-def _permuted(examples: Examples) -> Examples:
+def permuted(examples: Examples) -> Examples:
+    """The examples in a fixed shuffled order (whatever ``train.seed`` says), so a capped evaluation
+    still samples every held-out play."""
     order = np.random.default_rng(EVAL_ORDER_SEED).permutation(len(examples["labels"]))
     return {k: v[order] for k, v in examples.items()}
 
@@ -155,8 +157,7 @@ def build(cfg: Config, task: str, workdir: str, process_index: int = 0, process_
                                   texts)
     if task == "classify":
         train_rows = classification_examples(train, classes, tok, d.seq_len)
-        # A fixed shuffle, so an evaluation capped at train.eval_batches still samples every held-out play.
-        eval_rows = _permuted(classification_examples(held, classes, tok, d.seq_len))
+        eval_rows = permuted(classification_examples(held, classes, tok, d.seq_len))
         counts = collections.Counter(classes[i] for i in train_rows["labels"])
         stats = {"train_examples": len(train_rows["labels"]), "eval_examples": len(eval_rows["labels"]),
                  "train_classes": {c: counts[c] for c in classes}}

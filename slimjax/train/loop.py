@@ -36,6 +36,7 @@ from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, Metri
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
 from slimjax.train.run import Run, build_run, check_batch, finished_summary
+from slimjax.slim import classify
 from slimjax.slim.spec import abstract_fn
 from slimjax.train.step import LEAF_FINITE, model_view, tree_bytes
 
@@ -245,7 +246,9 @@ def _log(lp: Loop, ctx: HookContext) -> None:
     tr.step_times.append(timing["step_time_s"])
     tr.throughput.append(timing["tokens_per_s"])
     tr.data_wait_fracs.append(timing["data_wait_frac"])
-    tr.last_train_loss = float(np.mean([float(m["loss"]) for m in fetched]))
+    # A classifier's loss is its cls term (the next-token loss it also logs is not trained).
+    key = f"terms/{classify.TERM}" if lp.run.task == "classify" else "loss"
+    tr.last_train_loss = float(np.mean([float(m[key]) for m in fetched]))
     lp.bar.set_postfix(loss=f"{tr.last_train_loss:.3f}", tok_s=f"{timing['tokens_per_s']:,.0f}",
                        mfu=f"{timing['mfu']:.1%}", refresh=False)
     tr.pending.clear()
