@@ -128,3 +128,30 @@ def test_bad_fine_tuning_input_is_one_line_exit_2(case, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("slimjax: error: "), result.stderr[-3000:]
     assert expected in lines[0]
     assert not workdir.exists()  # nothing half-written
+
+
+def test_lora_fine_tunes_a_classifier_from_a_slimjax_run(labelled, tmp_path):
+    import jax
+    import numpy as np
+
+    from slimjax import load_run
+    from slimjax.sharding import tree_paths
+
+    base_dir, workdir = str(tmp_path / "base"), str(tmp_path / "lora")
+    result = slimjax("train", *MODEL, "--config.train.steps=2", f"--workdir={base_dir}")  # a pre-trained decoder
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = slimjax("train", *labelled, "--config.slim.recipe=('lora','classify')", f"--config.checkpoint.init_from={base_dir}",
+                     "--config.optimizer.learning_rate=1e-2", "--config.train.steps=30", "--config.train.eval_every=30",
+                     f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = evals(workdir)[30]
+    assert final["eval/accuracy"] > final["eval/majority_accuracy"] + 0.3
+    flat = lambda run: dict(zip(tree_paths(run.params), map(np.asarray, jax.tree.leaves(run.params))))  # noqa: E731
+    base, tuned = flat(load_run(base_dir)), flat(load_run(workdir))
+    for path, value in base.items():  # the base stays exactly as pre-trained
+        np.testing.assert_array_equal(tuned[path], value, err_msg=path)
+    added = set(tuned) - set(base)
+    assert {"classifier/kernel", "classifier/bias"} <= added
+    assert all(p.startswith("classifier/") or "/tap/" in p for p in added)
+    assert all(np.abs(tuned[p]).max() > 0 for p in added if p.endswith("/tap/b"))  # adapters trained (B starts at 0)
+
