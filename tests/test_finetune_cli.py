@@ -104,13 +104,18 @@ def test_sft_trains_on_prompt_response_pairs(tmp_path):
     assert max(train_tokens) < 8 * 32 / 2  # only response tokens are targets: far fewer than the row positions
 
 
+def one_record(kind, path, record) -> str:
+    """The data.sources flag of a ``kind`` source holding one record."""
+    return f"--config.data.sources=('{kind}:{write_jsonl(path, [record])}',)"
+
+
 BAD = {
     "label outside the classes": (
-        lambda d: [*MODEL, f"--config.data.sources=('labels:{write_jsonl(d / 'l.jsonl', [{'text': 'a', 'label': 'x'}])}',)",
+        lambda d: [*MODEL, one_record("labels", d / "l.jsonl", {"text": "a", "label": "x"}),
                    "--config.slim.recipe=('classify',)", "--config.slim.classify.classes=('fruit','metal')"],
         "l.jsonl:1: label 'x' is not one of slim.classify.classes (fruit, metal)"),
     "pair file without prompt/response": (
-        lambda d: [*MODEL, f"--config.data.sources=('pairs:{write_jsonl(d / 'p.jsonl', [{'q': 'a', 'a': 'b'}])}',)"],
+        lambda d: [*MODEL, one_record("pairs", d / "p.jsonl", {"q": "a", "a": "b"})],
         "p.jsonl:1: a 'pairs' record needs string fields 'prompt' and 'response'"),
     "classification config on a run without labels": (
         lambda d: [*MODEL, "--config.slim.recipe=('classify',)", "--config.slim.classify.classes=('a','b')"],
@@ -140,8 +145,9 @@ def test_lora_fine_tunes_a_classifier_from_a_slimjax_run(labelled, tmp_path):
     base_dir, workdir = str(tmp_path / "base"), str(tmp_path / "lora")
     result = slimjax("train", *MODEL, "--config.train.steps=2", f"--workdir={base_dir}")  # a pre-trained decoder
     assert result.returncode == 0, result.stderr[-3000:]
-    result = slimjax("train", *labelled, "--config.slim.recipe=('lora','classify')", f"--config.checkpoint.init_from={base_dir}",
-                     "--config.optimizer.learning_rate=1e-2", "--config.train.steps=30", "--config.train.eval_every=30",
+    result = slimjax("train", *labelled, "--config.slim.recipe=('lora','classify')",
+                     f"--config.checkpoint.init_from={base_dir}", "--config.optimizer.learning_rate=1e-2",
+                     "--config.train.steps=30", "--config.train.eval_every=30",
                      f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     final = evals(workdir)[30]

@@ -36,18 +36,22 @@ EVAL_ORDER_SEED = 0  # the held-out examples' order: fixed, whatever train.seed 
 
 
 def task_of(cfg: Config) -> str:
-    """"classify", "sft" or "lm": what the run's sources and recipe ask for (mismatches are errors)."""
+    """"classify", "sft" or "lm": what the run's sources and recipe ask for (mismatches, and a
+    ``checkpoint.best_metric`` the task does not measure, are errors)."""
     kinds = {src.kind for src in cfg.data.sources}
     labelled, paired = kinds & set(records.LABELLED_KINDS), kinds & set(records.PAIR_KINDS)
     classify = "classify" in cfg.slim.recipe
     if classify and not labelled:
         raise SlimjaxError(f"slim.recipe names 'classify' but data.sources ({', '.join(sorted(kinds))}) carry no "
-                           f"labels; train a classifier on a labelled source ({', '.join(records.LABELLED_KINDS)}:GLOB)")
+                           "labels; train a classifier on a labelled source ('genre' or 'labels:GLOB')")
     if labelled and not classify:
         raise SlimjaxError(f"data.sources kind {sorted(labelled)[0]!r} carries labels: add 'classify' to slim.recipe "
                            "and name the labels in slim.classify.classes")
     if labelled and paired:
         raise SlimjaxError("data.sources mixes labelled and prompt/response sources; a run does one task")
+    if not classify and cfg.checkpoint.best_metric != "loss":
+        raise SlimjaxError(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r} is measured on classifiers only "
+                           "(slim.recipe with 'classify'); a language model ranks by 'loss'")
     return "classify" if classify else "sft" if paired else "lm"
 
 
