@@ -167,3 +167,42 @@ def test_pair_and_label_files_are_checked_by_line(tmp_path):
     with pytest.raises(SlimjaxError, match=r"labels.jsonl:2: label 'wood' is not one of slim.classify.classes "
                                            r"\(fruit, metal, stone\)"):
         records.labelled(data, "train", CLASSES)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("slim.classify.classes", ("a",), "config key 'slim.classify.classes' must name at least two distinct"),
+    ("slim.classify.classes", ("a", "a"), "config key 'slim.classify.classes' must name at least two distinct"),
+    ("train.early_stop_patience", -1, "config key 'train.early_stop_patience' must be >= 0"),
+    ("checkpoint.best_metric", "f1", "config key 'checkpoint.best_metric' is 'f1'; choose one of 'loss', 'accuracy'"),
+])
+def test_fine_tuning_config_is_checked(key, value, message):
+    from slimjax.configs import base
+
+    c = base.get_config()
+    c.slim.recipe = ("classify",)
+    c.slim.classify.classes = ("a", "b")
+    section, _, name = key.rpartition(".")
+    node = c
+    for part in section.split("."):
+        node = node[part]
+    node[name] = value
+    with pytest.raises(SlimjaxError, match=message):
+        C.validate(c)
+
+
+def test_task_of_a_config():
+    from slimjax.configs import base
+
+    c = base.get_config()
+    assert finetune.task_of(C.validate(c)) == "lm"
+    c.checkpoint.best_metric = "accuracy"
+    with pytest.raises(SlimjaxError, match="checkpoint.best_metric='accuracy' is measured on classifiers only"):
+        finetune.task_of(C.validate(c))
+    c.checkpoint.best_metric = "loss"
+    c.data.sources = ("genre",)
+    with pytest.raises(SlimjaxError, match="data.sources kind 'genre' carries labels: add 'classify' to slim.recipe"):
+        finetune.task_of(C.validate(c))
+    c.slim.recipe, c.slim.classify.classes = ("classify",), ("a", "b")
+    assert finetune.task_of(C.validate(c)) == "classify"
+    c.slim.recipe, c.data.sources = (), ("pairs:/x.jsonl",)
+    assert finetune.task_of(C.validate(c)) == "sft"
