@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     # shakespeare (bundled), stdlib (Python's own sources), text (glob of files), jsonl (glob of
     # .jsonl / .jsonl.zst, SlimPajama layout), slimpajama (the 7-source SlimPajama mixture from a
     # jsonl glob), tfds (TFDS dataset name, read through tfds.data_source / ArrayRecord).
+    # Fine-tuning kinds: genre (bundled: Shakespeare passages labelled by genre, split by play),
+    # labels (JSON Lines glob, fields "text" and "label", for slim.classify) and pairs (JSON Lines
+    # glob, fields "prompt" and "response": supervised fine-tuning, loss on response tokens only).
     d.sources = ({"kind": "shakespeare", "weight": 1.0},)
     d.eval_plays = ("hamlet", "the-tempest", "twelfth-night")  # shakespeare: plays held out for evaluation
     d.eval_fraction = 0.02  # other sources without eval_path: share of documents held out for evaluation
@@ -84,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.log_every = 10  # steps between metric writes (TensorBoard, metrics.jsonl, progress bar)
     t.eval_every = 100  # steps between evaluations on the held-out plays
     t.eval_batches = 8  # batches per evaluation (0: the whole held-out set)
+    t.early_stop_patience = 0  # stop after this many evaluations without a better checkpoint.best_metric (0: never)
     t.progress = True  # show a progress bar on process 0
     t.nonfinite = "stop"  # non-finite loss/gradient: "stop" (error naming step and leaves, no checkpoint of it) or "skip" (drop the update, count it)
     t.sample_tokens = 48  # tokens of a greedy sample printed at the end of training (0 disables)
@@ -93,7 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     ck.every_steps = 100  # steps between Orbax checkpoints (one is always written at the end)
     ck.keep = 3  # most recent checkpoints kept on disk
     ck.keep_every = 0  # also keep every checkpoint whose step is a multiple of this, forever (0: off)
-    ck.keep_best = 0  # also keep this many checkpoints with the lowest eval loss (0: off)
+    ck.keep_best = 0  # also keep this many checkpoints with the best checkpoint.best_metric (0: off)
+    ck.best_metric = "loss"  # eval metric ranking keep_best and early stopping: "loss" (lower wins), "accuracy" or "macro_f1" (higher wins)
     ck.async_save = True  # write checkpoints in the background while training continues
     ck.init_from = ""  # fresh runs start from these params (a run dir, its checkpoints/ dir, or checkpoints/STEP); optimizer state starts fresh
 
@@ -168,6 +173,13 @@ def get_config() -> ml_collections.ConfigDict:
     distill.mse_logits = 0.0  # gamma: weight of MSE(z_s, z_t), mean over the vocabulary
     distill.hidden = 0.0  # weight of MSE between last hidden states (a learned projection when widths differ)
     distill.top_k = 0  # KL over the teacher's k most likely tokens only (0: the whole vocabulary)
+
+    slim.classify = classify = ml_collections.ConfigDict()
+    # Sequence classification: a `classifier` head (kernel, bias) on the model's pooled features
+    # (the decoder: its last non-padding token) trained by the `cls` cross-entropy term instead of
+    # next-token prediction. Needs labelled data.sources ("genre", or "labels:GLOB" JSON Lines with
+    # text and label). With LoRA put "lora" first: ("lora", "classify") trains adapters and the head.
+    classify.classes = ()  # class names; every label in the data must be one of them
 
     c.distributed = dist = ml_collections.ConfigDict()
     # Multi-process runs (jax.distributed.initialize, before any other JAX call). Empty/-1 values

@@ -3,7 +3,7 @@
 ``slimjax.train(config, workdir, hooks=[slimjax.Hook(...)])`` is the one entry point that the CLI,
 ``scripts/train.py`` and notebooks share; hooks add periodic work to its loop. A trained run is
 used through ``slimjax.load_run(workdir)`` (config, spec, sharded parameters, tokenizer, logits),
-``slimjax.generate`` and ``slimjax.evaluate``; bundled configs are ``slimjax.configs.<name>``.
+``slimjax.generate``, ``slimjax.evaluate`` and ``slimjax.evaluate_classifier``; bundled configs are ``slimjax.configs.<name>``.
 ``slimjax.explain(config)`` shows where a config's parameters would live on its mesh,
 ``slimjax.run_command(name, *flags)`` runs any ``slimjax`` command in-process (notebooks), and
 ``slimjax.live_loss_plot()`` is a hook that redraws the loss curve in a notebook while training. Note that the name
@@ -20,8 +20,8 @@ quiet_logging()  # before JAX and Orbax are imported: their INFO lines are noise
 from slimjax.train.hooks import Hook, HookContext  # noqa: E402  (before the next line's rebinding)
 from slimjax.train.loop import train  # noqa: E402  (rebinds the name from the subpackage)
 from slimjax import configs, sharding  # noqa: E402  (attributes: slimjax.configs.tiny, slimjax.sharding.explain)
-from slimjax.api import LoadedRun, evaluate, explain, generate, load_run, run_command  # noqa: E402
+from slimjax.api import LoadedRun, evaluate, evaluate_classifier, explain, generate, load_run, run_command  # noqa: E402
 from slimjax.train.liveplot import live_loss_plot  # noqa: E402
 
 __all__ = ["train", "Hook", "HookContext", "live_loss_plot", "load_run", "LoadedRun", "generate", "evaluate",
-           "explain", "run_command", "configs", "sharding", "__version__"]
+           "evaluate_classifier", "explain", "run_command", "configs", "sharding", "__version__"]

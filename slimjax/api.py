@@ -5,6 +5,7 @@
     run.logits("ROMEO:")                                # [tokens, vocab] float32, BOS included
     slimjax.generate(run, ["ROMEO:"], max_new_tokens=20)
     slimjax.evaluate(run)                               # loss, perplexity, bits per byte (held out)
+    slimjax.evaluate_classifier(run)                    # a slim.classify run: accuracy, macro-F1, majority baseline
     print(run.explain())                                # where every parameter lives on the mesh
 
 A run is read exactly as the ``slimjax eval`` and ``generate`` commands read it
@@ -27,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.cli.rundir import RunDir, open_run, run_tokenizer
 from slimjax.config import Config, SourceConfig, parse_source, validate
+from slimjax.data import pipeline
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.infer import evaluate as evaluation
@@ -35,6 +37,7 @@ from slimjax.infer.sampling import Sampling
 from slimjax.infer.scoring import forward
 from slimjax import sharding
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules
+from slimjax.slim import classify
 from slimjax.slim.spec import ModelSpec, abstract_fn, build, spec_from_config
 from slimjax.tables import Table
 
@@ -105,8 +108,8 @@ class LoadedRun:
             host["inputs"][row, :len(r)] = r
             host["positions"][row, :len(r)] = np.arange(len(r))
             host["segment_ids"][row, :len(r)] = 1
-        sharding = NamedSharding(self.mesh, self.rules.spec(("batch", "length")))
-        placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in host.items()}
+        row_sharding = NamedSharding(self.mesh, self.rules.spec(("batch", "length")))
+        placed = {k: jax.make_array_from_callback(v.shape, row_sharding, lambda idx, v=v: v[idx]) for k, v in host.items()}
         out = np.asarray(jax.device_get(self._forward(self.params, placed)))
         arrays = [out[row, :len(r)] for row, r in enumerate(ids)]
         return arrays[0] if single else arrays
@@ -158,6 +161,16 @@ def generate(run: LoadedRun, prompts: str | Sequence[str], max_new_tokens: int =
     return complete(run.generator, run.tokenizer, prompts, max_new_tokens, sampling, seed)
 
 
+def _batch_rows(run: LoadedRun, batch_size: int) -> int:
+    """Rows per forward pass: ``batch_size`` or the run's global batch, split evenly over the devices."""
+    rows = batch_size or run.config.train.global_batch_size
+    ways = int(np.prod([run.mesh.shape[a] for a in BATCH_AXES]))
+    if rows % (ways * jax.process_count()):
+        raise SlimjaxError(f"batch_size={rows} must be a multiple of the {ways} batch-sharding devices "
+                           f"x {jax.process_count()} processes")
+    return rows
+
+
 def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), split: str = "eval", max_docs: int = 0,
              batch_size: int = 0) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of the run on the ``split`` ("eval": held out, or
@@ -169,11 +182,7 @@ def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), 
             s if isinstance(s, SourceConfig) else parse_source(f"sources[{i}]", s) for i, s in enumerate(sources)))
     if split not in ("eval", "train"):
         raise SlimjaxError(f"split={split!r}: choose 'eval' (held out) or 'train'")
-    rows = batch_size or run.config.train.global_batch_size
-    ways = int(np.prod([run.mesh.shape[a] for a in BATCH_AXES]))
-    if rows % (ways * jax.process_count()):
-        raise SlimjaxError(f"batch_size={rows} must be a multiple of the {ways} batch-sharding devices "
-                           f"x {jax.process_count()} processes")
+    rows = _batch_rows(run, batch_size)
     docs = evaluation.split_documents(data, split, max_docs)
     if not docs:
         raise SlimjaxError(f"no documents in the '{split}' split of {', '.join(s.name for s in data.sources)}; "
@@ -204,3 +213,45 @@ def run_command(command: str, *flags: str) -> None:
     status = dispatch(command, flags)
     if status != 0:
         raise SlimjaxError(f"slimjax {command} exited with status {status}")
+
+
+def evaluate_classifier(run: LoadedRun, split: str = "eval", batch_size: int = 0, max_examples: int = 0
+                        ) -> dict[str, Any]:
+    """Accuracy and macro-F1 of a classification run (``slim.classify``) on the ``split`` examples
+    of its labelled sources (every one, or the first ``max_examples`` of the fixed shuffle that
+    training's evaluation uses), beside the majority-class baseline (the training set's most
+    frequent class); ``batch_size`` 0 takes the run's ``train.global_batch_size``."""
+    from slimjax.data import finetune, records
+
+    head = classify.head_of(run.rundir.built)
+    if head is None:
+        raise SlimjaxError(f"{run.workdir} is not a classification run (its slim recipe has no 'classify')")
+    cfg, rd = run.config, run.rundir
+    rows = _batch_rows(run, batch_size)
+    classes = cfg.slim.classify.classes
+    examples = finetune.permuted(finetune.classification_examples(records.labelled(cfg.data, split, classes), classes,
+                                                                  run.tokenizer, cfg.data.seq_len))
+    if max_examples:
+        examples = {k: v[:max_examples] for k, v in examples.items()}
+    train = finetune.classification_examples(records.labelled(cfg.data, "train", classes), classes, run.tokenizer,
+                                             cfg.data.seq_len)
+    counts = {c: int(np.sum(train["labels"] == i)) for i, c in enumerate(classes)}
+    batch_sharding = {k: NamedSharding(rd.mesh, rd.rules.spec(axes)) for k, (axes, _) in pipeline.CLASSIFY_BATCH.items()}
+
+    def step(params, batch):
+        with activation_rules(rd.mesh, rd.rules):
+            return classify.make_eval_step(rd.built.graphdef, head)(params, batch)
+
+    step = jax.jit(step, in_shardings=(rd.shardings(), batch_sharding), out_shardings=NamedSharding(rd.mesh, PartitionSpec()))
+    predicted, labels = [], []
+    for batch in finetune.fixed_batches(examples, rows, 0, jax.process_index(), jax.process_count()):
+        out = jax.device_get(step(run.params, pipeline.to_global(batch, batch_sharding)))
+        keep = np.asarray(out["labels"]) >= 0
+        predicted.append(np.asarray(out["predicted"])[keep])
+        labels.append(np.asarray(out["labels"])[keep])
+    true = np.concatenate(labels)
+    base = evaluation.majority_baseline(counts, true, classes)
+    return {"step": run.step, "split": split, "sources": [s.name for s in cfg.data.sources], "examples": len(true),
+            **evaluation.classification_metrics(np.concatenate(predicted), true),
+            "majority_class": base["class"], "majority_accuracy": base["accuracy"],
+            "majority_macro_f1": base["macro_f1"]}

@@ -39,7 +39,12 @@ from slimjax.sharding import path_str, tree_merge, tree_partition
 ARRAY_ITEMS = ("params", "frozen", "slim", "opt_state", "train")  # "step", "rng", "skipped" go in "train"
 PARAM_ITEMS = ("params", "frozen")  # together: every parameter of the model
 TRAIN_KEYS = ("step", "rng", "skipped")
-EVAL_METRIC = "eval_loss"  # what checkpoint.keep_best ranks by (lower is better)
+LOWER_IS_BETTER = frozenset({"loss"})  # eval metrics (checkpoint.best_metric) where less wins; the others: more
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of eval ``metric`` beats ``best`` (None: nothing yet)."""
+    return best is None or (value < best if metric in LOWER_IS_BETTER else value > best)
 
 
 class Checkpointer:
@@ -52,7 +57,8 @@ class Checkpointer:
         if cfg.keep_every:
             policies.append(pp.EveryNSteps(cfg.keep_every))
         if cfg.keep_best:
-            policies.append(pp.BestN(get_metric_fn=lambda m: m[EVAL_METRIC], reverse=True, n=cfg.keep_best,
+            metric = cfg.best_metric
+            policies.append(pp.BestN(get_metric_fn=lambda m: m[metric], reverse=metric in LOWER_IS_BETTER, n=cfg.keep_best,
                                      keep_checkpoints_without_metrics=False))
         # read_only only stops us creating the directory: Orbax's own read_only mode logs warnings
         # that would break the CLI's one-line errors, and restoring never writes anyway.
@@ -77,19 +83,19 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any], meta: dict[str, Any],
-             eval_loss: float | None = None) -> bool:
+             eval_metrics: dict[str, float] | None = None) -> bool:
         """Starts writing ``state`` (arrays), ``data_state`` and ``meta`` (JSON) for ``step``.
 
         ``state`` has keys params, opt_state, step, rng, skipped. Device arrays are copied to host
         before this returns, so the caller may donate them. ``data_state`` is this process's
-        data-iterator state (gathered from every process into ``data_<i>`` items). ``eval_loss``
-        ranks the checkpoint for ``keep_best``.
+        data-iterator state (gathered from every process into ``data_<i>`` items). ``eval_metrics``
+        (this step's evaluation, if any) rank the checkpoint for ``keep_best`` by ``best_metric``.
         """
         items = {k: v for k, v in _split(state).items() if jax.tree.leaves(v)}
         meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
         args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
                                   meta=ocp.args.JsonSave(meta), **_data_items(data_state))
-        metrics = {EVAL_METRIC: float(eval_loss)} if eval_loss is not None else None
+        metrics = {k: float(v) for k, v in eval_metrics.items()} if eval_metrics else None
         try:
             return self._manager.save(step, args=args, force=True, metrics=metrics)
         except OSError as e:

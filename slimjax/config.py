@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping
 import ml_collections
 
 from slimjax.config_slim import (  # noqa: F401  (re-exported: the slim sections are part of the config)
-    FLOAT_BITS, QUANT_BITS, TRANSFORMS, DistillConfig, LoraConfig, LowRankConfig, PruneConfig, QatConfig, QuantConfig,
+    FLOAT_BITS, QUANT_BITS, TRANSFORMS, ClassifyConfig, DistillConfig, LoraConfig, LowRankConfig, PruneConfig, QatConfig, QuantConfig,
     SlimConfig, check_slim, parse_layer_bits, parse_layer_ranks)
 from slimjax.errors import SlimjaxError
 
@@ -66,7 +66,7 @@ class MeshConfig:
     rules: tuple[Rule, ...]
 
 
-SourceKind = Literal["shakespeare", "stdlib", "text", "jsonl", "slimpajama", "tfds"]
+SourceKind = Literal["shakespeare", "stdlib", "text", "jsonl", "slimpajama", "tfds", "genre", "labels", "pairs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +133,7 @@ class TrainConfig:
     log_every: int
     eval_every: int
     eval_batches: int
+    early_stop_patience: int
     progress: bool
     nonfinite: Literal["stop", "skip"]
     sample_tokens: int
@@ -147,6 +148,7 @@ class CheckpointConfig:
     keep: int
     keep_every: int
     keep_best: int
+    best_metric: Literal["loss", "accuracy", "macro_f1"]
     async_save: bool
     init_from: str
 
@@ -368,7 +370,7 @@ def parse_source(key: str, entry: Any) -> SourceConfig:
     source = SourceConfig(**{f: _coerce(f"{key}.{f}", v, hints[f]) for f, v in entry.items()})
     if not source.weight > 0:
         raise SlimjaxError(f"config key '{key}.weight' must be > 0, got {source.weight}")
-    if source.kind in ("text", "jsonl", "slimpajama", "tfds") and not source.path:
+    if source.kind in ("text", "jsonl", "slimpajama", "tfds", "labels", "pairs") and not source.path:
         raise SlimjaxError(f"config key '{key}' (kind '{source.kind}') needs a path")
     return source
 
@@ -433,6 +435,9 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.sample_tokens < 0:
         raise SlimjaxError(f"config key 'train.sample_tokens' must be >= 0 (0 disables the sample), "
                            f"got {t.sample_tokens}")
+    if t.early_stop_patience < 0:
+        raise SlimjaxError(f"config key 'train.early_stop_patience' must be >= 0 (0: never stop early), "
+                           f"got {t.early_stop_patience}")
     if t.eval_batches < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")

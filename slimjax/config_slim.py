@@ -93,6 +93,13 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+    """Sequence classification (``slim.classify``): a head on the model's pooled features."""
+
+    classes: tuple[str, ...]  # label names; a label's index in this list is its class id
+
+
+@dataclasses.dataclass(frozen=True)
 class SlimConfig:
     """The ordered recipe of model transforms and each transform's options."""
 
@@ -103,10 +110,11 @@ class SlimConfig:
     quant: QuantConfig
     lowrank: LowRankConfig
     distill: DistillConfig
+    classify: ClassifyConfig
 
 
 # Transforms a recipe may name (each has a section of the same name under ``slim``).
-TRANSFORMS = ("lora", "prune", "qat", "quant", "lowrank", "distill")
+TRANSFORMS = ("lora", "prune", "qat", "quant", "lowrank", "distill", "classify")
 
 
 def check_slim(slim: SlimConfig) -> None:
@@ -126,9 +134,17 @@ def check_slim(slim: SlimConfig) -> None:
     _check_lowrank(slim.lowrank, "lowrank" in slim.recipe)
     if "distill" in slim.recipe:
         _check_distill(slim.distill)
+    if "classify" in slim.recipe:
+        _check_classify(slim.classify)
     if "qat" in slim.recipe and "quant" in slim.recipe:
         raise SlimjaxError("slim.recipe names both 'qat' and 'quant': the stored codes are fixed, so there is "
                            "nothing to fake-quantize; train with 'qat', then store with 'quant'")
+
+
+def _check_classify(c: ClassifyConfig) -> None:
+    if len(c.classes) < 2 or len(set(c.classes)) != len(c.classes) or not all(c.classes):
+        raise SlimjaxError(f"config key 'slim.classify.classes' must name at least two distinct, non-empty classes, "
+                           f"got {c.classes}")
 
 
 def _check_distill(d: DistillConfig) -> None:

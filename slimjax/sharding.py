@@ -46,6 +46,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),  # normalisation scales and biases
     "positions": (),  # rows of the learned position table (GPT-2)
     "lora_rank": (),  # rank dimension of LoRA adapters: small, so replicated
+    "classes": (),  # output dimension of a classification head: a handful of labels, so replicated
     "lowrank_rank": (),  # rank dimension of low-rank factors: contracted between two products, so replicated
 }
 

@@ -100,7 +100,7 @@ def test_retention_keeps_latest_every_k_and_best(tmp_path):
         x = np.full((4,), step, np.float32)
         ck.save(step, {"params": {"w": x}, "opt_state": {"m": x}, "step": np.int32(step),
                        "rng": np.zeros(2, np.uint32), "skipped": np.int32(0)}, {}, {"step": step},
-                eval_loss=evals.get(step))
+                eval_metrics={"loss": evals[step]} if step in evals else None)
     ck.close()
     # latest 2 (7, 8), every 4th (4, 8), lowest eval loss (5)
     assert Checkpointer(tmp_path, cfg, read_only=True).all_steps() == [4, 5, 7, 8]

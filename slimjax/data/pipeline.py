@@ -37,6 +37,8 @@ LM_BATCH: BatchSpec = {
     "loss_mask": (("batch", "length"), np.float32),
 }
 BATCH_KEYS = tuple(LM_BATCH)
+# A classification batch (``slim.classify``): the language-model arrays plus each row's class id.
+CLASSIFY_BATCH: BatchSpec = {**LM_BATCH, "labels": (("batch",), np.int32)}
 
 
 def shard_stream(rows_per_source: Sequence[PackedRows], weights: Sequence[float], seed: int,

@@ -95,6 +95,15 @@ def classification_metrics(predicted: Sequence[Any], true: Sequence[Any]) -> dic
     return {"accuracy": float(np.mean(predicted == true)), "macro_f1": float(np.mean(f1s))}
 
 
+def majority_baseline(train_counts: dict[str, int], eval_labels: Sequence[int], classes: Sequence[str]
+                      ) -> dict[str, Any]:
+    """Accuracy and macro-F1 of always predicting the most frequent training class (the floor a
+    classifier's held-out score must clear to mean anything)."""
+    majority = max(range(len(classes)), key=lambda i: (train_counts.get(classes[i], 0), -i))
+    eval_labels = np.asarray(eval_labels)
+    return {"class": classes[majority], **classification_metrics(np.full_like(eval_labels, majority), eval_labels)}
+
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 

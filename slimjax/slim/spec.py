@@ -34,7 +34,8 @@ Recipe = tuple[tuple[str, Mapping[str, Any]], ...]
 
 def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
     # Imported here: each transform module imports this one's neighbours, not the reverse.
-    from slimjax.config import DistillConfig, LoraConfig, LowRankConfig, PruneConfig, QatConfig, QuantConfig
+    from slimjax.config import ClassifyConfig, DistillConfig, LoraConfig, LowRankConfig, PruneConfig, QatConfig, QuantConfig
+    from slimjax.slim.classify import Classify
     from slimjax.slim.distill import Distill
     from slimjax.slim.lora import Lora
     from slimjax.slim.lowrank import LowRank
@@ -42,7 +43,7 @@ def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
     from slimjax.slim.quant import Qat, Quant
 
     def options(opts: Mapping[str, Any]) -> dict[str, Any]:
-        tuples = {k: tuple(opts[k]) for k in ("targets", "layer_bits", "ranks") if k in opts}
+        tuples = {k: tuple(opts[k]) for k in ("targets", "layer_bits", "ranks", "classes") if k in opts}
         return {**opts, **tuples}
 
     return {"lora": lambda opts: Lora(LoraConfig(**options(opts))),
@@ -50,7 +51,8 @@ def _registry() -> dict[str, Callable[[Mapping[str, Any]], Transform]]:
             "qat": lambda opts: Qat(QatConfig(**options(opts))),
             "quant": lambda opts: Quant(QuantConfig(**options(opts))),
             "lowrank": lambda opts: LowRank(LowRankConfig(**options(opts))),
-            "distill": lambda opts: Distill(DistillConfig(**opts))}
+            "distill": lambda opts: Distill(DistillConfig(**opts)),
+            "classify": lambda opts: Classify(ClassifyConfig(**options(opts)))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,9 +22,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from slimjax.checkpoint import better
 from slimjax.config import Config, validate
 from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
+from slimjax.infer.evaluate import classification_metrics, majority_baseline
 from slimjax.infer.generate import Generator, complete
 from slimjax.logs import quiet_logging
 from slimjax.sharding import Rules, make_mesh, path_str
@@ -34,6 +36,7 @@ from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, Metri
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
 from slimjax.train.run import Run, build_run, check_batch, finished_summary
+from slimjax.slim import classify
 from slimjax.slim.spec import abstract_fn
 from slimjax.train.step import LEAF_FINITE, model_view, tree_bytes
 
@@ -50,8 +53,12 @@ class Tracker:
     data_wait_fracs: list = dataclasses.field(default_factory=list)
     last_train_loss: float = float("nan")
     last_eval_loss: float = float("nan")
+    last_eval: dict = dataclasses.field(default_factory=dict)  # the last evaluation's metrics
     last_eval_step: int = -1
     last_saved_step: int = -1
+    best: float | None = None  # best checkpoint.best_metric so far, and evaluations since it improved
+    since_best: int = 0
+    stopped_early: bool = False
 
 
 @dataclasses.dataclass
@@ -75,6 +82,7 @@ ALREADY_COMPLETE = "already_complete"
 
 # The names of the built-in hooks (also the prefixes of what they write), in the order they run.
 BUILTIN_HOOKS = ("train", "eval", "checkpoint", "sample")
+EARLY_STOP = "early_stop"  # checkpoint meta key: best metric so far, evaluations since, whether the run stopped
 
 
 def train(config: ml_collections.ConfigDict | Config, workdir: str, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
@@ -127,6 +135,9 @@ def _loop(run: Run, watch: PreemptionWatch, user_hooks: Sequence[Hook]) -> dict[
               flops_per_step=flops.flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
               leaf_names=leaf_names)
     tr = lp.tr
+    if run.start_step:  # early stopping continues from where the checkpoint left it
+        saved = run.checkpointer.read_meta(run.start_step).get(EARLY_STOP, {})
+        tr.best, tr.since_best = saved.get("best"), saved.get("since_best", 0)
     builtin = builtin_hooks(lp)
     hooks = [*builtin.values(), *user_hooks]
     tr.interval_start = time.perf_counter()
@@ -142,6 +153,10 @@ def _loop(run: Run, watch: PreemptionWatch, user_hooks: Sequence[Hook]) -> dict[
             for hook in hooks:
                 if hook.due(step, last):
                     _call(lp, hook, step, last)
+            if tr.stopped_early:  # the run ends here, with this step checkpointed
+                if tr.last_saved_step != step:
+                    _call(lp, builtin["checkpoint"], step, last=True)
+                break
             # SIGTERM: checkpoint this step boundary and stop (at the last step, just finish).
             if step < t.steps and watch.requested(step, agree=step % t.log_every == 0):
                 if tr.last_saved_step != step:
@@ -193,7 +208,7 @@ def builtin_hooks(lp: Loop) -> dict[str, Hook]:
     hooks = [Hook(cfg.train.log_every, functools.partial(_log, lp), "train", in_step_time=True),
              Hook(cfg.train.eval_every, functools.partial(_evaluate, lp), "eval"),
              Hook(cfg.checkpoint.every_steps, functools.partial(_checkpoint, lp), "checkpoint")]
-    if cfg.train.sample_tokens:
+    if cfg.train.sample_tokens and lp.run.task != "classify":  # a classifier's text head is not trained
         hooks.append(Hook(0, functools.partial(_sample, lp), "sample"))  # once, at the end
     return {hook.name: hook for hook in hooks}
 
@@ -231,7 +246,9 @@ def _log(lp: Loop, ctx: HookContext) -> None:
     tr.step_times.append(timing["step_time_s"])
     tr.throughput.append(timing["tokens_per_s"])
     tr.data_wait_fracs.append(timing["data_wait_frac"])
-    tr.last_train_loss = float(np.mean([float(m["loss"]) for m in fetched]))
+    # A classifier's loss is its cls term (the next-token loss it also logs is not trained).
+    key = f"terms/{classify.TERM}" if lp.run.task == "classify" else "loss"
+    tr.last_train_loss = float(np.mean([float(m[key]) for m in fetched]))
     lp.bar.set_postfix(loss=f"{tr.last_train_loss:.3f}", tok_s=f"{timing['tokens_per_s']:,.0f}",
                        mfu=f"{timing['mfu']:.1%}", refresh=False)
     tr.pending.clear()
@@ -240,22 +257,39 @@ def _log(lp: Loop, ctx: HookContext) -> None:
 
 
 def _evaluate(lp: Loop, ctx: HookContext) -> None:
-    tr = lp.tr
-    tr.last_eval_loss = evaluate_loss(lp.run)
-    tr.last_eval_step = ctx.step
-    ctx.write({"loss": tr.last_eval_loss, "perplexity": math.exp(min(tr.last_eval_loss, 50))})
+    tr, run = lp.tr, lp.run
+    if run.task == "classify":
+        scores = evaluate_classes(run)
+    else:
+        loss = evaluate_loss(run)
+        scores = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    tr.last_eval, tr.last_eval_loss, tr.last_eval_step = scores, scores["loss"], ctx.step
+    ctx.write({k: v for k, v in scores.items() if isinstance(v, float)})
+    metric, patience = run.cfg.checkpoint.best_metric, run.cfg.train.early_stop_patience
+    if better(metric, scores[metric], tr.best):
+        tr.best, tr.since_best = scores[metric], 0
+    else:
+        tr.since_best += 1
+    tr.stopped_early = bool(patience) and tr.since_best >= patience and ctx.step < run.cfg.train.steps
     if ctx.is_main:
-        lp.bar.write(f"step {ctx.step}: eval loss {tr.last_eval_loss:.4f}")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float) and k != "perplexity")
+        lp.bar.write(f"step {ctx.step}: eval {shown}" + (
+            f"; no better {metric} in {tr.since_best} evaluations: stopping early" if tr.stopped_early else ""))
 
 
 def _checkpoint(lp: Loop, ctx: HookContext) -> None:
     run, cfg, tr, batches, step = lp.run, lp.run.cfg, lp.tr, lp.batches, ctx.step
     # Never save a state that followed a non-finite step under "stop" (log may not have run yet).
     _stop_if_nonfinite(lp, [float(f) for f in jax.device_get([m["nonfinite"] for _, m in tr.pending])])
-    run.checkpointer.save(step, run.state.as_dict(), batches.get_state(),
-                          {"config": cfg.to_dict(), "spec": run.setup.spec.to_json(), "step": step},
-                          eval_loss=tr.last_eval_loss if tr.last_eval_step == step else None)
+    meta = {"config": cfg.to_dict(), "spec": run.setup.spec.to_json(), "step": step,
+            EARLY_STOP: {"best": tr.best, "since_best": tr.since_best, "stopped": tr.stopped_early}}
+    run.checkpointer.save(step, run.state.as_dict(), batches.get_state(), meta,
+                          eval_metrics=_floats(tr.last_eval) if tr.last_eval_step == step else None)
     tr.last_saved_step = step
+
+
+def _floats(scores: dict) -> dict[str, float]:
+    return {k: v for k, v in scores.items() if isinstance(v, float)}
 
 
 def _sample(lp: Loop, ctx: HookContext) -> None:
@@ -278,6 +312,25 @@ def evaluate_loss(run: Run) -> float:
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     return nll / max(tokens, 1.0)
+
+
+def evaluate_classes(run: Run) -> dict[str, Any]:
+    """Loss (mean cross-entropy per example), accuracy and macro-F1 on the held-out examples,
+    with the majority-class baseline's accuracy and macro-F1 beside them."""
+    nll = n = 0.0
+    predicted, labels = [], []
+    for batch in run.eval_data:
+        out = jax.device_get(run.eval_step(run.state, pipeline.to_global(batch, run.batch_sharding)))
+        nll, n = nll + float(out["nll_sum"]), n + float(out["tokens"])
+        keep = np.asarray(out["labels"]) >= 0
+        predicted.append(np.asarray(out["predicted"])[keep])
+        labels.append(np.asarray(out["labels"])[keep])
+    true = np.concatenate(labels)
+    classes = run.cfg.slim.classify.classes
+    base = majority_baseline(run.data_stats["train_classes"], true, classes)
+    return {"loss": nll / max(n, 1.0), **classification_metrics(np.concatenate(predicted), true),
+            "majority_accuracy": base["accuracy"], "majority_macro_f1": base["macro_f1"],
+            "majority_class": base["class"], "examples": float(len(true))}
 
 
 def sample_text(run: Run) -> str:
@@ -318,6 +371,8 @@ def _summary(run: Run, tr: Tracker, peak: float, peak_source: str, wall: float) 
         "skipped_steps": int(jax.device_get(run.state.skipped)),
         "final_train_loss": tr.last_train_loss,
         "final_eval_loss": tr.last_eval_loss,
+        "final_eval": _floats(tr.last_eval) | {k: v for k, v in tr.last_eval.items() if isinstance(v, str)},
+        "stopped_early": tr.stopped_early,
         "tokenizer": run.tok.path,
         "data": run.data_stats,
     }

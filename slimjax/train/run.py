@@ -19,12 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.checkpoint import Checkpointer, resolve_source
 from slimjax.config import Config
-from slimjax.data import loader, pipeline, tokenizer
+from slimjax.data import finetune, loader, pipeline, tokenizer
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.infer.scoring import make_eval_step
 from slimjax.models import compute_dtype
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
+from slimjax.slim import classify
 from slimjax.slim.spec import ModelSpec, build, rewrite_fn, spec_from_config, spec_of
 from slimjax.train import optimizer as optim
 from slimjax.train.metrics import SUMMARY_FILE
@@ -56,6 +57,7 @@ class Run:
     compile_seconds: float
     checkpointer: Checkpointer
     dtype: Any
+    task: str = "lm"  # "lm", "classify" or "sft" (finetune.task_of)
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -94,6 +96,7 @@ def build_run(cfg: Config, workdir: str) -> Run:
     mesh = make_mesh(cfg.mesh)
     rules = Rules.from_config(cfg.mesh)
     check_batch(cfg, mesh)
+    task = finetune.task_of(cfg)
     dtype = compute_dtype(cfg.model.dtype)
     tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
     # The model spec (family + slim recipe) builds the model; it validates the rules against every
@@ -104,14 +107,18 @@ def build_run(cfg: Config, workdir: str) -> Run:
     workdir = prepare_workdir(workdir)
     try:
         share_tokenizer(cfg, workdir)
-        data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
-                            cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
+        if task == "lm":
+            data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
+                                cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
+        else:
+            data = finetune.build(cfg, task, workdir, jax.process_index(), jax.process_count())
 
         checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
         state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
-        batch_sharding = pipeline.batch_shardings(mesh, rules)
-        train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+        spec = pipeline.CLASSIFY_BATCH if task == "classify" else pipeline.LM_BATCH
+        batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
+        train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     except BaseException:
         if created and jax.process_index() == 0:
             shutil.rmtree(workdir, ignore_errors=True)  # only what this call made (a bad data source ...)
@@ -119,7 +126,7 @@ def build_run(cfg: Config, workdir: str) -> Run:
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, rules=rules, tok=data.tokenizer, train_data=data.train,
                eval_data=data.eval, data_stats=data.stats, batch_sharding=batch_sharding, setup=setup, state=state,
                start_step=start, data_state=data_state, train_step=train_step, eval_step=eval_step, compile_seconds=compile_s,
-               checkpointer=checkpointer, dtype=dtype)
+               checkpointer=checkpointer, dtype=dtype, task=task)
 
 
 def finished_summary(cfg: Config, workdir: str) -> tuple[int, dict] | None:
@@ -133,7 +140,9 @@ def finished_summary(cfg: Config, workdir: str) -> tuple[int, dict] | None:
     checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint, read_only=True)
     try:
         step = checkpointer.latest_step()
-        if step is None or step < cfg.train.steps:
+        # A run that stopped early is complete too (its last checkpoint says so).
+        if step is None or (step < cfg.train.steps and not checkpointer.read_meta(step).get(
+                "early_stop", {}).get("stopped")):
             return None
         check_same_model(checkpointer, step, spec_from_config(cfg), cfg)
     finally:
@@ -269,7 +278,9 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
         train_step = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
                              out_shardings=(setup.shardings, replicated), donate_argnums=0,
                              ).lower(setup.abstract, abstract_batch).compile()
-        eval_fn = make_state_eval_step(setup.built, make_eval_step(setup.graphdef))
+        head = classify.head_of(setup.built)
+        eval_fn = make_state_eval_step(setup.built, make_eval_step(setup.graphdef) if head is None
+                                       else classify.make_eval_step(setup.graphdef, head))
         eval_step = jax.jit(eval_fn, in_shardings=(setup.shardings, batch_sharding),
                             out_shardings=replicated).lower(setup.abstract, abstract_batch).compile()
     return train_step, eval_step, time.perf_counter() - t0
