@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
-from slimjax.config import DataConfig, SourceConfig
-from slimjax.data import pipeline, sources, text, tokenizer
+from slimjax.config import DataConfig, PretrainConfig, SourceConfig
+from slimjax.data import mlm, pipeline, sources, text, tokenizer
 from slimjax.data.packing import PackedRows, pack_concat_split, pack_first_fit
 from slimjax.errors import SlimjaxError
 
@@ -31,6 +31,10 @@ class Data:
     train: grain.MapDataset
     eval: list[dict[str, np.ndarray]]
     stats: dict[str, Any]
+
+
+# The named arrays of each model family's training batches.
+BATCH_SPECS: dict[str, pipeline.BatchSpec] = {"decoder": pipeline.LM_BATCH, "encoder": mlm.ENCODER_BATCH}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +200,12 @@ def pack(cfg: DataConfig, tok: tokenizer.Tokenizer, docs: list[str], pad_last: b
 
 
 def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, vocab_size: int,
-          workdir: str, process_index: int = 0, process_count: int = 1) -> Data:
-    """Everything the training loop reads. Raises SlimjaxError for any problem with the data."""
+          workdir: str, process_index: int = 0, process_count: int = 1, pretrain: PretrainConfig | None = None
+          ) -> Data:
+    """Everything the training loop reads. Raises SlimjaxError for any problem with the data.
+
+    With ``pretrain`` (an encoder run) the rows are sentence pairs with masked tokens
+    (``slimjax.data.mlm``) instead of packed documents."""
     srcs = expand(cfg.sources)
     layout = Layout.make(cfg, global_batch, process_index, process_count)
     stats = sources.ReadStats()
@@ -216,6 +224,9 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
         raise no_held_out(cfg)
     tok = tokenizer.get_tokenizer(cfg.tokenizer_kind, cfg.tokenizer, workdir, vocab_size, cfg.tokenizer_type,
                                   lambda: training_documents(cfg))
+    if pretrain is not None:
+        return _encoder_data(cfg, pretrain, tok, srcs, docs, eval_docs, layout, global_batch, seed,
+                             max_eval_batches, vocab_size, process_index, process_count, stats)
     shards = []
     for i, per_source in enumerate(docs):
         shard_rows = []
@@ -236,5 +247,44 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
         "sources": {s.name: {"documents": sum(len(d[k]) for d in docs), "rows": sum(len(sh[k]) for sh in shards),
                              "weight": s.weight} for k, s in enumerate(srcs)},
         "shards": layout.shards, "eval_documents": len(eval_docs), "eval_rows": len(eval_rows),
+        "skipped": dict(stats.skipped), "first_skipped": stats.first,
+    })
+
+
+def _encoder_data(cfg: DataConfig, pretrain: PretrainConfig, tok: tokenizer.Tokenizer, srcs: list[SourceConfig],
+                  docs: list[list[list[str]]], eval_docs: list[str], layout: Layout, global_batch: int, seed: int,
+                  max_eval_batches: int, vocab_size: int, process_index: int, process_count: int,
+                  stats: sources.ReadStats) -> Data:
+    """:func:`build` for the encoder: each shard's documents cut into sentence-pair pieces."""
+    specials = mlm.specials_of(tok, pretrain, vocab_size)
+    words = mlm.word_table(tok) if pretrain.whole_word else None
+    piece_len = (cfg.seq_len - 3) // 2
+    if piece_len < 1:
+        raise SlimjaxError(f"data.seq_len={cfg.seq_len} leaves no room for a sentence pair ([CLS] A [SEP] B [SEP]); "
+                           "raise it to at least 5")
+    shards = []
+    for i, per_source in enumerate(docs):
+        shard = []
+        for src, source_docs in zip(srcs, per_source):
+            pieces = mlm.cut_pieces(tok.encode_batch(source_docs), piece_len)
+            if len(pieces) == 0:
+                raise SlimjaxError(
+                    f"data source '{src.name}' gives no sentence pairs of data.seq_len={cfg.seq_len} in shard "
+                    f"{layout.owned.start + i} of {layout.shards} ({len(source_docs)} documents); it is too "
+                    "small for that many shards: lower data.shards or drop the source")
+            shard.append(pieces)
+        shards.append(shard)
+    eval_pieces = mlm.cut_pieces(tok.encode_batch(eval_docs), piece_len)
+    if len(eval_pieces) == 0:
+        raise SlimjaxError(f"the {len(eval_docs)} held-out documents give no sentence pairs of "
+                           f"data.seq_len={cfg.seq_len}; hold out longer documents")
+    train = mlm.train_dataset(shards, [s.weight for s in srcs], layout.rows_per_shard, seed, layout.owned.start,
+                              cfg.seq_len, pretrain, specials, words)
+    eval_data = mlm.eval_batches(eval_pieces, global_batch, max_eval_batches, seed, cfg.seq_len, pretrain,
+                                 specials, words, process_index, process_count)
+    return Data(tok, train, eval_data, {
+        "sources": {s.name: {"documents": sum(len(d[k]) for d in docs), "pairs": sum(len(sh[k]) for sh in shards),
+                             "weight": s.weight} for k, s in enumerate(srcs)},
+        "shards": layout.shards, "eval_documents": len(eval_docs), "eval_pairs": len(eval_pieces),
         "skipped": dict(stats.skipped), "first_skipped": stats.first,
     })

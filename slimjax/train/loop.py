@@ -26,6 +26,7 @@ from slimjax.config import Config, validate
 from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
 from slimjax.infer.generate import Generator, complete
+from slimjax.infer.scoring import eval_means
 from slimjax.logs import quiet_logging
 from slimjax.sharding import Rules, make_mesh, path_str
 from slimjax.train import distributed, flops
@@ -241,9 +242,14 @@ def _log(lp: Loop, ctx: HookContext) -> None:
 
 def _evaluate(lp: Loop, ctx: HookContext) -> None:
     tr = lp.tr
-    tr.last_eval_loss = evaluate_loss(lp.run)
+    if lp.run.cfg.model.family == "decoder":
+        tr.last_eval_loss = evaluate_loss(lp.run)
+        ctx.write({"loss": tr.last_eval_loss, "perplexity": math.exp(min(tr.last_eval_loss, 50))})
+    else:
+        means = evaluate_means(lp.run)
+        tr.last_eval_loss = means["mlm"]
+        ctx.write({"loss": tr.last_eval_loss, **means})
     tr.last_eval_step = ctx.step
-    ctx.write({"loss": tr.last_eval_loss, "perplexity": math.exp(min(tr.last_eval_loss, 50))})
     if ctx.is_main:
         lp.bar.write(f"step {ctx.step}: eval loss {tr.last_eval_loss:.4f}")
 
@@ -278,6 +284,13 @@ def evaluate_loss(run: Run) -> float:
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     return nll / max(tokens, 1.0)
+
+
+def evaluate_means(run: Run) -> dict[str, float]:
+    """An encoder's held-out terms and accuracies (``mlm``, ``nsp``, ``mlm_accuracy``, ...), each
+    over its own count."""
+    return eval_means([jax.device_get(run.eval_step(run.state, pipeline.to_global(batch, run.batch_sharding)))
+                       for batch in run.eval_data])
 
 
 def sample_text(run: Run) -> str:

@@ -104,14 +104,17 @@ def build_run(cfg: Config, workdir: str) -> Run:
     workdir = prepare_workdir(workdir)
     try:
         share_tokenizer(cfg, workdir)
+        encoder = cfg.model.family == "encoder"
         data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
-                            cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
+                            cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count(),
+                            pretrain=cfg.pretrain if encoder else None)
 
         checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
         state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
-        batch_sharding = pipeline.batch_shardings(mesh, rules)
-        train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+        spec = loader.BATCH_SPECS[cfg.model.family]
+        batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
+        train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     except BaseException:
         if created and jax.process_index() == 0:
             shutil.rmtree(workdir, ignore_errors=True)  # only what this call made (a bad data source ...)
@@ -269,7 +272,7 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
         train_step = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
                              out_shardings=(setup.shardings, replicated), donate_argnums=0,
                              ).lower(setup.abstract, abstract_batch).compile()
-        eval_fn = make_state_eval_step(setup.built, make_eval_step(setup.graphdef))
+        eval_fn = make_state_eval_step(setup.built, make_eval_step(setup.graphdef, setup.spec.family))
         eval_step = jax.jit(eval_fn, in_shardings=(setup.shardings, batch_sharding),
                             out_shardings=replicated).lower(setup.abstract, abstract_batch).compile()
     return train_step, eval_step, time.perf_counter() - t0
@@ -295,6 +298,7 @@ def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, C
     """(setup, fresh state, compiled train step, compiled eval step, batch sharding) without data
     or checkpoints: what benchmarks and tests need to drive steps on batches of their own."""
     rules, setup, state = fresh_state(cfg, mesh)
-    batch_sharding = pipeline.batch_shardings(mesh, rules)
-    train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+    spec = loader.BATCH_SPECS[cfg.model.family]
+    batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
+    train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     return setup, state, train_step, eval_step, batch_sharding
