@@ -275,7 +275,13 @@ def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
 
     c = base.get_config()
     _overlay(c.model, saved)
-    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)  # only the model section is being read
+    # Only the model section is being read: the others are made to fit it.
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+    own = FAMILY_TERMS.get(c.model.family, ())
+    for name in FAMILY_TERMS["decoder"] + FAMILY_TERMS["encoder"]:
+        c.objective[name] = 1.0 if own and name == own[0] else 0.0
+    if c.model.family == "encoder":
+        c.train.sample_tokens = 0
     return validate(c).model
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -251,22 +251,41 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
     })
 
 
+@dataclasses.dataclass(frozen=True)
+class PairRows:
+    """How documents become encoder rows: the tokenizer, the special ids, the word table (whole-word
+    masking) and the piece length (half a row after [CLS] and two [SEP])."""
+
+    tok: tokenizer.Tokenizer
+    specials: mlm.Specials
+    words: np.ndarray | None
+    piece_len: int
+
+    def pieces(self, docs: list[str] | Sequence[str]) -> mlm.Pieces:
+        return mlm.cut_pieces(self.tok.encode_batch(list(docs)), self.piece_len)
+
+
+def pair_rows(cfg: DataConfig, pretrain: PretrainConfig, tok: tokenizer.Tokenizer, vocab_size: int) -> PairRows:
+    """The :class:`PairRows` of a config; SlimjaxError for rows too short for a pair or bad special ids."""
+    piece_len = (cfg.seq_len - 3) // 2
+    if piece_len < 1:
+        raise SlimjaxError(f"data.seq_len={cfg.seq_len} leaves no room for a sentence pair ([CLS] A [SEP] B [SEP]); "
+                           "raise it to at least 5")
+    words = mlm.word_table(tok) if pretrain.whole_word else None
+    return PairRows(tok, mlm.specials_of(tok, pretrain, vocab_size), words, piece_len)
+
+
 def _encoder_data(cfg: DataConfig, pretrain: PretrainConfig, tok: tokenizer.Tokenizer, srcs: list[SourceConfig],
                   docs: list[list[list[str]]], eval_docs: list[str], layout: Layout, global_batch: int, seed: int,
                   max_eval_batches: int, vocab_size: int, process_index: int, process_count: int,
                   stats: sources.ReadStats) -> Data:
     """:func:`build` for the encoder: each shard's documents cut into sentence-pair pieces."""
-    specials = mlm.specials_of(tok, pretrain, vocab_size)
-    words = mlm.word_table(tok) if pretrain.whole_word else None
-    piece_len = (cfg.seq_len - 3) // 2
-    if piece_len < 1:
-        raise SlimjaxError(f"data.seq_len={cfg.seq_len} leaves no room for a sentence pair ([CLS] A [SEP] B [SEP]); "
-                           "raise it to at least 5")
+    rows = pair_rows(cfg, pretrain, tok, vocab_size)
     shards = []
     for i, per_source in enumerate(docs):
         shard = []
         for src, source_docs in zip(srcs, per_source):
-            pieces = mlm.cut_pieces(tok.encode_batch(source_docs), piece_len)
+            pieces = rows.pieces(source_docs)
             if len(pieces) == 0:
                 raise SlimjaxError(
                     f"data source '{src.name}' gives no sentence pairs of data.seq_len={cfg.seq_len} in shard "
@@ -274,14 +293,14 @@ def _encoder_data(cfg: DataConfig, pretrain: PretrainConfig, tok: tokenizer.Toke
                     "small for that many shards: lower data.shards or drop the source")
             shard.append(pieces)
         shards.append(shard)
-    eval_pieces = mlm.cut_pieces(tok.encode_batch(eval_docs), piece_len)
+    eval_pieces = rows.pieces(eval_docs)
     if len(eval_pieces) == 0:
         raise SlimjaxError(f"the {len(eval_docs)} held-out documents give no sentence pairs of "
                            f"data.seq_len={cfg.seq_len}; hold out longer documents")
     train = mlm.train_dataset(shards, [s.weight for s in srcs], layout.rows_per_shard, seed, layout.owned.start,
-                              cfg.seq_len, pretrain, specials, words)
+                              cfg.seq_len, pretrain, rows.specials, rows.words)
     eval_data = mlm.eval_batches(eval_pieces, global_batch, max_eval_batches, seed, cfg.seq_len, pretrain,
-                                 specials, words, process_index, process_count)
+                                 rows.specials, rows.words, process_index, process_count)
     return Data(tok, train, eval_data, {
         "sources": {s.name: {"documents": sum(len(d[k]) for d in docs), "pairs": sum(len(sh[k]) for sh in shards),
                              "weight": s.weight} for k, s in enumerate(srcs)},
