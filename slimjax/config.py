@@ -275,14 +275,20 @@ def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
 
     c = base.get_config()
     _overlay(c.model, saved)
-    # Only the model section is being read: the others are made to fit it.
+    fit_to_model(c)  # only the model section is being read
+    return validate(c).model
+
+
+def fit_to_model(c: ml_collections.ConfigDict) -> None:
+    """Makes the other sections of ``c`` (defaults, when only a model is given: a checkpoint's or a
+    Hugging Face config's) fit its model: rows no longer than it accepts, the objective of its
+    family (its first term), no generated sample for an encoder."""
     c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
     own = FAMILY_TERMS.get(c.model.family, ())
     for name in FAMILY_TERMS["decoder"] + FAMILY_TERMS["encoder"]:
         c.objective[name] = 1.0 if own and name == own[0] else 0.0
     if c.model.family == "encoder":
         c.train.sample_tokens = 0
-    return validate(c).model
 
 
 def suggest(key: str, known: typing.Iterable[str]) -> str:
