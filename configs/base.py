@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_batches = 8  # batches per evaluation (0: the whole held-out set)
     t.progress = True  # show a progress bar on process 0
     t.nonfinite = "stop"  # non-finite loss/gradient: "stop" (error naming step and leaves, no checkpoint of it) or "skip" (drop the update, count it)
-    t.sample_tokens = 48  # tokens of a greedy sample printed at the end of training (0 disables)
+    t.sample_tokens = 48  # decoders: tokens of a greedy sample printed at the end of training (0 disables)
     t.sample_prompt = "ROMEO:"  # the prompt of that sample
 
     c.checkpoint = ck = ml_collections.ConfigDict()

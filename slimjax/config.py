@@ -282,13 +282,11 @@ def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
 def fit_to_model(c: ml_collections.ConfigDict) -> None:
     """Makes the other sections of ``c`` (defaults, when only a model is given: a checkpoint's or a
     Hugging Face config's) fit its model: rows no longer than it accepts, the objective of its
-    family (its first term), no generated sample for an encoder."""
+    family (its first term)."""
     c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
     own = FAMILY_TERMS.get(c.model.family, ())
     for name in FAMILY_TERMS["decoder"] + FAMILY_TERMS["encoder"]:
         c.objective[name] = 1.0 if own and name == own[0] else 0.0
-    if c.model.family == "encoder":
-        c.train.sample_tokens = 0
 
 
 def suggest(key: str, known: typing.Iterable[str]) -> str:
@@ -523,9 +521,6 @@ def _check_encoder(cfg: Config) -> None:
                            "the MLM head tied to the embeddings: set model.positions='learned', "
                            "model.n_kv_heads=model.n_heads, model.mlp='gelu_exact' (or 'gelu') and "
                            "model.tie_embeddings=True")
-    if cfg.train.sample_tokens:
-        raise SlimjaxError("train.sample_tokens is for decoders (a generated sample); set it to 0 for "
-                           "model.family='encoder'")
 
 
 def _jsonable(x: Any) -> Any:

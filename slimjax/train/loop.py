@@ -194,7 +194,7 @@ def builtin_hooks(lp: Loop) -> dict[str, Hook]:
     hooks = [Hook(cfg.train.log_every, functools.partial(_log, lp), "train", in_step_time=True),
              Hook(cfg.train.eval_every, functools.partial(_evaluate, lp), "eval"),
              Hook(cfg.checkpoint.every_steps, functools.partial(_checkpoint, lp), "checkpoint")]
-    if cfg.train.sample_tokens:
+    if cfg.train.sample_tokens and cfg.model.family == "decoder":  # an encoder does not generate
         hooks.append(Hook(0, functools.partial(_sample, lp), "sample"))  # once, at the end
     return {hook.name: hook for hook in hooks}
 

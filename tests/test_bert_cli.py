@@ -1,0 +1,47 @@
+"""`slimjax train --config=configs/bert_tiny.py` end to end, `slimjax eval` on the encoder run
+(MLM and pair loss and accuracy beside the unigram baseline), and bad pre-training input.
+
+Beating the unigram baseline takes bert_tiny a few hundred steps (minutes on 2 cores), too long
+for the suite: the measured numbers are in the README's encoder section."""
+
+import json
+import os
+
+import pytest
+
+from slimjax.cli import main
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "bert_tiny.py")
+# Small and short enough for the suite (bytes: no tokenizer to train).
+FAST = ["--config.model.d_model=64", "--config.model.head_dim=32", "--config.model.d_ff=256",
+        "--config.data.seq_len=64", "--config.model.max_seq_len=64", "--config.train.global_batch_size=16",
+        "--config.train.steps=20", "--config.train.eval_every=20", "--config.train.log_every=5", "--config.data.tokenizer_kind=byte", "--config.model.vocab_size=260", "--config.train.eval_batches=4",
+        "--config.optimizer.learning_rate=3e-3", "--config.optimizer.warmup_steps=10",
+        "--config.train.progress=False", "--config.checkpoint.async_save=False"]
+
+
+def test_bert_tiny_trains_through_the_cli_and_eval_reports_mlm_beside_the_unigram_baseline(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", f"--config={CONFIG}", f"--workdir={run}", *FAST]) == 0
+    logged = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    train = [m for m in logged if "train/terms/mlm" in m]
+    assert {"train/terms/nsp", "train/mlm_accuracy", "train/nsp_accuracy", "train/objective"} <= set(train[-1])
+    assert train[-1]["train/terms/mlm"] < train[0]["train/terms/mlm"] - 1.0  # from ln(260) towards the unigram
+    evals = [m for m in logged if "eval/mlm_accuracy" in m]
+    assert evals and {"eval/nsp", "eval/nsp_accuracy"} <= set(evals[-1])
+    capsys.readouterr()
+    assert main(["eval", f"--workdir={run}", "--max_docs=4"]) == 0
+    out = capsys.readouterr().out
+    result = json.load(open(os.path.join(run, "eval.json")))
+    assert f"unigram baseline {result['unigram_accuracy']:.4f}" in out
+    assert result["masked_tokens"] > 1000 and 0.05 < result["unigram_accuracy"] < 0.5
+    assert 0 <= result["mlm_accuracy"] <= 1 and 0 <= result["nsp_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("rate", ["0.0", "1.0", "1.5"])
+def test_a_mask_rate_outside_0_1_is_one_line_and_exit_2(tmp_path, capsys, rate):
+    run = tmp_path / "run"
+    assert main(["train", f"--config={CONFIG}", f"--workdir={run}", f"--config.pretrain.mask_rate={rate}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pretrain.mask_rate" in err and "(0, 1)" in err
+    assert not run.exists()
