@@ -199,6 +199,25 @@ def pack(cfg: DataConfig, tok: tokenizer.Tokenizer, docs: list[str], pad_last: b
     return pack_concat_split(encoded, cfg.seq_len, pad_last=pad_last, pad_id=tok.pad_id)
 
 
+def per_shard(cfg: DataConfig, srcs: list[SourceConfig], docs: list[list[list[str]]], layout: Layout,
+              make: Callable[[list[str]], Any], what: str) -> list[list[Any]]:
+    """``make(documents)`` (packed rows, sentence-pair pieces) for each source in each of this
+    process's shards; a source that gives none in a shard is an error naming it."""
+    shards = []
+    for i, per_source in enumerate(docs):
+        shard = []
+        for src, source_docs in zip(srcs, per_source):
+            made = make(source_docs)
+            if len(made) == 0:
+                raise SlimjaxError(
+                    f"data source '{src.name}' gives no {what} of data.seq_len={cfg.seq_len} in shard "
+                    f"{layout.owned.start + i} of {layout.shards} ({len(source_docs)} documents); it is too "
+                    "small for that many shards: lower data.shards or drop the source")
+            shard.append(made)
+        shards.append(shard)
+    return shards
+
+
 def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, vocab_size: int,
           workdir: str, process_index: int = 0, process_count: int = 1, pretrain: PretrainConfig | None = None
           ) -> Data:
@@ -227,18 +246,7 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
     if pretrain is not None:
         return _encoder_data(cfg, pretrain, tok, srcs, docs, eval_docs, layout, global_batch, seed,
                              max_eval_batches, vocab_size, process_index, process_count, stats)
-    shards = []
-    for i, per_source in enumerate(docs):
-        shard_rows = []
-        for src, source_docs in zip(srcs, per_source):
-            rows = pack(cfg, tok, source_docs)
-            if len(rows) == 0:
-                raise SlimjaxError(
-                    f"data source '{src.name}' gives no rows of data.seq_len={cfg.seq_len} in shard "
-                    f"{layout.owned.start + i} of {layout.shards} ({len(source_docs)} documents); it is too "
-                    "small for that many shards: lower data.shards or drop the source")
-            shard_rows.append(rows)
-        shards.append(shard_rows)
+    shards = per_shard(cfg, srcs, docs, layout, lambda d: pack(cfg, tok, d), "rows")
     eval_rows = pack(cfg, tok, eval_docs, pad_last=True)
     train = pipeline.train_dataset(shards, [s.weight for s in srcs], layout.rows_per_shard, seed,
                                    layout.owned.start)
@@ -281,18 +289,7 @@ def _encoder_data(cfg: DataConfig, pretrain: PretrainConfig, tok: tokenizer.Toke
                   stats: sources.ReadStats) -> Data:
     """:func:`build` for the encoder: each shard's documents cut into sentence-pair pieces."""
     rows = pair_rows(cfg, pretrain, tok, vocab_size)
-    shards = []
-    for i, per_source in enumerate(docs):
-        shard = []
-        for src, source_docs in zip(srcs, per_source):
-            pieces = rows.pieces(source_docs)
-            if len(pieces) == 0:
-                raise SlimjaxError(
-                    f"data source '{src.name}' gives no sentence pairs of data.seq_len={cfg.seq_len} in shard "
-                    f"{layout.owned.start + i} of {layout.shards} ({len(source_docs)} documents); it is too "
-                    "small for that many shards: lower data.shards or drop the source")
-            shard.append(pieces)
-        shards.append(shard)
+    shards = per_shard(cfg, srcs, docs, layout, rows.pieces, "sentence pairs")
     eval_pieces = rows.pieces(eval_docs)
     if len(eval_pieces) == 0:
         raise SlimjaxError(f"the {len(eval_docs)} held-out documents give no sentence pairs of "

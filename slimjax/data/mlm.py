@@ -25,7 +25,7 @@ from grain.experimental import ZipMapDataset
 import numpy as np
 
 from slimjax.config import PretrainConfig
-from slimjax.data.pipeline import BatchSpec, shard_stream
+from slimjax.data.pipeline import BatchSpec, eval_indices, shard_stream
 from slimjax.errors import SlimjaxError
 
 # The encoder's batch: named arrays and the logical names of their dimensions.
@@ -226,14 +226,10 @@ def eval_batches(pieces: Pieces, global_batch: int, max_batches: int, seed: int,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Held-out rows, one per anchor in order with fixed draws, padded to whole batches (pad rows
     weigh nothing); this process's slices only."""
-    n = -(-len(pieces) // global_batch)
-    if max_batches:
-        n = min(n, max_batches)
-    local = global_batch // process_count
     out = []
-    for b in range(n):
+    for idx in eval_indices(len(pieces), global_batch, max_batches, process_index, process_count):
         rows = []
-        for i in range(b * global_batch + process_index * local, b * global_batch + (process_index + 1) * local):
+        for i in map(int, idx):
             row = make_row(pieces, int(pieces.anchors[min(i, len(pieces) - 1)]), seq_len, cfg, specials,
                            row_rng(seed, -1, i), words)
             if i >= len(pieces):
