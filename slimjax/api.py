@@ -122,6 +122,9 @@ class LoadedRun:
     @functools.cached_property
     def generator(self) -> Generator:
         """The KV-cache generator over these parameters (compiled programs are kept between calls)."""
+        if self.spec.family != "decoder":
+            raise SlimjaxError(f"run '{self.rundir.workdir}' holds a model of family {self.spec.family!r}, which "
+                               "does not generate text; generation needs a decoder run")
         return Generator(self.spec.model, self.params, self.mesh, self.rules, abstract=abstract_fn(self.spec))
 
     def explain(self) -> str:

@@ -36,6 +36,9 @@ def test_bert_tiny_trains_through_the_cli_and_eval_reports_mlm_beside_the_unigra
     assert f"unigram baseline {result['unigram_accuracy']:.4f}" in out
     assert result["masked_tokens"] > 1000 and 0.05 < result["unigram_accuracy"] < 0.5
     assert 0 <= result["mlm_accuracy"] <= 1 and 0 <= result["nsp_accuracy"] <= 1
+    assert main(["generate", f"--workdir={run}", "--prompt=ROMEO:"]) == 2  # an encoder does not generate
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "family 'encoder'" in err
 
 
 @pytest.mark.parametrize("rate", ["0.0", "1.0", "1.5"])
