@@ -40,31 +40,46 @@ def _gelu(x):
 
 
 def reference(params, cfg, tokens, types, segment_ids):
-    """(MLM logits, pair logits) of a post-LN BERT in float64."""
+    """(MLM logits, pair logits) of a BERT (post-LN, or pre-LN with a final norm) in float64."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     b, t = tokens.shape
     x = p["embed"]["embedding"][tokens] + p["pos_embed"][np.arange(t)][None] + p["type_embed"][types]
     x = _ln(x, p["embed_norm"], cfg.norm_eps)
     mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-    for i in range(cfg.n_layers):
-        lp = jax.tree.map(lambda a: a[i], p["blocks"])
+
+    def attend(x, lp):
         q, k, v = (_lin(x, lp["attn"][n]) for n in ("wq", "wk", "wv"))
         s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim)
         s = np.where(mask[:, None], s, -np.inf)
         w = np.exp(s - s.max(-1, keepdims=True))
         o = np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v).reshape(b, t, -1)
-        wo = lp["attn"]["wo"]
-        x = _ln(x + o @ wo["kernel"].reshape(-1, cfg.d_model) + wo["bias"], lp["attn_norm"], cfg.norm_eps)
-        x = _ln(x + _lin(_gelu(_lin(x, lp["mlp"]["up"])), lp["mlp"]["down"]), lp["mlp_norm"], cfg.norm_eps)
+        return o @ lp["attn"]["wo"]["kernel"].reshape(-1, cfg.d_model) + lp["attn"]["wo"]["bias"]
+
+    def mlp(x, lp):
+        return _lin(_gelu(_lin(x, lp["mlp"]["up"])), lp["mlp"]["down"])
+
+    for i in range(cfg.n_layers):
+        lp = jax.tree.map(lambda a: a[i], p["blocks"])
+        if cfg.norm_position == "post":  # BERT: norm(x + f(x))
+            x = _ln(x + attend(x, lp), lp["attn_norm"], cfg.norm_eps)
+            x = _ln(x + mlp(x, lp), lp["mlp_norm"], cfg.norm_eps)
+        else:  # x + f(norm(x)), then a final norm
+            x = x + attend(_ln(x, lp["attn_norm"], cfg.norm_eps), lp)
+            x = x + mlp(_ln(x, lp["mlp_norm"], cfg.norm_eps), lp)
+    if cfg.norm_position == "pre":
+        x = _ln(x, p["final_norm"], cfg.norm_eps)
     h = _ln(_gelu(_lin(x, p["mlm"]["dense"])), p["mlm"]["norm"], cfg.norm_eps)
     mlm = h @ p["embed"]["embedding"].T + p["mlm"]["bias"]
     pair = _lin(np.tanh(_lin(x[:, 0], p["pooler"])), p["nsp"])
     return mlm, pair
 
 
-def test_forward_matches_a_float64_reference_with_padding_and_token_types():
-    cfg = small_config("bert").model
-    graphdef, params = random_model(small_config("bert"))
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_forward_matches_a_float64_reference_with_padding_and_token_types(norm_position):
+    full = small_config("bert", norm_position=norm_position)
+    cfg = full.model
+    graphdef, params = random_model(full)
+    assert ("final_norm" in params) == (norm_position == "pre")
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (2, 24))
     types = (np.arange(24) >= 11).astype(np.int32)[None].repeat(2, 0)
