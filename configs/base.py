@@ -10,6 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = m = ml_collections.ConfigDict()
+    m.family = "decoder"  # "decoder" (causal LM: GPT-2, Llama) or "encoder" (bidirectional, BERT: MLM + NSP)
     m.vocab_size = 1024  # tokenizer vocabulary size; the embedding table's first dimension
     m.d_model = 128  # residual stream width
     m.n_layers = 4  # number of decoder blocks
@@ -26,8 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.rope_high_freq_factor = 4.0  # "llama3": wavelengths below original_max_len / this are kept
     m.rope_original_max_len = 8192  # "llama3": context length the frequencies were trained for
     m.norm = "rmsnorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    m.norm_position = "pre"  # "pre" (x + f(norm(x)); decoders) or "post" (norm(x + f(x)); BERT); the encoder reads it
     m.norm_eps = 1e-5  # epsilon inside the normalisation
-    m.mlp = "swiglu"  # "gelu" (GPT-2) or "swiglu" (Llama)
+    m.mlp = "swiglu"  # "gelu" (GPT-2's tanh approximation), "gelu_exact" (erf, BERT) or "swiglu" (Llama)
     m.use_bias = False  # biases on linear layers and LayerNorm (GPT-2: True)
     m.tie_embeddings = True  # reuse the token embedding as the output projection
     m.init_std = 0.02  # std of the normal initialiser (output projections scaled by 1/sqrt(2L))
@@ -35,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.scan_layers = True  # jax.lax.scan over stacked layers (fast compile) instead of unrolling
     m.remat = "none"  # rematerialisation: "none", "dots" (save matmul outputs), "full"
     m.attention = "auto"  # jax.nn.dot_product_attention backend: "auto" (cuDNN on GPU), "xla", "cudnn"
+    m.type_vocab_size = 2  # encoder: rows of the token-type (segment A/B) embedding
 
     c.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # data-parallel axis size (-1: all devices left over)
@@ -90,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.early_stop_patience = 0  # stop after this many evaluations without a better checkpoint.best_metric (0: never)
     t.progress = True  # show a progress bar on process 0
     t.nonfinite = "stop"  # non-finite loss/gradient: "stop" (error naming step and leaves, no checkpoint of it) or "skip" (drop the update, count it)
-    t.sample_tokens = 48  # tokens of a greedy sample printed at the end of training (0 disables)
+    t.sample_tokens = 48  # decoders: tokens of a greedy sample printed at the end of training (0 disables)
     t.sample_prompt = "ROMEO:"  # the prompt of that sample
 
     c.checkpoint = ck = ml_collections.ConfigDict()
@@ -106,6 +109,16 @@ def get_config() -> ml_collections.ConfigDict:
     # The train step minimises sum_i weight_i * term_i; every term is logged (train/terms/NAME).
     obj.next_token = 1.0  # mean next-token cross-entropy over target tokens
     obj.z_loss = 0.0  # mean log(Z)^2 over target tokens (PaLM uses 1e-4)
+    obj.mlm = 0.0  # encoder: mean cross-entropy over the masked tokens (BERT: 1.0)
+    obj.nsp = 0.0  # encoder: mean cross-entropy of the pair head (next-sentence or sentence-order; BERT: 1.0)
+
+    c.pretrain = pre = ml_collections.ConfigDict()
+    # Encoder pre-training rows: [CLS] A [SEP] B [SEP] from consecutive pieces of one document
+    # ([CLS] = the tokenizer's BOS, [SEP] = its EOS), with masked tokens for the MLM head.
+    pre.mask_rate = 0.15  # share of each row's non-special tokens chosen for prediction, in (0, 1)
+    pre.whole_word = False  # choose whole words (all pieces of a SentencePiece word) instead of single pieces
+    pre.pair_task = "nsp"  # "nsp": B is the next piece or (50%) a piece of another document; "sop" (ALBERT): A, B swapped (50%)
+    pre.mask_id = 1  # the [MASK] id: 1 is the unk id, which the SentencePiece (byte fallback) and byte tokenizers never emit
 
     c.slim = slim = ml_collections.ConfigDict()
     # Model transforms applied in this order before training (and recorded in every checkpoint's

@@ -128,6 +128,9 @@ class LoadedRun:
     @functools.cached_property
     def generator(self) -> Generator:
         """The KV-cache generator over these parameters (compiled programs are kept between calls)."""
+        if self.spec.family != "decoder":
+            raise SlimjaxError(f"run '{self.rundir.workdir}' holds a model of family {self.spec.family!r}, which "
+                               "does not generate text; generation needs a decoder run")
         return Generator(self.spec.model, self.params, self.mesh, self.rules, abstract=abstract_fn(self.spec))
 
     def explain(self) -> Table:
@@ -175,7 +178,9 @@ def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), 
              batch_size: int = 0) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of the run on the ``split`` ("eval": held out, or
     "train") documents of ``sources`` (``data.sources`` specs; default: the run's own), as
-    ``slimjax eval`` computes them; ``batch_size`` 0 takes the run's ``train.global_batch_size``."""
+    ``slimjax eval`` computes them; ``batch_size`` 0 takes the run's ``train.global_batch_size``.
+    An encoder run gives its MLM and pair-task loss and accuracy (``mlm``, ``mlm_accuracy``,
+    ``nsp``, ``nsp_accuracy``) and the unigram baseline ``unigram_accuracy`` instead."""
     data = run.config.data
     if sources:
         data = dataclasses.replace(data, sources=tuple(
@@ -188,11 +193,17 @@ def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), 
         raise SlimjaxError(f"no documents in the '{split}' split of {', '.join(s.name for s in data.sources)}; "
                            "try split='train' or other sources")
     rd = run.rundir
+    family = rd.spec.family
     step_fn = evaluation.compile_eval_step(rd.built.graphdef, rd.built.shapes, rd.shardings(), rd.mesh, rd.rules,
-                                           rows, data.seq_len)
+                                           rows, data.seq_len, family)
+    head = {"step": run.step, "split": split, "sources": [s.name for s in data.sources],
+            "tokenizer": run.tokenizer.path, "seq_len": data.seq_len}
+    if family == "encoder":
+        cfg = run.config
+        return head | evaluation.score_masked(step_fn, run.params, data, cfg.pretrain, run.tokenizer, docs, rows,
+                                              cfg.train.seed, cfg.model.vocab_size, rd.mesh, rd.rules)
     score = evaluation.score_documents(step_fn, run.params, data, run.tokenizer, docs, rows, rd.mesh, rd.rules)
-    return {"step": run.step, "split": split, "sources": [s.name for s in data.sources],
-            "tokenizer": run.tokenizer.path, "seq_len": data.seq_len, **score.as_dict()}
+    return head | score.as_dict()
 
 
 def explain(config: ml_collections.ConfigDict | Config, devices: Sequence[jax.Device] | None = None) -> Table:

@@ -26,8 +26,9 @@ Rule = tuple[str, tuple[str, ...]]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder shape and numerics; one class covers the GPT-2 and Llama families."""
+    """Model shape and numerics; one class covers the decoder (GPT-2, Llama) and the encoder (BERT)."""
 
+    family: Literal["decoder", "encoder"]
     vocab_size: int
     d_model: int
     n_layers: int
@@ -44,8 +45,9 @@ class ModelConfig:
     rope_high_freq_factor: float
     rope_original_max_len: int
     norm: Literal["layernorm", "rmsnorm"]
+    norm_position: Literal["pre", "post"]
     norm_eps: float
-    mlp: Literal["gelu", "swiglu"]
+    mlp: Literal["gelu", "gelu_exact", "swiglu"]
     use_bias: bool
     tie_embeddings: bool
     init_std: float
@@ -53,6 +55,7 @@ class ModelConfig:
     scan_layers: bool
     remat: Literal["none", "dots", "full"]
     attention: Literal["auto", "xla", "cudnn"]
+    type_vocab_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +164,22 @@ class ObjectiveConfig:
 
     next_token: float
     z_loss: float
+    mlm: float
+    nsp: float
+
+
+# The built-in loss terms each model family computes (objective.* keys); the others must be 0.
+FAMILY_TERMS = {"decoder": ("next_token", "z_loss"), "encoder": ("mlm", "nsp")}
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Encoder pre-training examples: sentence pairs with a pair task, and masked tokens."""
+
+    mask_rate: float
+    whole_word: bool
+    pair_task: Literal["nsp", "sop"]
+    mask_id: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +209,7 @@ class Config:
     distributed: DistributedConfig
     slim: SlimConfig
     objective: ObjectiveConfig
+    pretrain: PretrainConfig
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (tuples become lists) for run summaries and checkpoints."""
@@ -206,6 +226,7 @@ SECTIONS: dict[str, type] = {
     "distributed": DistributedConfig,
     "slim": SlimConfig,
     "objective": ObjectiveConfig,
+    "pretrain": PretrainConfig,
 }
 
 
@@ -256,8 +277,18 @@ def model_config_from(saved: Mapping[str, Any]) -> ModelConfig:
 
     c = base.get_config()
     _overlay(c.model, saved)
-    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)  # only the model section is being read
+    fit_to_model(c)  # only the model section is being read
     return validate(c).model
+
+
+def fit_to_model(c: ml_collections.ConfigDict) -> None:
+    """Makes the other sections of ``c`` (defaults, when only a model is given: a checkpoint's or a
+    Hugging Face config's) fit its model: rows no longer than it accepts, the objective of its
+    family (its first term)."""
+    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+    own = FAMILY_TERMS.get(c.model.family, ())
+    for name in FAMILY_TERMS["decoder"] + FAMILY_TERMS["encoder"]:
+        c.objective[name] = 1.0 if own and name == own[0] else 0.0
 
 
 def suggest(key: str, known: typing.Iterable[str]) -> str:
@@ -441,7 +472,8 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.eval_batches < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")
-    _check_objective(cfg.objective)
+    _check_objective(cfg.objective, m.family)
+    _check_encoder(cfg)
     check_slim(cfg.slim)
     dist = cfg.distributed
     if dist.num_processes == 0 or dist.num_processes < -1:
@@ -461,13 +493,39 @@ def _check_cross_fields(cfg: Config) -> None:
         raise SlimjaxError(f"optimizer.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
 
 
-def _check_objective(obj: ObjectiveConfig) -> None:
+def _check_objective(obj: ObjectiveConfig, family: str) -> None:
     weights = dataclasses.asdict(obj)
     for name, weight in weights.items():
         if weight < 0:
             raise SlimjaxError(f"config key 'objective.{name}' is a loss-term weight and must be >= 0, got {weight}")
-    if not any(weights.values()):
-        raise SlimjaxError("every objective.* weight is 0: nothing to minimise; set objective.next_token=1.0")
+    own = FAMILY_TERMS[family]
+    for name, weight in weights.items():
+        if weight and name not in own:
+            raise SlimjaxError(f"config key 'objective.{name}' is {weight} but the {family} family has no "
+                               f"'{name}' term (its terms: {', '.join(own)}); set it to 0")
+    if not any(weights[name] for name in own):
+        raise SlimjaxError(f"every objective.* weight of the {family} family is 0: nothing to minimise; set "
+                           f"objective.{own[0]}=1.0")
+
+
+def _check_encoder(cfg: Config) -> None:
+    """Keys that only the encoder reads, and the decoder-only features it lacks."""
+    m, p = cfg.model, cfg.pretrain
+    if not 0.0 < p.mask_rate < 1.0:
+        raise SlimjaxError(f"config key 'pretrain.mask_rate' is {p.mask_rate}; it must lie in (0, 1) "
+                           "(BERT masks 0.15 of the tokens)")
+    if p.mask_id < 0:
+        raise SlimjaxError(f"config key 'pretrain.mask_id' must be a token id >= 0, got {p.mask_id}")
+    if m.family != "encoder":
+        return
+    if m.type_vocab_size < 2:
+        raise SlimjaxError(f"config key 'model.type_vocab_size' is {m.type_vocab_size}; sentence pairs need 2 "
+                           "token types")
+    if m.positions != "learned" or m.n_kv_heads != m.n_heads or m.mlp == "swiglu" or not m.tie_embeddings:
+        raise SlimjaxError("model.family='encoder' takes learned positions, multi-head attention, a GELU MLP and "
+                           "the MLM head tied to the embeddings: set model.positions='learned', "
+                           "model.n_kv_heads=model.n_heads, model.mlp='gelu_exact' (or 'gelu') and "
+                           "model.tie_embeddings=True")
 
 
 def _jsonable(x: Any) -> Any:

@@ -44,9 +44,11 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),  # hidden dimension of the MLP's up, gate and down weights
     "layers": (),  # leading dimension of stacked (scanned) layer parameters
     "norm": (),  # normalisation scales and biases
-    "positions": (),  # rows of the learned position table (GPT-2)
+    "positions": (),  # rows of the learned position table (GPT-2, BERT)
+    "types": (),  # rows of the encoder's token-type (segment A/B) table
+    "embed_out": (),  # output side of the encoder's width-preserving pooler and MLM transform (small)
+    "classes": (),  # output classes of classification heads (sequence classifiers, the encoder pair head)
     "lora_rank": (),  # rank dimension of LoRA adapters: small, so replicated
-    "classes": (),  # output dimension of a classification head: a handful of labels, so replicated
     "lowrank_rank": (),  # rank dimension of low-rank factors: contracted between two products, so replicated
 }
 

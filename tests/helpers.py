@@ -31,9 +31,13 @@ def small_config(family: str = "llama", **model_overrides) -> C.Config:
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = 256, 64, 2, 8, 4
     m.head_dim, m.d_ff, m.max_seq_len = 8, 128, 64
     m.dtype = "float32"
-    if family == "gpt2":
+    if family in ("gpt2", "bert"):
         m.positions, m.norm, m.mlp, m.use_bias, m.tie_embeddings = "learned", "layernorm", "gelu", True, True
         m.n_kv_heads = m.n_heads
+        if family == "bert":  # the encoder: post-LN, exact GELU, MLM + NSP
+            m.family, m.norm_position, m.mlp = "encoder", "post", "gelu_exact"
+            c.objective.next_token, c.objective.mlm, c.objective.nsp = 0.0, 1.0, 1.0
+            c.train.sample_tokens = 0
     else:
         m.tie_embeddings = False
     for k, v in model_overrides.items():
@@ -85,6 +89,19 @@ def synthetic_batch(cfg: C.Config, seed: int = 0) -> dict[str, np.ndarray]:
     return pipeline.to_example({k: v[idx] for k, v in dataclasses.asdict(rows).items()})
 
 
+def synthetic_encoder_batch(cfg: C.Config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Encoder pre-training rows (pairs, masks) from random documents, as the data pipeline builds them."""
+    from slimjax.data import mlm
+
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(4, cfg.model.vocab_size, size=int(rng.integers(20, 60))) for _ in range(8)]
+    pieces = mlm.cut_pieces(docs, (cfg.data.seq_len - 3) // 2)
+    specials = mlm.Specials(cls=2, sep=3, pad=0, mask=1, vocab_size=cfg.model.vocab_size)
+    rows = [mlm.make_row(pieces, int(pieces.anchors[i % len(pieces)]), cfg.data.seq_len, cfg.pretrain, specials,
+                         mlm.row_rng(seed, 0, i), None) for i in range(cfg.train.global_batch_size)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def build_state(cfg: C.Config, devices=None):
     """(mesh, rules, setup, state): the sharded train state for ``cfg``, nothing compiled but init."""
     mesh = make_mesh(cfg.mesh, devices)
@@ -100,9 +117,10 @@ def build(cfg: C.Config, devices=None):
 def run_steps(cfg: C.Config, n: int, devices=None, seed: int = 0) -> list[float]:
     """Losses of ``n`` train steps on fixed synthetic batches."""
     _, _, state, train_step, _, sharding = build(cfg, devices)
+    make = synthetic_encoder_batch if cfg.model.family == "encoder" else synthetic_batch
     losses = []
     for i in range(n):
-        batch = pipeline.to_global(synthetic_batch(cfg, seed + i), sharding)
+        batch = pipeline.to_global(make(cfg, seed + i), sharding)
         state, metrics = train_step(state, batch)
         losses.append(float(jax.device_get(metrics["loss"])))
     return losses

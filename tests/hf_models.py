@@ -53,6 +53,28 @@ def random_model(variant: str, seed: int = 0):
     return model.eval()
 
 
+BERT_ARCHS = ("BertForPreTraining", "BertForMaskedLM")
+
+
+def random_bert(arch: str, seed: int = 0, **config):
+    """A tiny transformers BERT of class ``arch`` in eval mode, every parameter random (LayerNorms near 1)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, **config)
+    model = getattr(transformers, arch)(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
 def save(variant: str, path: str, seed: int = 0, tokenizer: bool = True, **save_kw) -> str:
     """Saves a random ``variant`` model (and a word-level tokenizer.json) to ``path``."""
     model = random_model(variant, seed)

@@ -175,8 +175,8 @@ BAD = {
                        "tensor 'model.layers.0.self_attn.k_proj.weight'"),
     "integer tensor": (lambda t, c: t.__setitem__("model.norm.weight", np.ones(64, np.int8)),
                        "tensor 'model.norm.weight'"),
-    "unsupported architecture": (lambda t, c: c.__setitem__("architectures", ["BertForMaskedLM"]),
-                                 "architecture 'BertForMaskedLM' is not supported"),
+    "unsupported architecture": (lambda t, c: c.__setitem__("architectures", ["T5ForConditionalGeneration"]),
+                                 "architecture 'T5ForConditionalGeneration' is not supported"),
     "unsupported setting": (lambda t, c: c.__setitem__("attention_bias", True), "'attention_bias'"),
 }
 

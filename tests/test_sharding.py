@@ -48,6 +48,22 @@ EXPECTED_AXES = {
         "final_norm/bias": ("norm",),
     },
 }
+_BERT_BODY = {k: v for k, v in EXPECTED_AXES["gpt2"].items() if not k.startswith("final_norm")}
+EXPECTED_AXES["bert"] = {
+    **_BERT_BODY,
+    "type_embed": ("types", "embed"),
+    "embed_norm/scale": ("norm",),
+    "embed_norm/bias": ("norm",),
+    "mlm/dense/kernel": ("embed", "embed_out"),
+    "mlm/dense/bias": ("embed_out",),
+    "mlm/norm/scale": ("norm",),
+    "mlm/norm/bias": ("norm",),
+    "mlm/bias": ("vocab",),
+    "pooler/kernel": ("embed", "embed_out"),
+    "pooler/bias": ("embed_out",),
+    "nsp/kernel": ("embed_out", "classes"),
+    "nsp/bias": ("classes",),
+}
 
 
 def expected_spec(axes, rules):
@@ -67,7 +83,7 @@ def flat(tree):
     return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("shape", MESHES)
 def test_params_and_optimizer_state_follow_the_rules(family, shape):
     cfg = with_mesh(small_config(family), *shape)

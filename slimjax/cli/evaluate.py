@@ -1,5 +1,6 @@
-"""``slimjax eval``: perplexity and bits per byte of a run's checkpoint on any configured data source;
-for a classification run (``slim.classify``), accuracy and macro-F1 beside the majority-class baseline.
+"""``slimjax eval``: perplexity and bits per byte of a run's checkpoint on any configured data source
+(an encoder run: MLM and pair-task loss and accuracy, beside the unigram baseline; a classification
+run, ``slim.classify``: accuracy and macro-F1 beside the majority-class baseline).
 
 Results go to a JSON file (default ``<workdir>/eval.json``), to TensorBoard and ``metrics.jsonl``
 (prefix ``evaluate/``, at the checkpoint's step) and to stdout.
@@ -14,6 +15,7 @@ from slimjax.cli.command import Command, Flag, choice, integer
 from slimjax.config import parse_source
 
 RESULT_FILE = "eval.json"
+ENCODER_KEYS = ("mlm", "mlm_accuracy", "unigram_accuracy", "nsp", "nsp_accuracy")
 COMMAND = Command("eval", "perplexity and bits per byte of a run's checkpoint on any data source (a classifier: "
                   "accuracy and macro-F1)", (
     Flag("workdir", "the run directory", metavar="RUN", required=True),
@@ -41,11 +43,19 @@ def run(argv: Sequence[str]) -> int:
         return _classifier(run, opts, sources)
     result = evaluate(run, sources, opts.split, opts.max_docs, opts.batch_size)
     rd = run.rundir
+    encoder = rd.spec.family == "encoder"
+    logged = ENCODER_KEYS if encoder else ("loss", "perplexity", "bits_per_byte")
     if jax.process_index() == 0:
         write_json(opts.out or os.path.join(rd.workdir, RESULT_FILE), result)
         writer = MetricsWriter(rd.workdir)
-        writer.write(rd.step, {k: result[k] for k in ("loss", "perplexity", "bits_per_byte")}, "evaluate")
+        writer.write(rd.step, {k: result[k] for k in logged}, "evaluate")
         writer.close()
+    if encoder:
+        print(f"step {rd.step} on {', '.join(result['sources'])} ({opts.split}, {result['documents']:.0f} documents, "
+              f"{result['pairs']:.0f} pairs, {result['masked_tokens']:,.0f} masked tokens): MLM loss {result['mlm']:.4f}, "
+              f"accuracy {result['mlm_accuracy']:.4f} (unigram baseline {result['unigram_accuracy']:.4f}); pair loss "
+              f"{result['nsp']:.4f}, accuracy {result['nsp_accuracy']:.4f}")
+        return 0
     print(f"step {rd.step} on {', '.join(result['sources'])} ({opts.split}, {result['documents']:.0f} documents, "
           f"{result['tokens']:,.0f} tokens, {result['bytes']:,.0f} bytes): loss {result['loss']:.4f}, perplexity "
           f"{result['perplexity']:.3f}, bits/byte {result['bits_per_byte']:.4f}")

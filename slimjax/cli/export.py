@@ -15,7 +15,7 @@ from typing import Sequence
 
 from slimjax.cli.command import Command, Flag, boolean, choice, integer
 from slimjax.errors import SlimjaxError
-from slimjax.interop import hf_config
+from slimjax.interop import bert, hf_config
 
 COMMAND = Command("export", "write a run's checkpoint as a Hugging Face directory, PEFT adapters or a sparse store", (
     Flag("workdir", "the run directory", metavar="RUN", required=True),
@@ -24,7 +24,8 @@ COMMAND = Command("export", "write a run's checkpoint as a Hugging Face director
          switch=True, const=""),
     Flag("step", "checkpoint step (default: the latest)", integer(0), metavar="N"),
     Flag("architecture", "Hugging Face class within the run's model family (default: the imported one, else "
-         "LlamaForCausalLM or GPT2LMHeadModel)", choice(*hf_config.ARCHITECTURES), metavar="CLASS"),
+         "LlamaForCausalLM, GPT2LMHeadModel or BertForPreTraining)",
+         choice(*hf_config.ARCHITECTURES, *bert.HEADS), metavar="CLASS"),
     Flag("adapters", "a LoRA run's adapters alone, as a PEFT directory", boolean, False, "true|false",
          switch=True),
 ), details="The model is built from the checkpoint's own spec; LoRA adapters are merged into their kernels first "
@@ -78,9 +79,9 @@ def run(argv: Sequence[str]) -> int:
 def check_family(architecture: str, rd) -> None:
     """Refuses an ``--architecture`` of another model family than the run's (it would be replaced)."""
     family = hf_config.family(rd.spec.model)
-    if hf_config.ARCHITECTURES[architecture] != family:
-        fits = [name for name, f in hf_config.ARCHITECTURES.items() if f == family]
-        raise SlimjaxError(f"--architecture={architecture} is a {hf_config.ARCHITECTURES[architecture]} model but run "
+    if hf_config.layout(architecture) != family:
+        fits = [name for name in (*hf_config.ARCHITECTURES, *bert.HEADS) if hf_config.layout(name) == family]
+        raise SlimjaxError(f"--architecture={architecture} is a {hf_config.layout(architecture)} model but run "
                            f"'{rd.workdir}' is a {family} model; give --architecture={' or '.join(fits)} or leave "
                            "the flag out; nothing was written")
 

@@ -18,7 +18,7 @@ from slimjax.cli.command import Command, Flag
 from slimjax.errors import SlimjaxError
 
 COMMAND = Command("import", "turn a Hugging Face model directory (and a PEFT LoRA adapter) into a run directory", (
-    Flag("hf_dir", "config.json + *.safetensors [+ tokenizer.json] of a Llama, Mistral or GPT-2 model", metavar="DIR",
+    Flag("hf_dir", "config.json + *.safetensors [+ tokenizer.json] of a Llama, Mistral, GPT-2 or BERT model", metavar="DIR",
          required=True),
     Flag("workdir", "the new run directory", metavar="RUN", required=True),
     Flag("adapter", "a LoRA adapter made with peft for that model, imported on top of it", metavar="PEFT_DIR"),
@@ -62,7 +62,7 @@ def run(argv: Sequence[str]) -> int:
         multihost_utils.sync_global_devices("slimjax import: workdir checked")
     mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
     model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
-    spec = ModelSpec("decoder", model_cfg)
+    spec = ModelSpec(model_cfg.family, model_cfg)
     if args.adapter:  # read and checked against the model before anything is written
         cfg, spec, params = with_adapter(args.adapter, c, model_cfg, params, mesh, rules)
 

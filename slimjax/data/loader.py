@@ -12,13 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
-from slimjax.config import DataConfig, SourceConfig
-from slimjax.data import pipeline, sources, text, tokenizer
+from slimjax.config import DataConfig, PretrainConfig, SourceConfig
+from slimjax.data import mlm, pipeline, sources, text, tokenizer
 from slimjax.data.packing import PackedRows, pack_concat_split, pack_first_fit
 from slimjax.errors import SlimjaxError
 
@@ -31,6 +31,10 @@ class Data:
     train: grain.MapDataset
     eval: list[dict[str, np.ndarray]]
     stats: dict[str, Any]
+
+
+# The named arrays of each model family's training batches.
+BATCH_SPECS: dict[str, pipeline.BatchSpec] = {"decoder": pipeline.LM_BATCH, "encoder": mlm.ENCODER_BATCH}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,9 +199,32 @@ def pack(cfg: DataConfig, tok: tokenizer.Tokenizer, docs: list[str], pad_last: b
     return pack_concat_split(encoded, cfg.seq_len, pad_last=pad_last, pad_id=tok.pad_id)
 
 
+def per_shard(cfg: DataConfig, srcs: list[SourceConfig], docs: list[list[list[str]]], layout: Layout,
+              make: Callable[[list[str]], Any], what: str) -> list[list[Any]]:
+    """``make(documents)`` (packed rows, sentence-pair pieces) for each source in each of this
+    process's shards; a source that gives none in a shard is an error naming it."""
+    shards = []
+    for i, per_source in enumerate(docs):
+        shard = []
+        for src, source_docs in zip(srcs, per_source):
+            made = make(source_docs)
+            if len(made) == 0:
+                raise SlimjaxError(
+                    f"data source '{src.name}' gives no {what} of data.seq_len={cfg.seq_len} in shard "
+                    f"{layout.owned.start + i} of {layout.shards} ({len(source_docs)} documents); it is too "
+                    "small for that many shards: lower data.shards or drop the source")
+            shard.append(made)
+        shards.append(shard)
+    return shards
+
+
 def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, vocab_size: int,
-          workdir: str, process_index: int = 0, process_count: int = 1) -> Data:
-    """Everything the training loop reads. Raises SlimjaxError for any problem with the data."""
+          workdir: str, process_index: int = 0, process_count: int = 1, pretrain: PretrainConfig | None = None
+          ) -> Data:
+    """Everything the training loop reads. Raises SlimjaxError for any problem with the data.
+
+    With ``pretrain`` (an encoder run) the rows are sentence pairs with masked tokens
+    (``slimjax.data.mlm``) instead of packed documents."""
     srcs = expand(cfg.sources)
     layout = Layout.make(cfg, global_batch, process_index, process_count)
     stats = sources.ReadStats()
@@ -216,18 +243,10 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
         raise no_held_out(cfg)
     tok = tokenizer.get_tokenizer(cfg.tokenizer_kind, cfg.tokenizer, workdir, vocab_size, cfg.tokenizer_type,
                                   lambda: training_documents(cfg))
-    shards = []
-    for i, per_source in enumerate(docs):
-        shard_rows = []
-        for src, source_docs in zip(srcs, per_source):
-            rows = pack(cfg, tok, source_docs)
-            if len(rows) == 0:
-                raise SlimjaxError(
-                    f"data source '{src.name}' gives no rows of data.seq_len={cfg.seq_len} in shard "
-                    f"{layout.owned.start + i} of {layout.shards} ({len(source_docs)} documents); it is too "
-                    "small for that many shards: lower data.shards or drop the source")
-            shard_rows.append(rows)
-        shards.append(shard_rows)
+    if pretrain is not None:
+        return _encoder_data(cfg, pretrain, tok, srcs, docs, eval_docs, layout, global_batch, seed,
+                             max_eval_batches, vocab_size, process_index, process_count, stats)
+    shards = per_shard(cfg, srcs, docs, layout, lambda d: pack(cfg, tok, d), "rows")
     eval_rows = pack(cfg, tok, eval_docs, pad_last=True)
     train = pipeline.train_dataset(shards, [s.weight for s in srcs], layout.rows_per_shard, seed,
                                    layout.owned.start)
@@ -236,5 +255,52 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
         "sources": {s.name: {"documents": sum(len(d[k]) for d in docs), "rows": sum(len(sh[k]) for sh in shards),
                              "weight": s.weight} for k, s in enumerate(srcs)},
         "shards": layout.shards, "eval_documents": len(eval_docs), "eval_rows": len(eval_rows),
+        "skipped": dict(stats.skipped), "first_skipped": stats.first,
+    })
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRows:
+    """How documents become encoder rows: the tokenizer, the special ids, the word table (whole-word
+    masking) and the piece length (half a row after [CLS] and two [SEP])."""
+
+    tok: tokenizer.Tokenizer
+    specials: mlm.Specials
+    words: np.ndarray | None
+    piece_len: int
+
+    def pieces(self, docs: list[str] | Sequence[str]) -> mlm.Pieces:
+        return mlm.cut_pieces(self.tok.encode_batch(list(docs)), self.piece_len)
+
+
+def pair_rows(cfg: DataConfig, pretrain: PretrainConfig, tok: tokenizer.Tokenizer, vocab_size: int) -> PairRows:
+    """The :class:`PairRows` of a config; SlimjaxError for rows too short for a pair or bad special ids."""
+    piece_len = (cfg.seq_len - 3) // 2
+    if piece_len < 1:
+        raise SlimjaxError(f"data.seq_len={cfg.seq_len} leaves no room for a sentence pair ([CLS] A [SEP] B [SEP]); "
+                           "raise it to at least 5")
+    words = mlm.word_table(tok) if pretrain.whole_word else None
+    return PairRows(tok, mlm.specials_of(tok, pretrain, vocab_size), words, piece_len)
+
+
+def _encoder_data(cfg: DataConfig, pretrain: PretrainConfig, tok: tokenizer.Tokenizer, srcs: list[SourceConfig],
+                  docs: list[list[list[str]]], eval_docs: list[str], layout: Layout, global_batch: int, seed: int,
+                  max_eval_batches: int, vocab_size: int, process_index: int, process_count: int,
+                  stats: sources.ReadStats) -> Data:
+    """:func:`build` for the encoder: each shard's documents cut into sentence-pair pieces."""
+    rows = pair_rows(cfg, pretrain, tok, vocab_size)
+    shards = per_shard(cfg, srcs, docs, layout, rows.pieces, "sentence pairs")
+    eval_pieces = rows.pieces(eval_docs)
+    if len(eval_pieces) == 0:
+        raise SlimjaxError(f"the {len(eval_docs)} held-out documents give no sentence pairs of "
+                           f"data.seq_len={cfg.seq_len}; hold out longer documents")
+    train = mlm.train_dataset(shards, [s.weight for s in srcs], layout.rows_per_shard, seed, layout.owned.start,
+                              cfg.seq_len, pretrain, rows.specials, rows.words)
+    eval_data = mlm.eval_batches(eval_pieces, global_batch, max_eval_batches, seed, cfg.seq_len, pretrain,
+                                 rows.specials, rows.words, process_index, process_count)
+    return Data(tok, train, eval_data, {
+        "sources": {s.name: {"documents": sum(len(d[k]) for d in docs), "pairs": sum(len(sh[k]) for sh in shards),
+                             "weight": s.weight} for k, s in enumerate(srcs)},
+        "shards": layout.shards, "eval_documents": len(eval_docs), "eval_pairs": len(eval_pieces),
         "skipped": dict(stats.skipped), "first_skipped": stats.first,
     })

@@ -77,18 +77,25 @@ def _seed(seed: int, shard: int, source: int) -> int:
 def eval_batches(rows: PackedRows, global_batch: int, max_batches: int, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Held-out rows in fixed order, padded to whole batches; this process's slices only."""
-    n = -(-len(rows) // global_batch)
-    if max_batches:
-        n = min(n, max_batches)
-    local = global_batch // process_count
     out = []
-    for b in range(n):
-        idx = np.arange(b * global_batch + process_index * local, b * global_batch + (process_index + 1) * local)
+    for idx in eval_indices(len(rows), global_batch, max_batches, process_index, process_count):
         valid = idx < len(rows)
         picked = {k: v[np.minimum(idx, len(rows) - 1)] for k, v in dataclasses.asdict(rows).items()}
         picked["segment_ids"] = np.where(valid[:, None], picked["segment_ids"], 0)  # pad rows: all masked
         out.append(to_example(picked))
     return out
+
+
+def eval_indices(n_rows: int, global_batch: int, max_batches: int, process_index: int = 0,
+                 process_count: int = 1) -> list[np.ndarray]:
+    """The row indices of this process's slice of each held-out batch (at most ``max_batches``,
+    0: all); indices past ``n_rows`` pad the last batch."""
+    n = -(-n_rows // global_batch)
+    if max_batches:
+        n = min(n, max_batches)
+    local = global_batch // process_count
+    start = process_index * local
+    return [np.arange(b * global_batch + start, b * global_batch + start + local) for b in range(n)]
 
 
 def iterate(ds: grain.MapDataset, state: dict | None = None, prefetch: int = 4) -> grain.DatasetIterator:

@@ -77,6 +77,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
+    def pieces(self) -> list[str]:
+        """Every id's piece, in id order (whole-word masking reads word starts from them)."""
+        return [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
+
 
 def paragraphs(docs: Iterable[str], max_bytes: int = 4000) -> Iterable[str]:
     """Training 'sentences': blank-line separated blocks, newlines kept, cut to SentencePiece's limit."""

@@ -18,15 +18,14 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slimjax.config import DataConfig
-from slimjax.data import loader, pipeline
+from slimjax.config import DataConfig, PretrainConfig
+from slimjax.data import loader, mlm, pipeline
 from slimjax.data.tokenizer import Tokenizer
-from slimjax.infer.scoring import make_eval_step
+from slimjax.infer.scoring import eval_means, make_eval_step
 from slimjax.sharding import Rules, activation_rules
 
 
@@ -47,15 +46,15 @@ class LMScore:
 
 
 def compile_eval_step(graphdef: nnx.GraphDef, abstract_params: Any, param_shardings: Any, mesh: Mesh,
-                      rules: Rules, rows: int, seq_len: int) -> Callable[[dict, dict], dict]:
-    """The eval step compiled for ``[rows, seq_len]`` batches sharded like training batches."""
-    batch_sharding = pipeline.batch_sharding(mesh, rules)
-    abstract_batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                              sharding=batch_sharding) for k in pipeline.BATCH_KEYS}
+                      rules: Rules, rows: int, seq_len: int, family: str = "decoder") -> Callable[[dict, dict], dict]:
+    """The eval step of ``family`` compiled for ``[rows, seq_len]`` batches sharded like training batches."""
+    batch_sharding = pipeline.batch_shardings(mesh, rules, loader.BATCH_SPECS[family])
+    abstract_batch = pipeline.abstract_batch(loader.BATCH_SPECS[family], {"batch": rows, "length": seq_len},
+                                             batch_sharding)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_params, param_shardings)
     with activation_rules(mesh, rules):
-        return jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, batch_sharding),
+        return jax.jit(make_eval_step(graphdef, family), in_shardings=(param_shardings, batch_sharding),
                        out_shardings=NamedSharding(mesh, PartitionSpec())).lower(abstract, abstract_batch).compile()
 
 
@@ -78,6 +77,25 @@ def score_documents(eval_step: Callable[[dict, dict], dict], params: dict, data:
         tokens += float(out["tokens"])
     n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
     return LMScore(nll_sum=nll, tokens=int(tokens), bytes=n_bytes, documents=len(docs))
+
+
+def score_masked(eval_step: Callable[[dict, dict], dict], params: dict, data: DataConfig, pretrain: PretrainConfig,
+                 tok: Tokenizer, docs: Sequence[str], rows: int, seed: int, model_vocab: int, mesh: Mesh,
+                 rules: Rules) -> dict[str, float]:
+    """An encoder's held-out MLM and pair-task loss and accuracy on sentence pairs of ``docs`` (the
+    training rule's masks, drawn with ``seed``), next to the unigram baseline: the accuracy of always
+    predicting the most frequent masked token."""
+    rows_of = loader.pair_rows(data, pretrain, tok, model_vocab)
+    pieces = rows_of.pieces(docs)
+    batches = mlm.eval_batches(pieces, rows, 0, seed, data.seq_len, pretrain, rows_of.specials, rows_of.words,
+                               jax.process_index(), jax.process_count())
+    sharding = pipeline.batch_shardings(mesh, rules, mlm.ENCODER_BATCH)
+    out = eval_means([jax.device_get(eval_step(params, pipeline.to_global(b, sharding))) for b in batches])
+    # The baseline is measured on this process's rows (a single-process figure on multi-host runs).
+    targets = np.concatenate([b["mlm_targets"][b["mlm_weights"] > 0] for b in batches])
+    counts = np.bincount(targets, minlength=1)
+    return out | {"unigram_accuracy": float(counts.max() / max(len(targets), 1)),
+                  "masked_tokens": float(len(targets)), "pairs": float(len(pieces)), "documents": float(len(docs))}
 
 
 def classification_metrics(predicted: Sequence[Any], true: Sequence[Any]) -> dict[str, float]:

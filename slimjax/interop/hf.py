@@ -20,10 +20,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from slimjax.config import ModelConfig, validate
+from slimjax.config import ModelConfig, fit_to_model, validate
 from slimjax.configs import base
 from slimjax.errors import SlimjaxError
-from slimjax.interop import hf_config, mapping
+from slimjax.interop import bert, hf_config, mapping
 from slimjax.interop.safetensors_io import TensorIndex, write_model
 from slimjax.models import abstract_params
 from slimjax.sharding import Rules
@@ -37,8 +37,19 @@ def base_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
     than the model accepts)."""
     c = base.get_config()
     c.model.update(hf_config.model_keys(hf))
-    c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+    fit_to_model(c)
     return c
+
+
+def links_for(cfg: ModelConfig, arch: str, prefix: str = "transformer.") -> list[mapping.Link]:
+    """The links of architecture ``arch`` for this model shape (``prefix``: GPT-2's tensor prefix)."""
+    fam = hf_config.layout(arch)
+    return bert.links(cfg, arch) if fam == "bert" else mapping.links_for(cfg, fam, prefix)
+
+
+def _ignorable(name: str, arch: str, cfg: ModelConfig) -> bool:
+    fam = hf_config.layout(arch)
+    return bert.ignorable(name) if fam == "bert" else mapping.ignorable(name, fam, cfg.tie_embeddings)
 
 
 def _hf_shape(link: mapping.Link, slim_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -67,7 +78,6 @@ def expected_tensors(cfg: ModelConfig, links: list[mapping.Link], shapes: dict |
 def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list[mapping.Link],
                   shapes: dict) -> None:
     """Every expected tensor present with its shape, and nothing unexplained left over."""
-    fam = hf_config.ARCHITECTURES[arch]
     expected = expected_tensors(cfg, links, shapes)
     present = tensors.names()
     where = tensors.directory
@@ -81,7 +91,7 @@ def check_tensors(tensors: TensorIndex, cfg: ModelConfig, arch: str, links: list
             raise SlimjaxError(f"tensor '{name}' in '{where}' is {tensors.dtype(name)}; slimjax imports floating-point "
                                f"weights ({', '.join(FLOAT_DTYPES)}), not quantized ones")
     for name in sorted(present - set(expected)):
-        if not mapping.ignorable(name, fam, cfg.tie_embeddings):
+        if not _ignorable(name, arch, cfg):
             raise SlimjaxError(f"tensor '{name}' in '{where}' has no place in a {arch} with this config.json "
                                "(wrong architecture or layer count?)")
 
@@ -123,8 +133,7 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
     cfg = validate(c).model
     tensors = TensorIndex(hf_dir)
     prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.names()) else ""
-    fam = hf_config.ARCHITECTURES[arch]
-    links = mapping.links_for(cfg, fam, prefix)
+    links = links_for(cfg, arch, prefix)
     _, axes, shapes = abstract_params(cfg)
     check_tensors(tensors, cfg, arch, links, shapes)
     shardings = rules.tree_shardings(axes, shapes, mesh)
@@ -147,6 +156,12 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
                 return out
 
             mapping.set_at(params, path, jax.make_array_from_callback(shape, sharding, shard))
+    if hf_config.layout(arch) == "bert":  # heads this architecture does not carry start at zero
+        for link in bert.absent_links(cfg, arch):
+            sharding = mapping.get_at(shardings, link.path)
+            zeros = jax.jit(lambda s=mapping.get_at(shapes, link.path): np.zeros(s.shape, np.float32),
+                            out_shardings=sharding)()
+            mapping.set_at(params, link.path, zeros)
     return cfg, params
 
 
@@ -164,8 +179,7 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("slimjax export_hf: out_dir checked")
     hf = hf_config.to_hf(cfg, architecture)
-    fam = hf_config.ARCHITECTURES[hf["architectures"][0]]
-    links = mapping.links_for(cfg, fam)
+    links = links_for(cfg, hf["architectures"][0])
     shapes = expected_tensors(cfg, links)
     by_name: dict[str, list[tuple[mapping.Link, int | None]]] = {}
     for link in links:

@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> slimjax model keys, for Llama, Mistral and GPT-2.
+"""Hugging Face ``config.json`` <-> slimjax model keys, for Llama, Mistral, GPT-2 and BERT (``bert``).
 
 Import reads only the keys that change the function the model computes and refuses, by name,
 any setting slimjax cannot reproduce exactly (biased Llama projections, exact-erf GELU, ...),
@@ -13,11 +13,13 @@ from typing import Any
 
 from slimjax.config import ModelConfig
 from slimjax.errors import SlimjaxError
+from slimjax.interop import bert
 
 CONFIG_FILE = "config.json"
 # Hugging Face architecture -> the tensor layout slimjax maps it with.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel",
+               "bert": "BertForPreTraining"}
 # GPT-2 activations that are the tanh approximation slimjax computes.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -49,10 +51,15 @@ def architecture(hf: dict[str, Any]) -> str:
     """The supported architecture class name of a config (``architectures[0]`` or ``model_type``)."""
     names = hf.get("architectures") or []
     name = names[0] if names else MODEL_TYPES.get(hf.get("model_type", ""), hf.get("model_type"))
-    if name not in ARCHITECTURES:
+    if name not in ARCHITECTURES and name not in bert.HEADS:
         raise SlimjaxError(f"config.json architecture {name!r} is not supported; slimjax imports "
-                           f"{', '.join(ARCHITECTURES)}")
+                           f"{', '.join([*ARCHITECTURES, *bert.HEADS])}")
     return name
+
+
+def layout(arch: str) -> str:
+    """The tensor layout of a supported architecture: "llama", "gpt2" or "bert"."""
+    return "bert" if arch in bert.HEADS else ARCHITECTURES[arch]
 
 
 def _get(hf: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -90,6 +97,8 @@ def _rope_keys(hf: dict[str, Any]) -> dict[str, Any]:
 def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
     """``model.*`` config values (see configs/base.py) equivalent to a Hugging Face config."""
     arch = architecture(hf)
+    if layout(arch) == "bert":
+        return bert.model_keys(hf)
     if ARCHITECTURES[arch] == "gpt2":
         _require(hf, "activation_function", TANH_GELUS, "gelu_new")
         _require(hf, "scale_attn_weights", (True,), True)
@@ -124,7 +133,10 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def family(cfg: ModelConfig) -> str:
-    """"llama" or "gpt2": which Hugging Face layout can express this slimjax model."""
+    """"llama", "gpt2" or "bert": which Hugging Face layout can express this slimjax model."""
+    if cfg.family == "encoder":
+        bert.check_exportable(cfg)
+        return "bert"
     if cfg.positions == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.use_bias:
         return "llama"
     if (cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.use_bias
@@ -139,6 +151,8 @@ def family(cfg: ModelConfig) -> str:
 def to_hf(cfg: ModelConfig, arch: str | None = None) -> dict[str, Any]:
     """A ``config.json`` for ``cfg``; ``arch`` picks among the architectures of its family."""
     fam = family(cfg)
+    if fam == "bert":
+        return bert.to_hf(cfg, arch if arch in bert.HEADS else "BertForPreTraining")
     arch = arch or ("GPT2LMHeadModel" if fam == "gpt2" else "LlamaForCausalLM")
     if ARCHITECTURES.get(arch) != fam:
         arch = "GPT2LMHeadModel" if fam == "gpt2" else "LlamaForCausalLM"

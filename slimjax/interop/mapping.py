@@ -42,29 +42,29 @@ class Link:
         return self.hf.format(i=layer)
 
 
-def _same(x: np.ndarray) -> np.ndarray:
+def same(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _t(x: np.ndarray) -> np.ndarray:
+def transpose(x: np.ndarray) -> np.ndarray:
     return x.T
 
 
-def _split_out(*shape: int) -> Callable[[np.ndarray], np.ndarray]:
+def split_out(*shape: int) -> Callable[[np.ndarray], np.ndarray]:
     """``[out, in] -> [in, *shape]`` (a Linear weight to a kernel with a structured output)."""
     return lambda w: w.T.reshape(w.shape[1], *shape)
 
 
-def _merge_out(k: np.ndarray) -> np.ndarray:
+def merge_out(k: np.ndarray) -> np.ndarray:
     """``[in, a, b] -> [a*b, in]``."""
     return k.reshape(k.shape[0], -1).T
 
 
-def _reshape(*shape: int) -> Callable[[np.ndarray], np.ndarray]:
+def reshape(*shape: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: x.reshape(shape)
 
 
-def _flatten_to(ndim_keep_last: int) -> Callable[[np.ndarray], np.ndarray]:
+def flatten_to(ndim_keep_last: int) -> Callable[[np.ndarray], np.ndarray]:
     """Merge all but the last ``ndim_keep_last`` dims (``[H, hd, D] -> [H*hd, D]``, ``[H, hd] -> [H*hd]``)."""
     return lambda x: x.reshape(-1, *x.shape[x.ndim - ndim_keep_last:]) if ndim_keep_last else x.reshape(-1)
 
@@ -74,21 +74,21 @@ def llama_links(cfg: ModelConfig) -> list[Link]:
     h, k, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     layer = "model.layers.{i}."
     links = [
-        Link(("embed", "embedding"), "model.embed_tokens.weight", False, _same, _same),
-        Link(("final_norm", "scale"), "model.norm.weight", False, _same, _same),
-        Link(("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", True, _same, _same),
-        Link(("blocks", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", True, _same, _same),
-        Link(("blocks", "attn", "wq", "kernel"), layer + "self_attn.q_proj.weight", True, _split_out(h, hd), _merge_out),
-        Link(("blocks", "attn", "wk", "kernel"), layer + "self_attn.k_proj.weight", True, _split_out(k, hd), _merge_out),
-        Link(("blocks", "attn", "wv", "kernel"), layer + "self_attn.v_proj.weight", True, _split_out(k, hd), _merge_out),
+        Link(("embed", "embedding"), "model.embed_tokens.weight", False, same, same),
+        Link(("final_norm", "scale"), "model.norm.weight", False, same, same),
+        Link(("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", True, same, same),
+        Link(("blocks", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", True, same, same),
+        Link(("blocks", "attn", "wq", "kernel"), layer + "self_attn.q_proj.weight", True, split_out(h, hd), merge_out),
+        Link(("blocks", "attn", "wk", "kernel"), layer + "self_attn.k_proj.weight", True, split_out(k, hd), merge_out),
+        Link(("blocks", "attn", "wv", "kernel"), layer + "self_attn.v_proj.weight", True, split_out(k, hd), merge_out),
         Link(("blocks", "attn", "wo", "kernel"), layer + "self_attn.o_proj.weight", True,
              lambda w: w.T.reshape(h, hd, w.shape[0]), lambda x: x.reshape(h * hd, -1).T),
-        Link(("blocks", "mlp", "gate", "kernel"), layer + "mlp.gate_proj.weight", True, _t, _t),
-        Link(("blocks", "mlp", "up", "kernel"), layer + "mlp.up_proj.weight", True, _t, _t),
-        Link(("blocks", "mlp", "down", "kernel"), layer + "mlp.down_proj.weight", True, _t, _t),
+        Link(("blocks", "mlp", "gate", "kernel"), layer + "mlp.gate_proj.weight", True, transpose, transpose),
+        Link(("blocks", "mlp", "up", "kernel"), layer + "mlp.up_proj.weight", True, transpose, transpose),
+        Link(("blocks", "mlp", "down", "kernel"), layer + "mlp.down_proj.weight", True, transpose, transpose),
     ]
     if not cfg.tie_embeddings:
-        links.append(Link(("lm_head", "kernel"), "lm_head.weight", False, _t, _t))
+        links.append(Link(("lm_head", "kernel"), "lm_head.weight", False, transpose, transpose))
     return links
 
 
@@ -97,31 +97,31 @@ def gpt2_links(cfg: ModelConfig, prefix: str = "transformer.") -> list[Link]:
     h, hd, d = cfg.n_heads, cfg.head_dim, cfg.d_model
     layer = prefix + "h.{i}."
     links = [
-        Link(("embed", "embedding"), prefix + "wte.weight", False, _same, _same),
-        Link(("pos_embed",), prefix + "wpe.weight", False, _same, _same),
-        Link(("final_norm", "scale"), prefix + "ln_f.weight", False, _same, _same),
-        Link(("final_norm", "bias"), prefix + "ln_f.bias", False, _same, _same),
+        Link(("embed", "embedding"), prefix + "wte.weight", False, same, same),
+        Link(("pos_embed",), prefix + "wpe.weight", False, same, same),
+        Link(("final_norm", "scale"), prefix + "ln_f.weight", False, same, same),
+        Link(("final_norm", "bias"), prefix + "ln_f.bias", False, same, same),
     ]
     for name, hf in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-        links += [Link(("blocks", name, "scale"), layer + hf + ".weight", True, _same, _same),
-                  Link(("blocks", name, "bias"), layer + hf + ".bias", True, _same, _same)]
+        links += [Link(("blocks", name, "scale"), layer + hf + ".weight", True, same, same),
+                  Link(("blocks", name, "bias"), layer + hf + ".bias", True, same, same)]
     for j, name in enumerate(("wq", "wk", "wv")):
         links += [
             Link(("blocks", "attn", name, "kernel"), layer + "attn.c_attn.weight", True,
                  lambda w: w.reshape(w.shape[0], h, hd), lambda x: x.reshape(x.shape[0], -1), (1, j * d, (j + 1) * d)),
             Link(("blocks", "attn", name, "bias"), layer + "attn.c_attn.bias", True,
-                 _reshape(h, hd), _flatten_to(0), (0, j * d, (j + 1) * d)),
+                 reshape(h, hd), flatten_to(0), (0, j * d, (j + 1) * d)),
         ]
     links += [
-        Link(("blocks", "attn", "wo", "kernel"), layer + "attn.c_proj.weight", True, _reshape(h, hd, d), _flatten_to(1)),
-        Link(("blocks", "attn", "wo", "bias"), layer + "attn.c_proj.bias", True, _same, _same),
-        Link(("blocks", "mlp", "up", "kernel"), layer + "mlp.c_fc.weight", True, _same, _same),
-        Link(("blocks", "mlp", "up", "bias"), layer + "mlp.c_fc.bias", True, _same, _same),
-        Link(("blocks", "mlp", "down", "kernel"), layer + "mlp.c_proj.weight", True, _same, _same),
-        Link(("blocks", "mlp", "down", "bias"), layer + "mlp.c_proj.bias", True, _same, _same),
+        Link(("blocks", "attn", "wo", "kernel"), layer + "attn.c_proj.weight", True, reshape(h, hd, d), flatten_to(1)),
+        Link(("blocks", "attn", "wo", "bias"), layer + "attn.c_proj.bias", True, same, same),
+        Link(("blocks", "mlp", "up", "kernel"), layer + "mlp.c_fc.weight", True, same, same),
+        Link(("blocks", "mlp", "up", "bias"), layer + "mlp.c_fc.bias", True, same, same),
+        Link(("blocks", "mlp", "down", "kernel"), layer + "mlp.c_proj.weight", True, same, same),
+        Link(("blocks", "mlp", "down", "bias"), layer + "mlp.c_proj.bias", True, same, same),
     ]
     if not cfg.tie_embeddings:
-        links.append(Link(("lm_head", "kernel"), "lm_head.weight", False, _t, _t))
+        links.append(Link(("lm_head", "kernel"), "lm_head.weight", False, transpose, transpose))
     return links
 
 

@@ -1,4 +1,5 @@
-"""Causal self-attention with grouped-query heads, RoPE and packed-segment isolation."""
+"""Self-attention (causal for the decoder, bidirectional for the encoder) with grouped-query heads,
+RoPE and packed-segment isolation."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from slimjax.sharding import constrain
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
     """``[batch, 1, q, k]`` True where query and key belong to the same packed document.
 
-    Combined with ``is_causal`` this keeps packed documents from attending across their
-    boundary. Padding (segment 0) attends only to padding, so no row is fully masked.
+    Alone (the encoder) or combined with ``is_causal`` (the decoder) this keeps packed documents
+    from attending across their boundary. Padding (segment 0) attends only to padding, so no row
+    is fully masked and no real token sees padding.
     """
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return same[:, None, :, :]
@@ -32,9 +34,10 @@ def attention_impl(name: str, dtype: jnp.dtype) -> str | None:
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query attention through ``jax.nn.dot_product_attention``."""
+    """Multi-head / grouped-query attention through ``jax.nn.dot_product_attention``; ``causal``
+    False (the encoder) lets every token see its whole segment."""
 
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, causal: bool = True):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         common = dict(use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
         self.wq = layers.Dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), std=cfg.init_std, **common)
@@ -46,6 +49,7 @@ class Attention(nnx.Module):
         self.rope_scaling = (cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
                              cfg.rope_high_freq_factor, cfg.rope_original_max_len)
         self.impl = attention_impl(cfg.attention, dtype)
+        self.causal = causal
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
@@ -63,7 +67,7 @@ class Attention(nnx.Module):
             q = layers.rope(q, positions, self.rope_theta, self.rope_scaling)
             k = layers.rope(k, positions, self.rope_theta, self.rope_scaling)
         if cache is None:
-            mask, causal, impl = segment_mask(segment_ids), True, self.impl
+            mask, causal, impl = segment_mask(segment_ids), self.causal, self.impl
         else:
             cache, k, v = cache.update(k, v)
             # The query and key lengths differ and the mask is explicit: the XLA kernel takes

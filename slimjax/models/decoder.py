@@ -40,8 +40,11 @@ def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
     return DTYPES[name]
 
 
+ACTIVATIONS = {"gelu": layers.gelu, "gelu_exact": layers.gelu_exact}
+
+
 class Mlp(nnx.Module):
-    """GELU (GPT-2) or SwiGLU (Llama) feed-forward block."""
+    """GELU (GPT-2: tanh approximation; BERT: exact erf) or SwiGLU (Llama) feed-forward block."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
@@ -57,22 +60,29 @@ class Mlp(nnx.Module):
         if self.kind == "swiglu":
             h = jax.nn.silu(self.gate(x)) * self.up(x)
         else:
-            h = layers.gelu(self.up(x))
+            h = ACTIVATIONS[self.kind](self.up(x))
         return self.down(constrain(h, ("batch", "length", "act_mlp")))
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Residual block. Pre-norm (``post_norm`` False): x + attn(norm(x)), then + mlp(norm(.)).
+    Post-norm (BERT): norm(x + attn(x)), then norm(. + mlp(.)); the norms keep their names."""
 
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, *, causal: bool = True,
+                 post_norm: bool = False):
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, dtype=dtype)
         self.attn_norm = layers.Norm(cfg.d_model, **norm)
-        self.attn = Attention(cfg, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs, causal)
         self.mlp_norm = layers.Norm(cfg.d_model, **norm)
         self.mlp = Mlp(cfg, dtype, rngs)
+        self.post_norm = post_norm
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, positions, segment_ids))
+            x = constrain(x, ("batch", "length", "act_embed"))
+            return constrain(self.mlp_norm(x + self.mlp(x)), ("batch", "length", "act_embed"))
         attn = self.attn(self.attn_norm(x), positions, segment_ids, cache)
         if cache is not None:
             attn, cache = attn
@@ -80,6 +90,39 @@ class Block(nnx.Module):
         x = x + self.mlp(self.mlp_norm(x))
         x = constrain(x, ("batch", "length", "act_embed"))
         return x if cache is None else (x, cache)
+
+
+def stack_blocks(cfg: ModelConfig, rngs: nnx.Rngs, make: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+    """``cfg.n_layers`` blocks made by ``make(rngs)``: one stacked module (its parameters gain a
+    leading "layers" axis) when ``cfg.scan_layers``, else a list. One key per layer, so the
+    scanned and unrolled layouts get identical weights."""
+    keys = jax.random.split(rngs.params(), cfg.n_layers)
+    one = lambda key: make(nnx.Rngs(params=key))  # noqa: E731
+    if cfg.scan_layers:
+        return nnx.vmap(one, in_axes=0, out_axes=0,
+                        transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})(keys)
+    return nnx.List([one(keys[i]) for i in range(cfg.n_layers)])
+
+
+def run_blocks(blocks: nnx.Module, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array) -> jax.Array:
+    """``x`` through the blocks of :func:`stack_blocks`: scanned or unrolled, with ``cfg.remat``."""
+    # Each layer runs as a pure function of (its state, x) so scan and remat see plain arrays.
+    def one_layer(graphdef, state, h, index):
+        with scope.layer_scope(index):  # each layer draws its own dropout masks
+            return nnx.merge(graphdef, state)(h, positions, segment_ids)
+
+    if cfg.remat != "none":
+        one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+    if cfg.scan_layers:
+        graphdef, state = nnx.split(blocks)
+        index = jnp.arange(cfg.n_layers)
+        x, _ = jax.lax.scan(lambda h, si: (one_layer(graphdef, si[0], h, si[1]), None), x, (state, index))
+        return x
+    for i, block in enumerate(blocks):
+        graphdef, state = nnx.split(block)
+        x = one_layer(graphdef, state, x, i)
+    return x
 
 
 class Decoder(nnx.Module):
@@ -94,14 +137,7 @@ class Decoder(nnx.Module):
                                                  ("positions", "embed"), cfg.init_std)
         else:
             self.pos_embed = None
-        # One key per layer, so the scanned (stacked) and unrolled layouts get identical weights.
-        keys = jax.random.split(rngs.params(), cfg.n_layers)
-        make = lambda key: Block(cfg, self.dtype, nnx.Rngs(params=key))  # noqa: E731
-        if cfg.scan_layers:
-            self.blocks = nnx.vmap(make, in_axes=0, out_axes=0,
-                                   transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})(keys)
-        else:
-            self.blocks = nnx.List([make(keys[i]) for i in range(cfg.n_layers)])
+        self.blocks = stack_blocks(cfg, rngs, lambda r: Block(cfg, self.dtype, r))
         self.final_norm = layers.Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps,
                                       use_bias=cfg.use_bias, dtype=self.dtype)
         if cfg.tie_embeddings:
@@ -168,23 +204,7 @@ class Decoder(nnx.Module):
         if cache is not None:
             return self._run_blocks_cached(x, positions, segment_ids, cache)
 
-        # Each layer runs as a pure function of (its state, x) so scan and remat see plain arrays.
-        def one_layer(graphdef, state, h, index):
-            with scope.layer_scope(index):  # each layer draws its own dropout masks
-                return nnx.merge(graphdef, state)(h, positions, segment_ids)
-
-        policy = self.cfg.remat
-        if policy != "none":
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[policy], static_argnums=(0,))
-        if self.cfg.scan_layers:
-            graphdef, state = nnx.split(self.blocks)
-            index = jnp.arange(self.cfg.n_layers)
-            x, _ = jax.lax.scan(lambda h, si: (one_layer(graphdef, si[0], h, si[1]), None), x, (state, index))
-            return x
-        for i, block in enumerate(self.blocks):
-            graphdef, state = nnx.split(block)
-            x = one_layer(graphdef, state, x, i)
-        return x
+        return run_blocks(self.blocks, self.cfg, x, positions, segment_ids)
 
     def _run_blocks_cached(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                            cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -203,25 +223,3 @@ class Decoder(nnx.Module):
                 x, lc = nnx.merge(graphdef, state)(x, positions, segment_ids, cache.layer(i))
             written.append(lc)
         return x, cache.updated(written, segment_ids.shape[1])
-
-
-# Model families a model spec may name, each a constructor (cfg, *, rngs, dtype) -> module.
-FAMILIES: dict[str, Callable[..., nnx.Module]] = {"decoder": Decoder}
-
-
-def param_axes(model: nnx.Module) -> dict:
-    """A pure dict mirroring the model's parameters, holding each one's logical-axes tuple."""
-    out: dict = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = tuple(var.get_metadata()["axes"])
-    return out
-
-
-def abstract_params(cfg: ModelConfig, dtype: jnp.dtype = jnp.float32) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, logical axes, ShapeDtypeStructs) of the model's parameters, allocating nothing."""
-    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=jax.random.key(0)), dtype=dtype))
-    graphdef, _ = nnx.split(model)
-    return graphdef, param_axes(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))

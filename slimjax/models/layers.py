@@ -174,6 +174,11 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU with the exact erf (BERT's ``hidden_act="gelu"``)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
 def out_proj_std(std: float, n_layers: int) -> float:
     """GPT-2's scaled init for projections that write into the residual stream."""
     return std / math.sqrt(2 * n_layers)

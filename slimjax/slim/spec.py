@@ -106,13 +106,13 @@ def structure(recipe: Recipe) -> Recipe:
 
 
 def spec_from_config(cfg: Config) -> ModelSpec:
-    """The spec a config asks for: the decoder and ``slim.recipe`` with each transform's options."""
+    """The spec a config asks for: ``model.family`` and ``slim.recipe`` with each transform's options."""
     registry = _registry()
     recipe = []
     for name in cfg.slim.recipe:
         opts = dataclasses.asdict(getattr(cfg.slim, name))
         recipe.append((name, _freeze(registry[name](opts).options())))
-    return ModelSpec("decoder", cfg.model, tuple(recipe))
+    return ModelSpec(cfg.model.family, cfg.model, tuple(recipe))
 
 
 def spec_of(meta: Mapping[str, Any]) -> ModelSpec:

@@ -28,6 +28,7 @@ from slimjax.data import pipeline
 from slimjax.errors import Preempted, SlimjaxError
 from slimjax.infer.evaluate import classification_metrics, majority_baseline
 from slimjax.infer.generate import Generator, complete
+from slimjax.infer.scoring import eval_means
 from slimjax.logs import quiet_logging
 from slimjax.sharding import Rules, make_mesh, path_str
 from slimjax.train import distributed, flops
@@ -208,7 +209,8 @@ def builtin_hooks(lp: Loop) -> dict[str, Hook]:
     hooks = [Hook(cfg.train.log_every, functools.partial(_log, lp), "train", in_step_time=True),
              Hook(cfg.train.eval_every, functools.partial(_evaluate, lp), "eval"),
              Hook(cfg.checkpoint.every_steps, functools.partial(_checkpoint, lp), "checkpoint")]
-    if cfg.train.sample_tokens and lp.run.task != "classify":  # a classifier's text head is not trained
+    if cfg.train.sample_tokens and cfg.model.family == "decoder" and lp.run.task != "classify":
+        # an encoder does not generate; a classifier's text head is not trained
         hooks.append(Hook(0, functools.partial(_sample, lp), "sample"))  # once, at the end
     return {hook.name: hook for hook in hooks}
 
@@ -260,9 +262,12 @@ def _evaluate(lp: Loop, ctx: HookContext) -> None:
     tr, run = lp.tr, lp.run
     if run.task == "classify":
         scores = evaluate_classes(run)
-    else:
+    elif run.cfg.model.family == "decoder":
         loss = evaluate_loss(run)
         scores = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    else:
+        means = evaluate_means(run)
+        scores = {"loss": means["mlm"], **means}
     tr.last_eval, tr.last_eval_loss, tr.last_eval_step = scores, scores["loss"], ctx.step
     ctx.write({k: v for k, v in scores.items() if isinstance(v, float)})
     metric, patience = run.cfg.checkpoint.best_metric, run.cfg.train.early_stop_patience
@@ -331,6 +336,13 @@ def evaluate_classes(run: Run) -> dict[str, Any]:
     return {"loss": nll / max(n, 1.0), **classification_metrics(np.concatenate(predicted), true),
             "majority_accuracy": base["accuracy"], "majority_macro_f1": base["macro_f1"],
             "majority_class": base["class"], "examples": float(len(true))}
+
+
+def evaluate_means(run: Run) -> dict[str, float]:
+    """An encoder's held-out terms and accuracies (``mlm``, ``nsp``, ``mlm_accuracy``, ...), each
+    over its own count."""
+    return eval_means([jax.device_get(run.eval_step(run.state, pipeline.to_global(batch, run.batch_sharding)))
+                       for batch in run.eval_data])
 
 
 def sample_text(run: Run) -> str:

@@ -109,14 +109,15 @@ def build_run(cfg: Config, workdir: str) -> Run:
         share_tokenizer(cfg, workdir)
         if task == "lm":
             data = loader.build(cfg.data, cfg.train.global_batch_size, cfg.train.seed, cfg.train.eval_batches,
-                                cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count())
+                                cfg.model.vocab_size, workdir, jax.process_index(), jax.process_count(),
+                                pretrain=cfg.pretrain if cfg.model.family == "encoder" else None)
         else:
             data = finetune.build(cfg, task, workdir, jax.process_index(), jax.process_count())
 
         checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
         state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
-        spec = pipeline.CLASSIFY_BATCH if task == "classify" else pipeline.LM_BATCH
+        spec = pipeline.CLASSIFY_BATCH if task == "classify" else loader.BATCH_SPECS[cfg.model.family]
         batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
         train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     except BaseException:
@@ -279,7 +280,7 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
                              out_shardings=(setup.shardings, replicated), donate_argnums=0,
                              ).lower(setup.abstract, abstract_batch).compile()
         head = classify.head_of(setup.built)
-        eval_fn = make_state_eval_step(setup.built, make_eval_step(setup.graphdef) if head is None
+        eval_fn = make_state_eval_step(setup.built, make_eval_step(setup.graphdef, setup.spec.family) if head is None
                                        else classify.make_eval_step(setup.graphdef, head))
         eval_step = jax.jit(eval_fn, in_shardings=(setup.shardings, batch_sharding),
                             out_shardings=replicated).lower(setup.abstract, abstract_batch).compile()
@@ -306,6 +307,7 @@ def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, C
     """(setup, fresh state, compiled train step, compiled eval step, batch sharding) without data
     or checkpoints: what benchmarks and tests need to drive steps on batches of their own."""
     rules, setup, state = fresh_state(cfg, mesh)
-    batch_sharding = pipeline.batch_shardings(mesh, rules)
-    train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, batch_sharding)
+    spec = loader.BATCH_SPECS[cfg.model.family]
+    batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
+    train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     return setup, state, train_step, eval_step, batch_sharding

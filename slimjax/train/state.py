@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.config import ModelConfig
-from slimjax.models import ACTIVATION_AXES, Decoder
+from slimjax.models import ACTIVATION_AXES, FAMILIES
 from slimjax.sharding import Rules, tree_merge
 from slimjax.slim.spec import Built, ModelSpec, build, init_fn
 
@@ -77,9 +77,9 @@ class Setup:
         return self.built.spec
 
 
-def build_model(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> Decoder:
-    """A concrete plain decoder from a PRNG key (used by tests)."""
-    return Decoder(cfg, rngs=nnx.Rngs(params=key), dtype=dtype)
+def build_model(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype) -> nnx.Module:
+    """A concrete plain model of ``cfg.family`` from a PRNG key (used by tests)."""
+    return FAMILIES[cfg.family](cfg, rngs=nnx.Rngs(params=key), dtype=dtype)
 
 
 def params_of(model: nnx.Module) -> dict:

@@ -1,10 +1,12 @@
 """Pure train steps: ``train_step(state, batch) -> (state, metrics)``.
 
-The objective is a weighted sum of named loss terms, ``L = sum_i w_i L_i``: next-token
-cross-entropy and log(Z)^2 from ``objective.*``, plus any terms the model spec's transforms add.
-Per-token terms are summed over target tokens and normalised by the number of target tokens in
-the whole global batch, so splitting the batch into k microbatches (gradient accumulation)
-computes the same gradient as one big batch; parameter terms are computed once per step.
+The objective is a weighted sum of named loss terms, ``L = sum_i w_i L_i``: the model family's
+built-in terms from ``objective.*`` (decoder: next-token cross-entropy and log(Z)^2; encoder:
+masked-token and sentence-pair cross-entropy, see ``slimjax.infer.scoring.TASKS``), plus any
+terms the model spec's transforms add. Each batch term is a sum normalised by its count in the
+whole global batch (target tokens, masked tokens, pairs), so splitting the batch into k
+microbatches (gradient accumulation) computes the same gradient as one big batch; parameter
+terms are computed once per step.
 Gradients and optimizer updates cover the trainable parameters only; the transforms' view of the
 parameters is taken inside the loss, and their after-update projection follows the update.
 """
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 # The loss lives in infer/scoring.py: evaluation shares it (forward-only work).
-from slimjax.infer.scoring import Batch, Metrics, forward_features, token_sums
+from slimjax.infer.scoring import TASKS, Batch, Metrics
 from slimjax.models import scope
 from slimjax.sharding import constrain, tree_merge, tree_paths
 from slimjax.slim.spec import Built
@@ -63,25 +65,29 @@ def model_view(built: Built, state: TrainState, trainable: dict | None = None) -
 def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     opts: StepOptions) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure step; jit it with the state donated."""
+    task = TASKS[built.spec.family]
     terms = built.loss_terms()
     token_terms = [t for t in terms if t.per_token]
     param_terms = [t for t in terms if not t.per_token]
     weights = built.objective_weights(dict(opts.weights)) | {t.name: t.weight for t in terms}
+    weights = {k: w for k, w in weights.items() if k in task.terms or k in {t.name for t in terms}}
 
     def weighted(values: dict[str, jax.Array]) -> jax.Array:
         """``sum_i w_i L_i`` over the terms in ``values`` (terms weighted 0 are left out)."""
         return sum((w * values[name] for name, w in weights.items() if w and name in values), jnp.zeros(()))
 
-    def token_objective(trainable: dict, state: TrainState, batch: Batch, key: jax.Array):
-        """(weighted sum, {term: sum over target tokens}) for one (micro)batch."""
+    def token_objective(trainable: dict, state: TrainState, batch: Batch, key: jax.Array,
+                        denoms: dict[str, jax.Array]):
+        """(weighted sum of each term's sum over ``denoms``, the global batch's counts; {term: sum})
+        for one (micro)batch."""
         params = model_view(built, state, trainable)
         with scope.dropout_key(key):
-            hidden, logits = forward_features(built.graphdef, params, batch)
-        sums = token_sums(logits, batch)
+            hidden, logits = task.forward(built.graphdef, params, batch)
+        sums = task.sums(built.graphdef, params, hidden, logits, batch)
         out = Outputs(logits, hidden)
         for t in token_terms:
             sums[t.name] = t.fn(params, state.slim, batch, out)
-        return weighted(sums), sums
+        return weighted({k: v / denoms[k] for k, v in sums.items()}), sums
 
     def param_objective(trainable: dict, state: TrainState):
         values = {t.name: t.fn(model_view(built, state, trainable), state.slim) for t in param_terms}
@@ -91,23 +97,24 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
     param_grad = jax.grad(param_objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        n_tokens = jnp.sum(batch["loss_mask"])
+        counts = task.counts(batch)
+        n_tokens = counts["tokens"]
+        denoms = {k: jnp.maximum(c, 1.0) for k, c in counts.items()} | {
+            t.name: jnp.maximum(n_tokens, 1.0) for t in token_terms}
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         if opts.microbatches == 1:
-            grads, sums = token_grad(state.params, state, batch, step_key)
+            grads, sums = token_grad(state.params, state, batch, step_key, denoms)
         else:
             def accumulate(carry, xs):
                 micro, i = xs
-                g, s = token_grad(state.params, state, micro, jax.random.fold_in(step_key, i))
+                g, s = token_grad(state.params, state, micro, jax.random.fold_in(step_key, i), denoms)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zero_sums = {name: jnp.zeros(()) for name in (*BUILTIN_TERMS, *(t.name for t in token_terms))}
+            zero_sums = {name: jnp.zeros(()) for name in (*task.terms, *task.accuracies, *(t.name for t in token_terms))}
             zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
             micro = split_microbatches(batch, opts.microbatches)
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(opts.microbatches)))
-        denom = jnp.maximum(n_tokens, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        values = {name: s / denom for name, s in sums.items()}
+        values = {name: s / denoms[name] for name, s in sums.items()}
         if param_terms:
             pgrads, pvalues = param_grad(state.params, state)
             grads = jax.tree.map(jnp.add, grads, pgrads)
@@ -131,10 +138,11 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
         slim = jax.tree.map(keep_new, slim, state.slim)
         skipped = state.skipped + (~ok).astype(jnp.int32) if opts.skip_nonfinite else state.skipped
         metrics = {
-            "loss": values["next_token"],
-            "z_loss": values["z_loss"],
+            "loss": values[task.primary],
+            **{name: values[name] for name in ("z_loss", *task.accuracies) if name in values},
             "objective": objective,
-            **{f"terms/{name}": v for name, v in values.items() if name not in BUILTIN_TERMS},
+            **{f"terms/{name}": v for name, v in values.items()
+               if name not in BUILTIN_TERMS and name not in task.accuracies},
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
             "tokens": n_tokens,
