@@ -1,5 +1,8 @@
 """Fine-tuning through the CLI: a classifier's keep-best checkpoint, eval, early stopping and resume,
-supervised fine-tuning on prompt/response pairs, and bad input as one line with exit 2."""
+supervised fine-tuning on prompt/response pairs, and bad input as one line with exit 2.
+
+Commands run in this process (``slimjax.cli.main``): no crash is simulated here, so the process
+boundary adds nothing but interpreter start-up and recompiling what the earlier runs compiled."""
 
 import json
 import os
@@ -7,8 +10,10 @@ import random
 
 import pytest
 
+from test_fault import one_line_error
+from test_prune_cli import cli_here
+
 from slimjax.train.metrics import read_metrics
-from test_cli import slimjax
 
 WORDS = {"fruit": "apple pear plum fig grape melon".split(), "metal": "iron gold zinc lead tin copper".split()}
 MODEL = ["--config.model.vocab_size=264", "--config.data.tokenizer_kind=byte", "--config.data.seq_len=32",
@@ -46,18 +51,18 @@ def evals(workdir):
     return {r["step"]: r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "eval/accuracy" in r}
 
 
-def test_classifier_keeps_its_best_checkpoint_and_evaluates(tmp_path):
+def test_classifier_keeps_its_best_checkpoint_and_evaluates(capsys, tmp_path):
     workdir = str(tmp_path / "run")
     flags = labelled_flags(tmp_path, flip_eval=True)
-    result = slimjax("train", *flags, "--config.train.steps=30", "--config.train.eval_every=10",
-                     "--config.checkpoint.every_steps=10", "--config.checkpoint.keep=1",
-                     "--config.checkpoint.keep_best=1", "--config.checkpoint.best_metric=loss", f"--workdir={workdir}")
+    result = cli_here(capsys, "train", *flags, "--config.train.steps=30", "--config.train.eval_every=10",
+                      "--config.checkpoint.every_steps=10", "--config.checkpoint.keep=1",
+                      "--config.checkpoint.keep_best=1", "--config.checkpoint.best_metric=loss", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = evals(workdir)
     assert sorted(scores) == [10, 20, 30]
     assert scores[10]["eval/loss"] < scores[20]["eval/loss"] < scores[30]["eval/loss"]  # swapped held-out labels
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [10, 30]  # best + latest
-    result = slimjax("eval", f"--workdir={workdir}")
+    result = cli_here(capsys, "eval", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, "eval.json")) as f:
         report = json.load(f)
@@ -69,15 +74,15 @@ def test_classifier_keeps_its_best_checkpoint_and_evaluates(tmp_path):
            "accuracy 0.5000, macro-F1 0.3333)" in result.stdout
 
 
-def test_early_stopping_stops_and_survives_a_resume(labelled, tmp_path):
+def test_early_stopping_stops_and_survives_a_resume(capsys, labelled, tmp_path):
     workdir = str(tmp_path / "run")
     # A learning rate too small to change a prediction: accuracy never improves after the first evaluation.
     flags = [*labelled, "--config.optimizer.learning_rate=1e-9", "--config.train.eval_every=5",
              "--config.checkpoint.every_steps=5", "--config.checkpoint.best_metric=accuracy",
              "--config.train.early_stop_patience=2", f"--workdir={workdir}"]
-    first = slimjax("train", *flags, "--config.train.steps=10")
+    first = cli_here(capsys, "train", *flags, "--config.train.steps=10")
     assert first.returncode == 0, first.stderr[-3000:]  # evaluations at 5 (best) and 10 (1 without gain)
-    second = slimjax("train", *flags, "--config.train.steps=40")
+    second = cli_here(capsys, "train", *flags, "--config.train.steps=40")
     assert second.returncode == 0, second.stderr[-3000:]
     # Resumed at 10 with the count carried over: the second evaluation without gain (15) stops the run.
     assert sorted(evals(workdir)) == [5, 10, 15]
@@ -85,17 +90,17 @@ def test_early_stopping_stops_and_survives_a_resume(labelled, tmp_path):
         summary = json.load(f)
     assert summary["stopped_early"] and summary["final_step"] == 15
     assert "stopping early" in second.stderr + second.stdout
-    third = slimjax("train", *flags, "--config.train.steps=40")  # a stopped run is complete
+    third = cli_here(capsys, "train", *flags, "--config.train.steps=40")  # a stopped run is complete
     assert third.returncode == 0 and "already complete at step 15" in third.stderr
 
 
-def test_sft_trains_on_prompt_response_pairs(tmp_path):
+def test_sft_trains_on_prompt_response_pairs(capsys, tmp_path):
     pairs = [{"prompt": f"Q: {w}?\nA:", "response": f" {w[::-1]}"} for w in WORDS["fruit"] + WORDS["metal"]] * 4
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     workdir = str(tmp_path / "run")
-    result = slimjax("train", *MODEL, f"--config.data.sources=('pairs:{path}',)", "--config.data.eval_fraction=0.2",
-                     "--config.data.packing=first_fit", "--config.train.steps=30", "--config.train.eval_every=15",
-                     "--config.optimizer.learning_rate=1e-2", f"--workdir={workdir}")
+    result = cli_here(capsys, "train", *MODEL, f"--config.data.sources=('pairs:{path}',)",
+                      "--config.data.eval_fraction=0.2", "--config.data.packing=first_fit", "--config.train.steps=30",
+                      "--config.train.eval_every=15", "--config.optimizer.learning_rate=1e-2", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["eval/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "eval/loss" in r]
     assert len(losses) == 2 and losses[1] < losses[0] < 6.0
@@ -124,18 +129,15 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_fine_tuning_input_is_one_line_exit_2(case, tmp_path):
+def test_bad_fine_tuning_input_is_one_line_exit_2(capsys, case, tmp_path):
     flags, expected = BAD[case]
     workdir = tmp_path / "run"
-    result = slimjax("train", *flags(tmp_path), f"--workdir={workdir}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("slimjax: error: "), result.stderr[-3000:]
-    assert expected in lines[0]
+    line = one_line_error(cli_here(capsys, "train", *flags(tmp_path), f"--workdir={workdir}"))
+    assert expected in line
     assert not workdir.exists()  # nothing half-written
 
 
-def test_lora_fine_tunes_a_classifier_from_a_slimjax_run(labelled, tmp_path):
+def test_lora_fine_tunes_a_classifier_from_a_slimjax_run(capsys, labelled, tmp_path):
     import jax
     import numpy as np
 
@@ -143,12 +145,11 @@ def test_lora_fine_tunes_a_classifier_from_a_slimjax_run(labelled, tmp_path):
     from slimjax.sharding import tree_paths
 
     base_dir, workdir = str(tmp_path / "base"), str(tmp_path / "lora")
-    result = slimjax("train", *MODEL, "--config.train.steps=2", f"--workdir={base_dir}")  # a pre-trained decoder
+    result = cli_here(capsys, "train", *MODEL, "--config.train.steps=2", f"--workdir={base_dir}")  # pre-trained decoder
     assert result.returncode == 0, result.stderr[-3000:]
-    result = slimjax("train", *labelled, "--config.slim.recipe=('lora','classify')",
-                     f"--config.checkpoint.init_from={base_dir}", "--config.optimizer.learning_rate=1e-2",
-                     "--config.train.steps=30", "--config.train.eval_every=30",
-                     f"--workdir={workdir}")
+    result = cli_here(capsys, "train", *labelled, "--config.slim.recipe=('lora','classify')",
+                      f"--config.checkpoint.init_from={base_dir}", "--config.optimizer.learning_rate=1e-2",
+                      "--config.train.steps=30", "--config.train.eval_every=30", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     final = evals(workdir)[30]
     assert final["eval/accuracy"] > final["eval/majority_accuracy"] + 0.3
