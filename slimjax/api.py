@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.cli.rundir import RunDir, open_run, run_tokenizer
-from slimjax.config import Config, SourceConfig, parse_source, validate
+from slimjax.config import Config, DataConfig, SourceConfig, parse_source, validate
 from slimjax.data import pipeline
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
@@ -174,6 +174,14 @@ def _batch_rows(run: LoadedRun, batch_size: int) -> int:
     return rows
 
 
+def _with_sources(data: DataConfig, sources: Sequence[str | dict | SourceConfig]) -> DataConfig:
+    """The run's data config reading ``sources`` (``data.sources`` specs) instead of its own, if any."""
+    if not sources:
+        return data
+    return dataclasses.replace(data, sources=tuple(
+        s if isinstance(s, SourceConfig) else parse_source(f"sources[{i}]", s) for i, s in enumerate(sources)))
+
+
 def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), split: str = "eval", max_docs: int = 0,
              batch_size: int = 0) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of the run on the ``split`` ("eval": held out, or
@@ -181,10 +189,7 @@ def evaluate(run: LoadedRun, sources: Sequence[str | dict | SourceConfig] = (), 
     ``slimjax eval`` computes them; ``batch_size`` 0 takes the run's ``train.global_batch_size``.
     An encoder run gives its MLM and pair-task loss and accuracy (``mlm``, ``mlm_accuracy``,
     ``nsp``, ``nsp_accuracy``) and the unigram baseline ``unigram_accuracy`` instead."""
-    data = run.config.data
-    if sources:
-        data = dataclasses.replace(data, sources=tuple(
-            s if isinstance(s, SourceConfig) else parse_source(f"sources[{i}]", s) for i, s in enumerate(sources)))
+    data = _with_sources(run.config.data, sources)
     if split not in ("eval", "train"):
         raise SlimjaxError(f"split={split!r}: choose 'eval' (held out) or 'train'")
     rows = _batch_rows(run, batch_size)
@@ -226,26 +231,31 @@ def run_command(command: str, *flags: str) -> None:
         raise SlimjaxError(f"slimjax {command} exited with status {status}")
 
 
-def evaluate_classifier(run: LoadedRun, split: str = "eval", batch_size: int = 0, max_examples: int = 0
-                        ) -> dict[str, Any]:
+def evaluate_classifier(run: LoadedRun, split: str = "eval", batch_size: int = 0, max_examples: int = 0,
+                        sources: Sequence[str | dict | SourceConfig] = ()) -> dict[str, Any]:
     """Accuracy and macro-F1 of a classification run (``slim.classify``) on the ``split`` examples
-    of its labelled sources (every one, or the first ``max_examples`` of the fixed shuffle that
-    training's evaluation uses), beside the majority-class baseline (the training set's most
-    frequent class); ``batch_size`` 0 takes the run's ``train.global_batch_size``."""
+    of its labelled sources (or of ``sources``, labelled ones, e.g. for an imported classifier),
+    every one or the first ``max_examples`` of the fixed shuffle that training's evaluation uses,
+    beside the majority-class baseline (the training set's most frequent class); ``batch_size``
+    0 takes the run's ``train.global_batch_size``."""
     from slimjax.data import finetune, records
 
     head = classify.head_of(run.rundir.built)
     if head is None:
         raise SlimjaxError(f"{run.workdir} is not a classification run (its slim recipe has no 'classify')")
     cfg, rd = run.config, run.rundir
+    data = _with_sources(cfg.data, sources)
     rows = _batch_rows(run, batch_size)
     classes = cfg.slim.classify.classes
-    examples = finetune.permuted(finetune.classification_examples(records.labelled(cfg.data, split, classes), classes,
-                                                                  run.tokenizer, cfg.data.seq_len))
+
+    def labelled(part: str) -> dict[str, np.ndarray]:
+        return finetune.classification_examples(records.labelled(data, part, classes), classes, run.tokenizer,
+                                                data.seq_len, sep=rd.spec.family == "encoder")
+
+    examples = finetune.permuted(labelled(split))
     if max_examples:
         examples = {k: v[:max_examples] for k, v in examples.items()}
-    train = finetune.classification_examples(records.labelled(cfg.data, "train", classes), classes, run.tokenizer,
-                                             cfg.data.seq_len)
+    train = labelled("train")
     counts = {c: int(np.sum(train["labels"] == i)) for i, c in enumerate(classes)}
     batch_sharding = {k: NamedSharding(rd.mesh, rd.rules.spec(axes)) for k, (axes, _) in pipeline.CLASSIFY_BATCH.items()}
 
@@ -262,7 +272,7 @@ def evaluate_classifier(run: LoadedRun, split: str = "eval", batch_size: int = 0
         labels.append(np.asarray(out["labels"])[keep])
     true = np.concatenate(labels)
     base = evaluation.majority_baseline(counts, true, classes)
-    return {"step": run.step, "split": split, "sources": [s.name for s in cfg.data.sources], "examples": len(true),
+    return {"step": run.step, "split": split, "sources": [s.name for s in data.sources], "examples": len(true),
             **evaluation.classification_metrics(np.concatenate(predicted), true),
             "majority_class": base["class"], "majority_accuracy": base["accuracy"],
             "majority_macro_f1": base["macro_f1"]}

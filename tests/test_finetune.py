@@ -22,8 +22,8 @@ from slimjax.slim.transform import Outputs
 CLASSES = ("fruit", "metal", "stone")
 
 
-def classify_config(classes=CLASSES) -> C.Config:
-    cfg = small_config()
+def classify_config(classes=CLASSES, family="llama") -> C.Config:
+    cfg = small_config(family)
     slim = dataclasses.replace(cfg.slim, recipe=("classify",), classify=C.ClassifyConfig(tuple(classes)))
     return dataclasses.replace(cfg, slim=slim)
 
@@ -107,6 +107,43 @@ def test_cls_term_and_head_match_a_float64_reference():
     want = -log_p[np.arange(3), rows["labels"]].sum()
     assert got == pytest.approx(want, rel=1e-5)
     assert built.objective_weights({"next_token": 1.0, "z_loss": 1e-4}) == {"next_token": 0.0, "z_loss": 0.0}
+
+
+def test_encoder_classifier_pools_cls_and_matches_a_float64_reference():
+    cfg = classify_config(family="bert")
+    built = build(spec_from_config(cfg))
+    params = jax.jit(init_fn(built))(jax.random.key(2))
+    params["classifier"]["bias"] = jnp.asarray([0.3, -0.2, 0.1])
+    head = classify.head_of(built)
+    tok = tokenizer.ByteTokenizer()
+    examples = [records.Labelled(t, label, "x") for t, label in (("iron gold", "metal"), ("fig", "fruit"),
+                                                                 ("a much longer stone text", "stone"))]
+    rows = finetune.classification_examples(examples, CLASSES, tok, seq_len=16, sep=True)
+    # The encoder's pre-training layout: [CLS] (= BOS, the token the pooler reads) text [SEP] (= EOS), type 0.
+    assert (rows["inputs"][:, 0] == tok.bos_id).all() and not rows["token_types"].any()
+    lengths = rows["segment_ids"].sum(axis=1)
+    assert lengths.tolist() == [11, 5, 16]
+    assert (rows["inputs"][np.arange(3), lengths - 1] == tok.eos_id).all()
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    model = nnx.merge(built.graphdef, params)
+    hidden = model.features(batch["inputs"], batch["token_types"], batch["positions"], batch["segment_ids"])
+    (term,) = head.loss_terms()
+    got = float(term.fn(params, {}, batch, Outputs(None, hidden)))
+    # Reference: BERT's pooler tanh(h[:, 0] W_p + b_p), then the head, in float64; summed cross-entropy.
+    h = np.asarray(hidden, np.float64)[:, 0]
+    pooled = np.tanh(h @ np.asarray(params["pooler"]["kernel"], np.float64) + np.asarray(params["pooler"]["bias"]))
+    logits = pooled @ np.asarray(params["classifier"]["kernel"], np.float64) + np.asarray(params["classifier"]["bias"])
+    np.testing.assert_allclose(np.asarray(head.logits(params, batch, hidden)), logits, rtol=1e-5, atol=1e-6)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    assert got == pytest.approx(-log_p[np.arange(3), rows["labels"]].sum(), rel=1e-5)
+    # The train step's task: cls alone (no MLM/NSP arrays in a labelled batch), over one mark per example.
+    task = classify.task_of(built)
+    assert task.terms == () and task.primary == classify.TERM
+    assert float(task.counts(batch)["tokens"]) == 3
+    # The eval step pools the same way.
+    out = classify.make_eval_step(built.graphdef, head)(params, batch)
+    assert out["predicted"].tolist() == np.argmax(logits, axis=1).tolist()
+    assert float(out["nll_sum"]) == pytest.approx(-log_p[np.arange(3), rows["labels"]].sum(), rel=1e-5)
 
 
 def test_head_stays_trainable_behind_lora():

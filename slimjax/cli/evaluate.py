@@ -20,7 +20,8 @@ COMMAND = Command("eval", "perplexity and bits per byte of a run's checkpoint on
                   "accuracy and macro-F1)", (
     Flag("workdir", "the run directory", metavar="RUN", required=True),
     Flag("source", "a data source to score instead of the run's data.sources (stdlib, shakespeare, text:GLOB, "
-         "jsonl:GLOB, slimpajama:GLOB, tfds:NAME)", metavar="SPEC", repeated=True),
+         "jsonl:GLOB, slimpajama:GLOB, tfds:NAME; a classifier: labels:GLOB, genre)", metavar="SPEC",
+         repeated=True),
     Flag("split", "'eval' (held out) or 'train'", choice("eval", "train"), "eval", metavar="SPLIT"),
     Flag("max_docs", "score the first N documents (a classifier: examples) (0: all)", integer(0), 0, metavar="N"),
     Flag("batch_size", "rows per forward pass (0: the run's global batch size)", integer(0), 0, metavar="N"),
@@ -63,17 +64,13 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _classifier(run, opts, sources) -> int:
-    """Accuracy and macro-F1 of a classification run on its labelled sources' ``--split``."""
+    """Accuracy and macro-F1 of a classification run on its labelled sources' (or ``--source``'s) ``--split``."""
     import jax
 
     from slimjax.api import evaluate_classifier
-    from slimjax.errors import SlimjaxError
     from slimjax.train.metrics import MetricsWriter, write_json
 
-    if sources:
-        raise SlimjaxError(f"{run.workdir} is a classification run: it is scored on its own labelled data.sources; "
-                           "drop --source")
-    result = evaluate_classifier(run, opts.split, opts.batch_size, opts.max_docs)
+    result = evaluate_classifier(run, opts.split, opts.batch_size, opts.max_docs, sources)
     if jax.process_index() == 0:
         write_json(opts.out or os.path.join(run.workdir, RESULT_FILE), result)
         writer = MetricsWriter(run.workdir)

@@ -2,7 +2,9 @@
 
 Classification: one example per row, left-aligned and padded (segment id 0 past its end): BOS
 and the text's tokens, cut at ``data.seq_len`` tokens; a passage source (the genre task) is cut
-into as many whole windows of ``seq_len - 1`` tokens after BOS as its text holds. Each row's
+into as many whole windows of ``seq_len - 1`` tokens after BOS as its text holds. Encoder rows
+are laid out as its pre-training rows, ``[CLS] text [SEP]`` (BOS and EOS; one token less of
+text), with token type 0 throughout (the decoder ignores token types). Each row's
 ``loss_mask`` is 1 at its last real token only, so the step's target-token count is the number
 of examples (the ``cls`` term is a mean over examples) and ``labels`` holds the class id (-1 on
 padding rows).
@@ -69,18 +71,21 @@ def sequence_rows(ids: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> Ex
 
 
 def classification_examples(examples: Sequence[records.Labelled], classes: tuple[str, ...],
-                            tok: tokenizer.Tokenizer, seq_len: int) -> Examples:
-    """Model-ready rows (inputs, targets, segment ids, positions, last-token loss mask, labels)."""
+                            tok: tokenizer.Tokenizer, seq_len: int, sep: bool = False) -> Examples:
+    """Model-ready rows (inputs, targets, segment ids, positions, token types, last-token loss mask,
+    labels); ``sep`` closes each row with EOS as [SEP] (the encoder's layout)."""
     ids, labels = [], []
+    close = [tok.eos_id] if sep else []
+    width = seq_len - 1 - len(close)
     for ex, body in zip(examples, tok.encode_batch([ex.text for ex in examples])):
         if ex.passages:  # whole windows only: a short tail would be an easier, different task
-            width = seq_len - 1
             windows = [body[i:i + width] for i in range(0, len(body) - width + 1, width)]
         else:
-            windows = [body[:seq_len - 1]]
-        ids += [[tok.bos_id, *w] for w in windows]
+            windows = [body[:width]]
+        ids += [[tok.bos_id, *w, *close] for w in windows]
         labels += [classes.index(ex.label)] * len(windows)
     out = to_example(sequence_rows(ids, seq_len, tok.pad_id))
+    out["token_types"] = np.zeros_like(out["inputs"])
     lengths = np.asarray([len(r) for r in ids])
     out["loss_mask"] = (np.arange(seq_len)[None, :] == (lengths - 1)[:, None]).astype(np.float32)
     out["labels"] = np.asarray(labels, np.int32)
@@ -160,8 +165,9 @@ def build(cfg: Config, task: str, workdir: str, process_index: int = 0, process_
     tok = tokenizer.get_tokenizer(d.tokenizer_kind, d.tokenizer, workdir, cfg.model.vocab_size, d.tokenizer_type,
                                   texts)
     if task == "classify":
-        train_rows = classification_examples(train, classes, tok, d.seq_len)
-        eval_rows = permuted(classification_examples(held, classes, tok, d.seq_len))
+        sep = cfg.model.family == "encoder"
+        train_rows = classification_examples(train, classes, tok, d.seq_len, sep)
+        eval_rows = permuted(classification_examples(held, classes, tok, d.seq_len, sep))
         counts = collections.Counter(classes[i] for i in train_rows["labels"])
         stats = {"train_examples": len(train_rows["labels"]), "eval_examples": len(eval_rows["labels"]),
                  "train_classes": {c: counts[c] for c in classes}}

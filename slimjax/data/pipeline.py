@@ -37,8 +37,10 @@ LM_BATCH: BatchSpec = {
     "loss_mask": (("batch", "length"), np.float32),
 }
 BATCH_KEYS = tuple(LM_BATCH)
-# A classification batch (``slim.classify``): the language-model arrays plus each row's class id.
-CLASSIFY_BATCH: BatchSpec = {**LM_BATCH, "labels": (("batch",), np.int32)}
+# A classification batch (``slim.classify``): the language-model arrays plus each row's class id
+# and token types (all 0, one text per row: the encoder reads them, the decoder does not).
+CLASSIFY_BATCH: BatchSpec = {**LM_BATCH, "labels": (("batch",), np.int32),
+                             "token_types": (("batch", "length"), np.int32)}
 
 
 def shard_stream(rows_per_source: Sequence[PackedRows], weights: Sequence[float], seed: int,

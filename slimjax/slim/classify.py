@@ -9,7 +9,9 @@ terms weigh 0. Batches mark each example's last real token in ``loss_mask`` (one
 so the step's per-token normalisation makes ``cls`` the mean over examples.
 
 What is pooled depends on the model family (``POOLERS``): the decoder reads its last non-padding
-token's final hidden state, the only position that has seen the whole text.
+token's final hidden state, the only position that has seen the whole text; the encoder runs its
+own pooler (BERT's ``tanh(dense(h[:, 0]))``) on the first token, [CLS], which its rows start with
+as pre-training rows do. ``TASKS`` is what the train step computes beside ``cls`` per family.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slimjax.config import ClassifyConfig
+from slimjax.infer import scoring
 from slimjax.models import FAMILIES, layers
 from slimjax.slim.transform import LossTerm, Outputs, Transform
 
@@ -35,9 +38,42 @@ def last_token(params: dict, batch: dict, hidden: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
-# Family -> how its classifier input is pooled from the final hidden states. The encoder's entry
-# runs its pooler submodule on the first ([CLS]) token: (params, batch, hidden) -> pooled.
-POOLERS: dict[str, Pooler] = {"decoder": last_token}
+def decoder_pooler(model: nnx.Module) -> Pooler:
+    """The decoder's pooling needs no parameters of its own: the last token's hidden state."""
+    return last_token
+
+
+def encoder_pooler(model: nnx.Module) -> Pooler:
+    """The encoder's ``pooled``: its ``pooler`` submodule (from ``params["pooler"]``) on the first token."""
+    pooler = nnx.graphdef(model.pooler)
+
+    def first_token(params: dict, batch: dict, hidden: jax.Array) -> jax.Array:
+        return jnp.tanh(nnx.merge(pooler, params["pooler"])(hidden[:, 0]))
+
+    return first_token
+
+
+# Family -> (its model after the earlier transforms -> how the classifier input is pooled from the
+# final hidden states).
+POOLERS: dict[str, Callable[[nnx.Module], Pooler]] = {"decoder": decoder_pooler, "encoder": encoder_pooler}
+
+
+def example_counts(batch: dict) -> dict[str, jax.Array]:
+    """One ``loss_mask`` mark per example: the ``cls`` term's denominator is the example count."""
+    return {"tokens": jnp.sum(batch["loss_mask"])}
+
+
+def no_sums(graphdef: nnx.GraphDef, params: dict, hidden: jax.Array, logits: jax.Array, batch: dict) -> dict:
+    return {}
+
+
+# Family -> its task while it classifies. The decoder keeps its next-token terms (weighted 0, its
+# loss_mask marks one token per example); the encoder's MLM/NSP terms need masked pairs that a
+# labelled batch does not have, so it computes ``cls`` alone (logged as its loss).
+TASKS: dict[str, scoring.Task] = {
+    "decoder": scoring.TASKS["decoder"],
+    "encoder": scoring.Task((), (), TERM, scoring.encoder_features, no_sums, example_counts),
+}
 
 
 def family_of(model: nnx.Module) -> str:
@@ -53,6 +89,7 @@ class Classify(Transform):
         self.cfg = cfg
         self._head: nnx.GraphDef | None = None  # the head's structure, set by rewrite
         self._pool: Pooler | None = None
+        self.family = ""  # the model family, set by rewrite
 
     def options(self) -> dict[str, Any]:
         return {"classes": list(self.cfg.classes)}
@@ -63,7 +100,8 @@ class Classify(Transform):
                             std=cfg.init_std, dtype=model.dtype, rngs=rngs)
         setattr(model, HEAD, head)
         self._head = nnx.graphdef(head)
-        self._pool = POOLERS[family_of(model)]
+        self.family = family_of(model)
+        self._pool = POOLERS[self.family](model)
 
     def trainable(self, path: str, current: bool) -> bool:
         return current or path.startswith(HEAD + "/")
@@ -96,13 +134,18 @@ def head_of(built: Any) -> Classify | None:
     return next((t for t in built.transforms if isinstance(t, Classify)), None)
 
 
+def task_of(built: Any) -> scoring.Task:
+    """What the train step computes besides the transforms' terms: the family's task, or its
+    classification task when the spec classifies."""
+    return (scoring.TASKS if head_of(built) is None else TASKS)[built.spec.family]
+
+
 def make_eval_step(graphdef: nnx.GraphDef, head: Classify) -> Callable[[dict, dict], dict]:
     """``(params, batch) -> {nll_sum, tokens, predicted, labels}``: summed ``cls`` loss over the
     batch's examples, their count, and each row's predicted and true class (-1: a padding row)."""
 
     def eval_step(params: dict, batch: dict) -> dict:
-        model = nnx.merge(graphdef, params)
-        hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+        hidden, _ = TASKS[head.family].forward(graphdef, params, batch)  # the unused LM logits cost nothing under jit
         logits = head.logits(params, batch, hidden)
         return {"nll_sum": jnp.sum(example_losses(logits, batch["labels"])), "tokens": jnp.sum(batch["labels"] >= 0),
                 "predicted": jnp.argmax(logits, axis=-1), "labels": batch["labels"]}

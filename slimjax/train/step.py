@@ -2,7 +2,8 @@
 
 The objective is a weighted sum of named loss terms, ``L = sum_i w_i L_i``: the model family's
 built-in terms from ``objective.*`` (decoder: next-token cross-entropy and log(Z)^2; encoder:
-masked-token and sentence-pair cross-entropy, see ``slimjax.infer.scoring.TASKS``), plus any
+masked-token and sentence-pair cross-entropy, see ``slimjax.infer.scoring.TASKS``; a classifier's
+in ``slimjax.slim.classify.TASKS``), plus any
 terms the model spec's transforms add. Each batch term is a sum normalised by its count in the
 whole global batch (target tokens, masked tokens, pairs), so splitting the batch into k
 microbatches (gradient accumulation) computes the same gradient as one big batch; parameter
@@ -21,8 +22,9 @@ import jax.numpy as jnp
 import optax
 
 # The loss lives in infer/scoring.py: evaluation shares it (forward-only work).
-from slimjax.infer.scoring import TASKS, Batch, Metrics
+from slimjax.infer.scoring import Batch, Metrics
 from slimjax.models import scope
+from slimjax.slim import classify
 from slimjax.sharding import constrain, tree_merge, tree_paths
 from slimjax.slim.spec import Built
 from slimjax.slim.transform import Outputs, UpdateContext, apply_masks
@@ -65,7 +67,7 @@ def model_view(built: Built, state: TrainState, trainable: dict | None = None) -
 def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     opts: StepOptions) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure step; jit it with the state donated."""
-    task = TASKS[built.spec.family]
+    task = classify.task_of(built)
     terms = built.loss_terms()
     token_terms = [t for t in terms if t.per_token]
     param_terms = [t for t in terms if not t.per_token]
