@@ -1,6 +1,8 @@
-"""BERT checkpoints in and out: MLM and NSP logit parity with transformers (padding and token
-types included), byte-identical round trips, and one-line refusals of what cannot be computed."""
+"""BERT checkpoints in and out: MLM, NSP and sequence-classifier logit parity with transformers
+(padding and token types included), byte-identical round trips, an imported classifier scored by
+`slimjax eval` as transformers scores it, and one-line refusals of what cannot be computed."""
 
+import dataclasses
 import json
 import os
 
@@ -13,8 +15,12 @@ from safetensors.numpy import load_file
 from hf_models import BERT_ARCHS, random_bert
 from test_interop import mesh_and_rules, rel_err
 from slimjax.cli import main
-from slimjax.interop.hf import export_hf, import_hf
+from slimjax.config import validate
+from slimjax.interop.hf import base_config, export_hf, import_hf
+from slimjax.interop.hf_config import read_config
 from slimjax.models import abstract_params
+from slimjax.slim import classify
+from slimjax.slim.spec import build, spec_from_config
 
 RNG = np.random.default_rng(0)
 TOKENS = RNG.integers(0, 128, (3, 24))
@@ -97,4 +103,70 @@ def test_unsupported_bert_settings_are_refused_by_name(saved, tmp_path, capsys, 
     assert main(["import", f"--hf_dir={src}", f"--workdir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"'{key}'" in err and repr(value) in err
+    assert not (tmp_path / "run").exists()
+
+
+CLS_ARCH = "BertForSequenceClassification"
+LABELS = ("negative", "neutral", "positive")
+
+
+def random_classifier(**config):
+    return random_bert(CLS_ARCH, id2label=dict(enumerate(LABELS)), label2id={c: i for i, c in enumerate(LABELS)},
+                       **config)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("bert-cls") / "model")
+    random_classifier().save_pretrained(path)
+    return path
+
+
+def classifier_logits(hf_dir, cfg, params, tokens, types, attention):
+    """slimjax's class logits: the imported spec (encoder + classify), its pooler and head."""
+    spec = dataclasses.replace(spec_from_config(validate(base_config(read_config(hf_dir)))), model=cfg)
+    built = build(spec)
+    hidden = nnx.merge(built.graphdef, params).features(tokens, types, None, attention)
+    return np.asarray(classify.head_of(built).logits(params, {"segment_ids": attention}, hidden))
+
+
+def test_sequence_classifier_matches_transformers_and_round_trips(classifier_dir, tmp_path):
+    import transformers
+
+    mesh, rules = mesh_and_rules(data=2, fsdp=2, tensor=2)
+    cfg, params = import_hf(classifier_dir, mesh, rules, dtype="float32")
+    assert params["classifier"]["kernel"].shape == (32, 3)
+    assert not np.any(np.asarray(params["mlm"]["dense"]["kernel"]))  # heads it does not carry import as zeros
+    got = classifier_logits(classifier_dir, cfg, params, TOKENS, TYPES, ATTENTION)
+    want = hf_outputs(random_classifier()).logits.numpy()
+    assert rel_err(got, want) <= 1e-4
+    out = str(tmp_path / "out")
+    export_hf(cfg, params, out, classes=LABELS)  # the classes pick the architecture
+    before = load_file(os.path.join(classifier_dir, "model.safetensors"))
+    after = load_file(os.path.join(out, "model.safetensors"))
+    assert set(before) == set(after)
+    for name in before:
+        assert before[name].tobytes() == after[name].tobytes(), name
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert written["architectures"] == [CLS_ARCH] and written["problem_type"] == "single_label_classification"
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(out).eval()
+    assert reloaded.config.id2label == dict(enumerate(LABELS)) and reloaded.config.num_labels == 3
+    np.testing.assert_array_equal(hf_outputs(reloaded).logits.numpy(), want)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"problem_type": "regression"}, "'problem_type' is 'regression'"),
+    ({"problem_type": "multi_label_classification"}, "'problem_type' is 'multi_label_classification'"),
+    ({"id2label": {"0": "score"}, "label2id": {"score": 0}}, "two or more distinct labels"),
+])
+def test_classifiers_slimjax_cannot_train_the_same_way_are_refused_by_name(classifier_dir, tmp_path, capsys,
+                                                                           change, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    raw = json.load(open(os.path.join(classifier_dir, "config.json"))) | change
+    (src / "config.json").write_text(json.dumps(raw))
+    os.symlink(os.path.join(classifier_dir, "model.safetensors"), src / "model.safetensors")
+    assert main(["import", f"--hf_dir={src}", f"--workdir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()

@@ -16,6 +16,9 @@ from test_prune_cli import cli_here
 from slimjax.train.metrics import read_metrics
 
 WORDS = {"fruit": "apple pear plum fig grape melon".split(), "metal": "iron gold zinc lead tin copper".split()}
+# The encoder: configs/bert_tiny.py narrowed to the same size (MODEL's flags follow and apply on top).
+ENCODER = [f"--config={os.path.join(os.path.dirname(__file__), '..', 'configs', 'bert_tiny.py')}",
+           "--config.model.d_model=64", "--config.model.head_dim=32", "--config.model.d_ff=128"]
 MODEL = ["--config.model.vocab_size=264", "--config.data.tokenizer_kind=byte", "--config.data.seq_len=32",
          "--config.model.max_seq_len=64", "--config.model.n_layers=1", "--config.train.global_batch_size=8",
          "--config.train.progress=False", "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2"]
@@ -124,6 +127,9 @@ BAD = {
         "p.jsonl:1: a 'pairs' record needs string fields 'prompt' and 'response'"),
     "classification config on a run without labels": (
         lambda d: [*MODEL, "--config.slim.recipe=('classify',)", "--config.slim.classify.classes=('a','b')"],
+        "slim.recipe names 'classify' but data.sources (shakespeare) carry no labels"),
+    "classification config on an encoder run without labels": (
+        lambda d: [*ENCODER, *MODEL, "--config.slim.recipe=('classify',)", "--config.slim.classify.classes=('a','b')"],
         "slim.recipe names 'classify' but data.sources (shakespeare) carry no labels"),
 }
 

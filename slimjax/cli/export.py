@@ -64,16 +64,25 @@ def run(argv: Sequence[str]) -> int:
     tok = run_tokenizer(data, rd.workdir, rd.cfg.model.vocab_size, "export") if (
         data.tokenizer_kind == "byte" or os.path.isfile(tok_file)) else None
     spec, params = rd.exported_params()
-    if spec.recipe:
+    classes = sequence_classes(spec)
+    if spec.recipe and not classes:
         raise SlimjaxError(f"run '{rd.workdir}' has transforms that a Hugging Face checkpoint cannot hold "
                            f"({', '.join(name for name, _ in spec.recipe)}); nothing was written")
-    files = hf.export_hf(spec.model, params, out, architecture=arch)
+    files = hf.export_hf(spec.model, params, out, architecture=arch, classes=classes)
     if jax.process_index() != 0:  # process 0 wrote the files
         return 0
     if tok is not None:
         files += export_tokenizer(out, data.tokenizer_kind, tok.path, tok.bos_id, tok.eos_id)
     print(f"exported step {rd.step} of {rd.workdir} -> {out}: {', '.join(files)}")
     return 0
+
+
+def sequence_classes(spec) -> tuple[str, ...]:
+    """The class names of an encoder whose only transform left is ``classify`` (it exports as
+    ``BertForSequenceClassification``); () for any other spec."""
+    if spec.family == "encoder" and [name for name, _ in spec.recipe] == ["classify"]:
+        return tuple(dict(spec.recipe)["classify"]["classes"])
+    return ()
 
 
 def check_family(architecture: str, rd) -> None:

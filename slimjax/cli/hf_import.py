@@ -42,7 +42,7 @@ def run(argv: Sequence[str]) -> int:
     from slimjax.data.hf_tokenizer import HFTokenizer
     from slimjax.interop import hf, hf_config
     from slimjax.sharding import Rules, make_mesh
-    from slimjax.slim.spec import ModelSpec
+    from slimjax.slim.spec import ModelSpec, spec_from_config
     from slimjax.train.run import CHECKPOINT_DIR
 
     raw = hf_config.read_config(hf_dir)
@@ -62,7 +62,7 @@ def run(argv: Sequence[str]) -> int:
         multihost_utils.sync_global_devices("slimjax import: workdir checked")
     mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
     model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
-    spec = ModelSpec(model_cfg.family, model_cfg)
+    spec = ModelSpec(model_cfg.family, model_cfg, spec_from_config(cfg).recipe)  # a classifier: ("classify",)
     if args.adapter:  # read and checked against the model before anything is written
         cfg, spec, params = with_adapter(args.adapter, c, model_cfg, params, mesh, rules)
 
@@ -123,6 +123,9 @@ def write_config_file(path: str, cfg, arch: str, hf_dir: str) -> None:
     """A ``get_config()`` file: configs/base.py with the imported model and tokenizer keys."""
     keys = cfg.to_dict()
     data = {k: keys["data"][k] for k in ("tokenizer_kind", "tokenizer", "seq_len")}
+    # A sequence classifier's recipe and labels (fine-tuning it needs labelled data.sources too).
+    slim = f"\n    c.slim.recipe, c.slim.classify.classes = {cfg.slim.recipe!r}, {cfg.slim.classify.classes!r}" \
+        if "classify" in cfg.slim.recipe else ""
     with open(path, "w", encoding="utf-8") as f:
         f.write(f'''"""The {arch} imported from {hf_dir}, as a slimjax config.
 
@@ -138,6 +141,6 @@ DATA = {data!r}
 def get_config():
     c = base.get_config()
     c.model.update(MODEL)
-    c.data.update(DATA)
+    c.data.update(DATA){slim}
     return c
 ''')

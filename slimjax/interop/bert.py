@@ -1,12 +1,18 @@
-"""BERT checkpoints (``BertForPreTraining``, ``BertForMaskedLM``) <-> the encoder family.
+"""BERT checkpoints (``BertForPreTraining``, ``BertForMaskedLM``, ``BertForSequenceClassification``)
+<-> the encoder family.
 
 ``model_keys`` reads a BERT ``config.json`` into ``model.*`` keys and refuses by name what the
 encoder cannot compute exactly (relative position embeddings, a decoder or cross-attention,
 untied output embeddings, another activation); ``to_hf`` writes one back. The tensor mapping is
 the encoder body (``body_links``) plus the heads each architecture carries (``HEADS``), each head
 a list of :class:`~slimjax.interop.mapping.Link` from ``HEAD_LINKS``: another architecture
-(a sequence classifier) registers its heads in these two tables. Parameters of the encoder that an
-architecture does not carry (the pooler and NSP head of ``BertForMaskedLM``) import as zeros.
+registers its heads in these two tables. Parameters of the encoder that an architecture does not
+carry (the pooler and NSP head of ``BertForMaskedLM``) import as zeros.
+
+``BertForSequenceClassification`` is the encoder with the ``classify`` transform (its pooler and
+a ``classifier`` head): ``labels`` reads its ``id2label`` as ``slim.classify.classes`` (refusing
+what softmax cross-entropy over the classes is not: regression, multi-label) and ``to_hf`` writes
+the classes back.
 
 Layouts: ``nn.Linear`` weights are ``[out, in]``; slimjax kernels are ``[in..., out...]`` with
 heads as a real axis (``query.weight [H*hd, D] -> wq [D, H, hd]``).
@@ -78,10 +84,19 @@ def nsp_links(cfg: ModelConfig) -> list[Link]:
     return _dense(("nsp",), "cls.seq_relationship")
 
 
+def classifier_links(cfg: ModelConfig) -> list[Link]:
+    """The ``classify`` transform's head: HF ``classifier.weight [classes, D]`` is its kernel transposed."""
+    return _dense((CLASSIFIER,), CLASSIFIER)
+
+
+CLASSIFIER = "classifier"  # slimjax.slim.classify.HEAD, and Hugging Face's name for it too
+ENCODER_HEADS = ("mlm", "pooler", "nsp")  # the encoder's own heads (the classifier is a transform's)
 # Extension points: head name -> its links, and architecture -> the heads it carries.
 HEAD_LINKS: dict[str, Callable[[ModelConfig], list[Link]]] = {"mlm": mlm_links, "pooler": pooler_links,
-                                                              "nsp": nsp_links}
-HEADS: dict[str, tuple[str, ...]] = {"BertForPreTraining": ("mlm", "pooler", "nsp"), "BertForMaskedLM": ("mlm",)}
+                                                              "nsp": nsp_links, CLASSIFIER: classifier_links}
+HEADS: dict[str, tuple[str, ...]] = {"BertForPreTraining": ("mlm", "pooler", "nsp"), "BertForMaskedLM": ("mlm",),
+                                     "BertForSequenceClassification": ("pooler", CLASSIFIER)}
+CLASSIFIER_ARCH = "BertForSequenceClassification"
 
 
 def links(cfg: ModelConfig, arch: str) -> list[Link]:
@@ -91,7 +106,29 @@ def links(cfg: ModelConfig, arch: str) -> list[Link]:
 
 def absent_links(cfg: ModelConfig, arch: str) -> list[Link]:
     """Links of the encoder's heads that ``arch`` does not carry (imported as zeros)."""
-    return [link for head, make in HEAD_LINKS.items() if head not in HEADS[arch] for link in make(cfg)]
+    return [link for head in ENCODER_HEADS if head not in HEADS[arch] for link in HEAD_LINKS[head](cfg)]
+
+
+def classifies(arch: str) -> bool:
+    """Whether architecture ``arch`` is a sequence classifier (a ``classify`` run in slimjax)."""
+    return CLASSIFIER in HEADS.get(arch, ())
+
+
+def labels(hf: dict[str, Any]) -> tuple[str, ...]:
+    """A sequence classifier's class names in id order (``id2label``; ``LABEL_<i>`` for ``num_labels``
+    without names), refusing by key what is not one softmax over two or more classes."""
+    problem = hf.get("problem_type")
+    if problem not in (None, "single_label_classification"):
+        raise SlimjaxError(f"config.json 'problem_type' is {problem!r}; slimjax classifiers are trained and scored "
+                           "as 'single_label_classification' (one class per text, softmax cross-entropy)")
+    names = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2)))}
+    if sorted(int(i) for i in names) != list(range(len(names))):
+        raise SlimjaxError(f"config.json 'id2label' keys {sorted(names)} are not the ids 0..{len(names) - 1}")
+    classes = tuple(str(names[str(i)] if str(i) in names else names[i]) for i in range(len(names)))
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise SlimjaxError(f"config.json 'id2label' names {list(classes)}; a slimjax classifier needs two or more "
+                           "distinct labels (one label is Hugging Face's regression head)")
+    return classes
 
 
 def ignorable(name: str) -> bool:
@@ -147,11 +184,17 @@ def check_exportable(cfg: ModelConfig) -> None:
                            f"has {cfg.head_dim} * {cfg.n_heads} != {cfg.d_model}")
 
 
-def to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
-    """A BERT ``config.json`` for an encoder."""
+def to_hf(cfg: ModelConfig, arch: str, classes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A BERT ``config.json`` for an encoder (with ``classes``: a sequence classifier's)."""
     check_exportable(cfg)
+    if classifies(arch) and not classes:
+        raise SlimjaxError(f"{arch} needs a classifier head; export a run whose slim.recipe has 'classify'")
+    if classes and not classifies(arch):
+        raise SlimjaxError(f"this run is a sequence classifier; export it as {CLASSIFIER_ARCH}, not {arch}")
     act = {v: k for k, v in ACTIVATIONS.items() if k != "gelu_pytorch_tanh"}[cfg.mlp]
-    return {"architectures": [arch], "model_type": "bert", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+    head = {"id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)},
+            "problem_type": "single_label_classification"} if classes else {}
+    return {**head, "architectures": [arch], "model_type": "bert", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
             "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "intermediate_size": cfg.d_ff, "hidden_act": act, "max_position_embeddings": cfg.max_seq_len,
             "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.norm_eps,

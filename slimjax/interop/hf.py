@@ -27,6 +27,7 @@ from slimjax.interop import bert, hf_config, mapping
 from slimjax.interop.safetensors_io import TensorIndex, write_model
 from slimjax.models import abstract_params
 from slimjax.sharding import Rules
+from slimjax.slim.spec import build, spec_from_config
 
 TOKENIZER_FILE = "tokenizer.json"
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
@@ -34,9 +35,12 @@ FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
 def base_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
     """configs/base.py with the model section taken from a Hugging Face config (and rows no longer
-    than the model accepts)."""
+    than the model accepts); a sequence classifier's also with ``slim.recipe=("classify",)`` and its
+    labels as ``slim.classify.classes``."""
     c = base.get_config()
     c.model.update(hf_config.model_keys(hf))
+    if bert.classifies(hf_config.architecture(hf)):
+        c.slim.recipe, c.slim.classify.classes = ("classify",), bert.labels(hf)
     fit_to_model(c)
     return c
 
@@ -130,11 +134,13 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
     c = base_config(hf)
     c.model.scan_layers = scan_layers
     c.model.update(model_overrides)
-    cfg = validate(c).model
+    full = validate(c)
+    cfg = full.model
     tensors = TensorIndex(hf_dir)
     prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.names()) else ""
     links = links_for(cfg, arch, prefix)
-    _, axes, shapes = abstract_params(cfg)
+    built = build(spec_from_config(full))  # the model with the heads the architecture implies (a classifier's)
+    axes, shapes = built.axes, built.shapes
     check_tensors(tensors, cfg, arch, links, shapes)
     shardings = rules.tree_shardings(axes, shapes, mesh)
     params: dict = {}
@@ -166,9 +172,10 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
 
 
 def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str | None = None,
-              max_shard_bytes: int = 5 * 2**30) -> list[str]:
+              classes: tuple[str, ...] = (), max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes ``config.json`` and safetensors that ``transformers`` loads; returns the file names.
     ``out_dir`` must be new or empty (the tokenizer: ``tokenizer_files.export_tokenizer``).
+    ``classes``: a classifier's class names (``params`` then hold its ``classifier`` head).
 
     With several processes every one must call this (each tensor is gathered collectively);
     process 0 writes the files (and gets their names), the others get ``[]``.
@@ -178,9 +185,9 @@ def export_hf(cfg: ModelConfig, params: dict, out_dir: str, *, architecture: str
     writer = jax.process_index() == 0  # every process gathers each tensor; process 0 writes it
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("slimjax export_hf: out_dir checked")
-    hf = hf_config.to_hf(cfg, architecture)
+    hf = hf_config.to_hf(cfg, architecture, classes)
     links = links_for(cfg, hf["architectures"][0])
-    shapes = expected_tensors(cfg, links)
+    shapes = expected_tensors(cfg, links, params)  # the parameters given: a classifier's head included
     by_name: dict[str, list[tuple[mapping.Link, int | None]]] = {}
     for link in links:
         for layer in range(cfg.n_layers) if link.per_layer else [None]:

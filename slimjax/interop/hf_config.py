@@ -148,11 +148,13 @@ def family(cfg: ModelConfig) -> str:
         "swiglu, no biases) nor GPT2LMHeadModel (learned, layernorm, gelu, biases, head_dim*n_heads == d_model)")
 
 
-def to_hf(cfg: ModelConfig, arch: str | None = None) -> dict[str, Any]:
-    """A ``config.json`` for ``cfg``; ``arch`` picks among the architectures of its family."""
+def to_hf(cfg: ModelConfig, arch: str | None = None, classes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A ``config.json`` for ``cfg``; ``arch`` picks among the architectures of its family
+    (``classes``: the class names of a classifier, which only a BERT sequence classifier holds)."""
     fam = family(cfg)
     if fam == "bert":
-        return bert.to_hf(cfg, arch if arch in bert.HEADS else "BertForPreTraining")
+        default = bert.CLASSIFIER_ARCH if classes else "BertForPreTraining"
+        return bert.to_hf(cfg, arch if arch in bert.HEADS else default, classes)
     arch = arch or ("GPT2LMHeadModel" if fam == "gpt2" else "LlamaForCausalLM")
     if ARCHITECTURES.get(arch) != fam:
         arch = "GPT2LMHeadModel" if fam == "gpt2" else "LlamaForCausalLM"

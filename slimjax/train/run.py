@@ -117,7 +117,7 @@ def build_run(cfg: Config, workdir: str) -> Run:
         checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
         state, start, data_state = restore_or_init(checkpointer, setup, cfg, rules, mesh)
 
-        spec = pipeline.CLASSIFY_BATCH if task == "classify" else loader.BATCH_SPECS[cfg.model.family]
+        spec = batch_spec(cfg)
         batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
         train_step, eval_step, compile_s = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     except BaseException:
@@ -293,6 +293,11 @@ def step_options(cfg: Config) -> StepOptions:
     return StepOptions(cfg.train.microbatches, weights, skip_nonfinite=cfg.train.nonfinite == "skip")
 
 
+def batch_spec(cfg: Config) -> pipeline.BatchSpec:
+    """The arrays of the run's batches: labelled rows for a classifier, else its family's."""
+    return pipeline.CLASSIFY_BATCH if "classify" in cfg.slim.recipe else loader.BATCH_SPECS[cfg.model.family]
+
+
 def fresh_state(cfg: Config, mesh: Mesh) -> tuple[Rules, Setup, TrainState]:
     """(rules, setup, freshly initialised sharded state) for ``cfg`` on ``mesh``."""
     rules = Rules.from_config(cfg.mesh)
@@ -307,7 +312,7 @@ def build_fresh(cfg: Config, mesh: Mesh) -> tuple[Setup, TrainState, Callable, C
     """(setup, fresh state, compiled train step, compiled eval step, batch sharding) without data
     or checkpoints: what benchmarks and tests need to drive steps on batches of their own."""
     rules, setup, state = fresh_state(cfg, mesh)
-    spec = loader.BATCH_SPECS[cfg.model.family]
+    spec = batch_spec(cfg)
     batch_sharding = pipeline.batch_shardings(mesh, rules, spec)
     train_step, eval_step, _ = compile_steps(cfg, setup, mesh, rules, batch_sharding, spec)
     return setup, state, train_step, eval_step, batch_sharding
