@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-from hf_models import BERT_ARCHS, random_bert
+from hf_models import BERT_ARCHS, WORDS, random_bert, write_tokenizer
 from test_interop import mesh_and_rules, rel_err
 from slimjax.cli import main
 from slimjax.config import validate
@@ -170,3 +170,44 @@ def test_classifiers_slimjax_cannot_train_the_same_way_are_refused_by_name(class
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_imported_classifier_is_scored_by_eval_as_transformers_scores_it_and_exports_back(classifier_dir, tmp_path,
+                                                                                         capsys):
+    import torch
+
+    import slimjax
+    from slimjax.config import parse_source
+    from slimjax.data import finetune, records
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(classifier_dir, name), src / name)
+    write_tokenizer(str(src / "tokenizer.json"))
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(["import", f"--hf_dir={src}", f"--workdir={run}"]) == 0
+    rng = np.random.default_rng(1)
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS, 12)), "label": str(c)}) + "\n"
+                                for c in rng.choice(LABELS, 40)))
+    assert main(["eval", f"--workdir={run}", f"--source=labels:{labelled}", "--split=train"]) == 0
+    result = json.load(open(run / "eval.json"))
+    # transformers on the same rows ([CLS] text [SEP], padding masked): the same accuracy.
+    loaded = slimjax.load_run(str(run))
+    data = dataclasses.replace(loaded.config.data, sources=(parse_source("s", f"labels:{labelled}"),))
+    rows = finetune.classification_examples(records.labelled(data, "train", LABELS), LABELS, loaded.tokenizer,
+                                            data.seq_len, sep=True)
+    with torch.no_grad():
+        logits = random_classifier()(input_ids=torch.tensor(rows["inputs"]),
+                                     attention_mask=torch.tensor(rows["segment_ids"])).logits.numpy()
+    assert result["examples"] == len(rows["labels"]) > 20
+    assert result["accuracy"] == pytest.approx(np.mean(logits.argmax(axis=1) == rows["labels"]), abs=1e-12)
+    capsys.readouterr()
+    assert main(["export", f"--workdir={run}", f"--out={out}"]) == 0
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(before) == set(after) and all(before[k].tobytes() == after[k].tobytes() for k in before)
+    assert main(["export", f"--workdir={run}", f"--out={tmp_path / 'mlm'}", "--architecture=BertForMaskedLM"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export it as BertForSequenceClassification" in err
+    assert not (tmp_path / "mlm").exists()

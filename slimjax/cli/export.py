@@ -81,7 +81,7 @@ def sequence_classes(spec) -> tuple[str, ...]:
     """The class names of an encoder whose only transform left is ``classify`` (it exports as
     ``BertForSequenceClassification``); () for any other spec."""
     if spec.family == "encoder" and [name for name, _ in spec.recipe] == ["classify"]:
-        return tuple(dict(spec.recipe)["classify"]["classes"])
+        return tuple(dict(dict(spec.recipe)["classify"])["classes"])
     return ()
 
 
