@@ -1,5 +1,5 @@
-"""The bundled genre task end to end: a tiny decoder classifier, fully fine-tuned and with LoRA, beats
-the majority-class baseline on plays it never saw."""
+"""The bundled genre task end to end: tiny decoder and encoder classifiers beat the majority-class
+baseline on plays they never saw."""
 
 import pytest
 
@@ -28,9 +28,9 @@ def genre_config(spm_path: str, steps: int, lr: float, recipe=("classify",)):
     return c
 
 
-def assert_beats_majority(summary, accuracy_margin, f1_margin):
+def assert_beats_majority(summary, accuracy_margin, f1_margin, examples=512):
     e = summary["final_eval"]
-    assert e["examples"] == 512 and e["majority_class"] == "histories"
+    assert e["examples"] == examples and e["majority_class"] == "histories"
     assert e["accuracy"] > e["majority_accuracy"] + accuracy_margin, e
     assert e["macro_f1"] > e["majority_macro_f1"] + f1_margin, e
 
@@ -41,3 +41,16 @@ def test_decoder_classifier_beats_the_majority_baseline(spm_path, tmp_path):
     # +3.3/+7.7 (both clear the margins at seeds 0 and 1 only). One step: accuracy 0.18, below the majority.
     summary = slimjax.train(genre_config(spm_path, 150, 5e-3), str(tmp_path / "full"))
     assert_beats_majority(summary, 0.03, 0.08)
+
+
+def test_encoder_classifier_beats_the_majority_baseline(spm_path, tmp_path):
+    """The same model as a BERT-style encoder (post-LN, learned positions, pooled [CLS]), on rows of 64
+    tokens from scratch: measured accuracy 0.320 vs 0.281, macro-F1 0.224 vs 0.073 on 256 examples."""
+    c = genre_config(spm_path, 200, 3e-3)
+    m = c.model
+    m.family, m.norm_position, m.mlp, m.n_kv_heads = "encoder", "post", "gelu_exact", m.n_heads
+    m.positions, m.norm, m.use_bias, m.tie_embeddings = "learned", "layernorm", True, True
+    c.objective.next_token, c.objective.mlm, c.objective.nsp = 0.0, 1.0, 1.0  # the family's terms (weighted 0 here)
+    c.data.seq_len, c.train.eval_batches = 64, 16
+    summary = slimjax.train(c, str(tmp_path / "encoder"))
+    assert_beats_majority(summary, 0.02, 0.1, examples=256)
