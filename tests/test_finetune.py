@@ -82,19 +82,22 @@ def test_classification_rows_mark_each_examples_last_token():
     assert tok.decode(rows["inputs"][3, 1:]) == "7890123"  # passages: consecutive, non-overlapping windows
 
 
-def test_cls_term_and_head_match_a_float64_reference():
-    cfg = classify_config()
+def classifier_on_three_texts(cfg, seed, seq_len, sep=False):
+    """(built, params with a nonzero head bias, head, rows, batch) for three labelled byte texts."""
     built = build(spec_from_config(cfg))
-    assert built.shapes["classifier"]["kernel"].shape == (cfg.model.d_model, 3)
-    assert built.axes["classifier"] == {"kernel": ("embed", "classes"), "bias": ("classes",)}
-    params = jax.jit(init_fn(built))(jax.random.key(1))
+    params = jax.jit(init_fn(built))(jax.random.key(seed))
     params["classifier"]["bias"] = jnp.asarray([0.3, -0.2, 0.1])
-    head = classify.head_of(built)
-    tok = tokenizer.ByteTokenizer()
     examples = [records.Labelled(t, label, "x") for t, label in (("iron gold", "metal"), ("fig", "fruit"),
                                                                  ("a much longer stone text", "stone"))]
-    rows = finetune.classification_examples(examples, CLASSES, tok, seq_len=cfg.data.seq_len)
-    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    rows = finetune.classification_examples(examples, CLASSES, tokenizer.ByteTokenizer(), seq_len, sep)
+    return built, params, classify.head_of(built), rows, {k: jnp.asarray(v) for k, v in rows.items()}
+
+
+def test_cls_term_and_head_match_a_float64_reference():
+    cfg = classify_config()
+    built, params, head, rows, batch = classifier_on_three_texts(cfg, 1, cfg.data.seq_len)
+    assert built.shapes["classifier"]["kernel"].shape == (cfg.model.d_model, 3)
+    assert built.axes["classifier"] == {"kernel": ("embed", "classes"), "bias": ("classes",)}
     model = nnx.merge(built.graphdef, params)
     hidden = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
     (term,) = head.loss_terms()
@@ -111,21 +114,13 @@ def test_cls_term_and_head_match_a_float64_reference():
 
 
 def test_encoder_classifier_pools_cls_and_matches_a_float64_reference():
-    cfg = classify_config(family="bert")
-    built = build(spec_from_config(cfg))
-    params = jax.jit(init_fn(built))(jax.random.key(2))
-    params["classifier"]["bias"] = jnp.asarray([0.3, -0.2, 0.1])
-    head = classify.head_of(built)
+    built, params, head, rows, batch = classifier_on_three_texts(classify_config(family="bert"), 2, 16, sep=True)
     tok = tokenizer.ByteTokenizer()
-    examples = [records.Labelled(t, label, "x") for t, label in (("iron gold", "metal"), ("fig", "fruit"),
-                                                                 ("a much longer stone text", "stone"))]
-    rows = finetune.classification_examples(examples, CLASSES, tok, seq_len=16, sep=True)
     # The encoder's pre-training layout: [CLS] (= BOS, the token the pooler reads) text [SEP] (= EOS), type 0.
     assert (rows["inputs"][:, 0] == tok.bos_id).all() and not rows["token_types"].any()
     lengths = rows["segment_ids"].sum(axis=1)
     assert lengths.tolist() == [11, 5, 16]
     assert (rows["inputs"][np.arange(3), lengths - 1] == tok.eos_id).all()
-    batch = {k: jnp.asarray(v) for k, v in rows.items()}
     model = nnx.merge(built.graphdef, params)
     hidden = model.features(batch["inputs"], batch["token_types"], batch["positions"], batch["segment_ids"])
     (term,) = head.loss_terms()
