@@ -3,6 +3,7 @@
 `slimjax eval` as transformers scores it, and one-line refusals of what cannot be computed."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 
@@ -203,6 +204,14 @@ def test_imported_classifier_is_scored_by_eval_as_transformers_scores_it_and_exp
                                      attention_mask=torch.tensor(rows["segment_ids"])).logits.numpy()
     assert result["examples"] == len(rows["labels"]) > 20
     assert result["accuracy"] == pytest.approx(np.mean(logits.argmax(axis=1) == rows["labels"]), abs=1e-12)
+    # Its config.py is a classification config on labelled data, of the same model spec (what init_from loads).
+    module_spec = importlib.util.spec_from_file_location("imported_config", run / "config.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data.sources = (f"labels:{labelled}",)
+    cfg = validate(c)
+    assert finetune.task_of(cfg) == "classify" and spec_from_config(cfg).difference(loaded.rundir.spec) is None
     capsys.readouterr()
     assert main(["export", f"--workdir={run}", f"--out={out}"]) == 0
     before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))

@@ -123,9 +123,11 @@ def write_config_file(path: str, cfg, arch: str, hf_dir: str) -> None:
     """A ``get_config()`` file: configs/base.py with the imported model and tokenizer keys."""
     keys = cfg.to_dict()
     data = {k: keys["data"][k] for k in ("tokenizer_kind", "tokenizer", "seq_len")}
-    # A sequence classifier's recipe and labels (fine-tuning it needs labelled data.sources too).
-    slim = f"\n    c.slim.recipe, c.slim.classify.classes = {cfg.slim.recipe!r}, {cfg.slim.classify.classes!r}" \
-        if "classify" in cfg.slim.recipe else ""
+    extra = ""
+    if cfg.model.family == "encoder":  # its own terms (configs/base.py weighs next-token prediction)
+        extra += f"\n    c.objective.update({keys['objective']!r})"
+    if "classify" in cfg.slim.recipe:  # a sequence classifier (fine-tuning it needs labelled data.sources too)
+        extra += f"\n    c.slim.recipe, c.slim.classify.classes = {cfg.slim.recipe!r}, {cfg.slim.classify.classes!r}"
     with open(path, "w", encoding="utf-8") as f:
         f.write(f'''"""The {arch} imported from {hf_dir}, as a slimjax config.
 
@@ -141,6 +143,6 @@ DATA = {data!r}
 def get_config():
     c = base.get_config()
     c.model.update(MODEL)
-    c.data.update(DATA){slim}
+    c.data.update(DATA){extra}
     return c
 ''')
