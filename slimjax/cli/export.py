@@ -2,7 +2,8 @@
 
 The model is built from the checkpoint's own spec. Transforms that bake into plain weights are
 baked in first (LoRA adapters merged into their kernels), so a LoRA run exports as the merged
-model; ``--adapters`` writes the adapters alone as a PEFT directory instead
+model, and an encoder classifier (``classify``) as ``BertForSequenceClassification``;
+``--adapters`` writes the adapters alone as a PEFT directory instead
 (``adapter_model.safetensors`` + ``adapter_config.json``), for ``peft.PeftModel.from_pretrained``
 on the base model. ``--sparse[=DIR]`` writes the exported parameters as a sparse store
 (``slimjax.slim.sparse_store``; default ``<workdir>/sparse``, which ``slimjax report`` reads).
@@ -24,7 +25,8 @@ COMMAND = Command("export", "write a run's checkpoint as a Hugging Face director
          switch=True, const=""),
     Flag("step", "checkpoint step (default: the latest)", integer(0), metavar="N"),
     Flag("architecture", "Hugging Face class within the run's model family (default: the imported one, else "
-         "LlamaForCausalLM, GPT2LMHeadModel or BertForPreTraining)",
+         "LlamaForCausalLM, GPT2LMHeadModel or BertForPreTraining; an encoder classifier: "
+         "BertForSequenceClassification)",
          choice(*hf_config.ARCHITECTURES, *bert.HEADS), metavar="CLASS"),
     Flag("adapters", "a LoRA run's adapters alone, as a PEFT directory", boolean, False, "true|false",
          switch=True),
