@@ -3,8 +3,7 @@
 The objective is a weighted sum of named loss terms, ``L = sum_i w_i L_i``: the model family's
 built-in terms from ``objective.*`` (decoder: next-token cross-entropy and log(Z)^2; encoder:
 masked-token and sentence-pair cross-entropy, see ``slimjax.infer.scoring.TASKS``; a classifier's
-in ``slimjax.slim.classify.TASKS``), plus any
-terms the model spec's transforms add. Each batch term is a sum normalised by its count in the
+in ``slimjax.slim.classify.TASKS``), plus any terms the model spec's transforms add. Each batch term is a sum normalised by its count in the
 whole global batch (target tokens, masked tokens, pairs), so splitting the batch into k
 microbatches (gradient accumulation) computes the same gradient as one big batch; parameter
 terms are computed once per step.
