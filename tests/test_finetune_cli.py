@@ -143,17 +143,19 @@ def test_bad_fine_tuning_input_is_one_line_exit_2(capsys, case, tmp_path):
     assert not workdir.exists()  # nothing half-written
 
 
-def test_lora_fine_tunes_a_classifier_from_a_slimjax_run(capsys, labelled, tmp_path):
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_lora_fine_tunes_a_classifier_from_a_slimjax_run(capsys, labelled, tmp_path, family):
     import jax
     import numpy as np
 
     from slimjax import load_run
     from slimjax.sharding import tree_paths
 
+    model = ENCODER if family == "encoder" else []  # the encoder pre-trains on MLM + NSP
     base_dir, workdir = str(tmp_path / "base"), str(tmp_path / "lora")
-    result = cli_here(capsys, "train", *MODEL, "--config.train.steps=2", f"--workdir={base_dir}")  # pre-trained decoder
+    result = cli_here(capsys, "train", *model, *MODEL, "--config.train.steps=2", f"--workdir={base_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    result = cli_here(capsys, "train", *labelled, "--config.slim.recipe=('lora','classify')",
+    result = cli_here(capsys, "train", *model, *labelled, "--config.slim.recipe=('lora','classify')",
                       f"--config.checkpoint.init_from={base_dir}", "--config.optimizer.learning_rate=1e-2",
                       "--config.train.steps=30", "--config.train.eval_every=30", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
