@@ -85,10 +85,12 @@ print(sorted(os.listdir(HF_DIR)), f"{hf_model.num_parameters():,} parameters")
 # ## Import
 #
 # `slimjax import` checks every tensor's name and shape against `config.json` before reading any
-# data, then places each parameter straight into its sharding on the mesh.
+# data, then places each parameter straight into its sharding on the mesh. `--dtype=float32` makes
+# the run compute in float32 on every backend (the default, `auto`, is bfloat16 on a GPU or TPU),
+# so the comparisons below hold to float32 rounding there too.
 
 # %%
-slimjax.run_command("import", f"--hf_dir={HF_DIR}", f"--workdir={RUN}")
+slimjax.run_command("import", f"--hf_dir={HF_DIR}", f"--workdir={RUN}", "--dtype=float32")
 run = slimjax.load_run(RUN)
 print(run.spec.family, run.config.model)
 

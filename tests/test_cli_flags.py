@@ -209,3 +209,22 @@ def test_export_refuses_an_architecture_of_another_family_and_writes_nothing(tmp
     assert main(["export", f"--workdir={run}", f"--out={out}", "--architecture=GPT2LMHeadModel"]) == 0
     with open(out / "config.json") as f:
         assert json.load(f)["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_import_sets_the_runs_compute_dtype(tmp_path, capsys):
+    from hf_models import save
+
+    import slimjax
+
+    hf = save("llama_gqa", str(tmp_path / "hf"))
+    run = str(tmp_path / "run")
+    assert main(["import", f"--hf_dir={hf}", f"--workdir={run}", "--dtype=bfloat16"]) == 0
+    loaded = slimjax.load_run(run)
+    assert loaded.config.model.dtype == "bfloat16" and loaded.spec.model.dtype == "bfloat16"
+    from slimjax.cli.flags import load_config_file
+
+    assert load_config_file(os.path.join(run, "config.py")).model.dtype == "bfloat16"  # fine-tuning keeps it
+    capsys.readouterr()
+    line = error_line(capsys, ["import", f"--hf_dir={hf}", f"--workdir={tmp_path / 'other'}", "--dtype=fp8"])
+    assert "--dtype='fp8' is not one of auto, float32, bfloat16, float16" in line
+    assert not (tmp_path / "other").exists()

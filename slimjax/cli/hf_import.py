@@ -10,11 +10,12 @@ shardings on the mesh (``slimjax.interop.hf.import_hf``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Sequence
 
-from slimjax.cli.command import Command, Flag
+from slimjax.cli.command import Command, Flag, choice
 from slimjax.errors import SlimjaxError
 
 COMMAND = Command("import", "turn a Hugging Face model directory (and a PEFT LoRA adapter) into a run directory", (
@@ -22,6 +23,8 @@ COMMAND = Command("import", "turn a Hugging Face model directory (and a PEFT LoR
          required=True),
     Flag("workdir", "the new run directory", metavar="RUN", required=True),
     Flag("adapter", "a LoRA adapter made with peft for that model, imported on top of it", metavar="PEFT_DIR"),
+    Flag("dtype", "the run's compute dtype (model.dtype): auto is bfloat16 on GPU/TPU, float32 on CPU; float32 "
+                  "to compare with a float32 reference", choice("auto", "float32", "bfloat16", "float16"), "auto"),
 ), details="The run serves eval, generate, export and fine-tuning (--config=RUN/config.py "
    "--config.checkpoint.init_from=RUN).")
 CONFIG_FILE = "config.py"  # the imported model as a --config file (for fine-tuning with checkpoint.init_from)
@@ -48,6 +51,7 @@ def run(argv: Sequence[str]) -> int:
     raw = hf_config.read_config(hf_dir)
     arch = hf_config.architecture(raw)
     c = hf.base_config(raw)
+    c.model.dtype = args.dtype
     tok_src = os.path.join(hf_dir, hf.TOKENIZER_FILE)
     tok_dst = os.path.join(workdir, "tokenizer", hf.TOKENIZER_FILE)
     c.data.tokenizer_kind = "huggingface"
@@ -62,6 +66,7 @@ def run(argv: Sequence[str]) -> int:
         multihost_utils.sync_global_devices("slimjax import: workdir checked")
     mesh, rules = make_mesh(cfg.mesh), Rules.from_config(cfg.mesh)
     model_cfg, params = hf.import_hf(hf_dir, mesh, rules)
+    model_cfg = dataclasses.replace(model_cfg, dtype=cfg.model.dtype)  # the weights' dtype is the file's; compute is ours
     spec = ModelSpec(model_cfg.family, model_cfg, spec_from_config(cfg).recipe)  # a classifier: ("classify",)
     if args.adapter:  # read and checked against the model before anything is written
         cfg, spec, params = with_adapter(args.adapter, c, model_cfg, params, mesh, rules)
