@@ -220,3 +220,17 @@ def test_imported_classifier_is_scored_by_eval_as_transformers_scores_it_and_exp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "export it as BertForSequenceClassification" in err
     assert not (tmp_path / "mlm").exists()
+
+
+def test_interop_states_the_classifier_head_as_the_classify_transform_builds_it():
+    import slimjax
+    from slimjax.interop.hf import with_classifier_head
+
+    c = slimjax.configs.bert_tiny.get_config()
+    c.slim.recipe, c.slim.classify.classes = ("classify",), ("a", "b", "c")
+    cfg = validate(c)
+    built = build(spec_from_config(cfg))
+    axes, shapes = with_classifier_head({}, {}, cfg.model.d_model, 3)
+    assert axes["classifier"] == built.axes["classifier"]
+    assert {k: (v.shape, v.dtype) for k, v in shapes["classifier"].items()} == {
+        k: (v.shape, v.dtype) for k, v in built.shapes["classifier"].items()}

@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
@@ -27,7 +28,6 @@ from slimjax.interop import bert, hf_config, mapping
 from slimjax.interop.safetensors_io import TensorIndex, write_model
 from slimjax.models import abstract_params
 from slimjax.sharding import Rules
-from slimjax.slim.spec import build, spec_from_config
 
 TOKENIZER_FILE = "tokenizer.json"
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
@@ -123,6 +123,16 @@ def fill_float32(dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src, casting="same_kind")
 
 
+def with_classifier_head(axes: dict, shapes: dict, d_model: int, n_classes: int) -> tuple[dict, dict]:
+    """Axes and shapes with the ``classifier`` head of ``slim.classify`` (kernel [embed, classes] and
+    bias; ``tests/test_bert_interop.py`` checks them against the transform's own build). Interop
+    sits below slim in the layers, so it states the head's shape instead of building the spec."""
+    head_axes = {"kernel": ("embed", "classes"), "bias": ("classes",)}
+    head = {"kernel": jax.ShapeDtypeStruct((d_model, n_classes), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((n_classes,), jnp.float32)}
+    return {**axes, "classifier": head_axes}, {**shapes, "classifier": head}
+
+
 def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True,
               **model_overrides: Any) -> tuple[ModelConfig, dict]:
     """(model config, parameters sharded by ``rules`` on ``mesh``) from a Hugging Face directory.
@@ -139,8 +149,9 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
     tensors = TensorIndex(hf_dir)
     prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.names()) else ""
     links = links_for(cfg, arch, prefix)
-    built = build(spec_from_config(full))  # the model with the heads the architecture implies (a classifier's)
-    axes, shapes = built.axes, built.shapes
+    _, axes, shapes = abstract_params(cfg)
+    if "classify" in full.slim.recipe:  # a sequence classifier: the classify transform's head, as it builds it
+        axes, shapes = with_classifier_head(axes, shapes, cfg.d_model, len(full.slim.classify.classes))
     check_tensors(tensors, cfg, arch, links, shapes)
     shardings = rules.tree_shardings(axes, shapes, mesh)
     params: dict = {}
