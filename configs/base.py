@@ -43,6 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.data = -1  # data-parallel axis size (-1: all devices left over)
     mesh.fsdp = 1  # fully-sharded data-parallel axis size (shards parameters and optimizer state)
     mesh.tensor = 1  # tensor-parallel axis size (shards heads, MLP and vocabulary)
+    mesh.stage = 1  # pipeline-parallel axis size (splits the stacked layers into stages)
+    mesh.sequence = 1  # sequence/context-parallel axis size (splits activations along their length)
+    mesh.pipeline_schedule = "gpipe"  # with mesh.stage > 1: "gpipe" or "circular" (interleaved)
+    mesh.pipeline_microbatches = 0  # microbatches through the pipeline (0: one per stage)
+    mesh.pipeline_repeats = 1  # circular schedule: layer groups per stage (bubble / repeats)
+    mesh.sequence_attention = "allgather"  # with mesh.sequence > 1: "allgather" keys/values or "ring"
+    mesh.sequence_balance = True  # causal load balancing: equal attention work on every sequence shard
     # Overrides only: (logical_name, mesh_axes) pairs replacing entries of DEFAULT_RULES in
     # slimjax/sharding.py, which maps every logical name; e.g. (("embed", None), ("mlp", ("fsdp", "tensor"))).
     mesh.rules = ()  # logical axis name -> mesh axes (None replicates) for the names to change

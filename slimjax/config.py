@@ -67,6 +67,17 @@ class MeshConfig:
     fsdp: int
     tensor: int
     rules: tuple[Rule, ...]
+    stage: int = 1  # pipeline stages: the stacked layers are split over this axis
+    sequence: int = 1  # sequence/context parallelism: activations split along their length
+    # Pipeline schedule (mesh.stage > 1): "gpipe", or "circular" (each stage holds
+    # ``pipeline_repeats`` non-adjacent groups of layers, shrinking the bubble).
+    pipeline_schedule: Literal["gpipe", "circular"] = "gpipe"
+    pipeline_microbatches: int = 0  # microbatches flowing through the stages (0: one per stage)
+    pipeline_repeats: int = 1  # circular schedule: layer groups per stage
+    # Attention with a sharded sequence (mesh.sequence > 1): "allgather" keys and values, or "ring"
+    # (key/value blocks passed around the sequence axis; memory-lean).
+    sequence_attention: Literal["allgather", "ring"] = "allgather"
+    sequence_balance: bool = True  # reorder positions so every shard gets equal causal work
 
 
 SourceKind = Literal["shakespeare", "stdlib", "text", "jsonl", "slimpajama", "tfds", "genre", "labels", "pairs"]
@@ -428,7 +439,7 @@ def _check_cross_fields(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise SlimjaxError(f"config key '{key}' must be > 0, got {value}")
-    for key in ("data", "fsdp", "tensor"):
+    for key in ("data", "stage", "fsdp", "sequence", "tensor"):
         size = getattr(cfg.mesh, key)
         if size == 0 or size < -1:
             raise SlimjaxError(f"config key 'mesh.{key}' must be a positive size or -1 (fill), got {size}")

@@ -22,7 +22,9 @@ from slimjax.config import MeshConfig, suggest
 from slimjax.errors import SlimjaxError
 from slimjax.tables import Table, human_bytes
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost to innermost: mesh_utils puts the last axes on the fastest links (tensor, then
+# sequence, whose collectives run inside every layer), the first across slices/hosts.
+MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
 # Mesh axes that split the batch: a global batch must divide by their product.
 BATCH_AXES = ("data", "fsdp")
 
@@ -86,10 +88,11 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(grid, MESH_AXES)
 
 
-def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+               *, stage: int = 1, sequence: int = 1) -> Mesh:
     """A mesh of these axis sizes (one may be -1) over ``devices`` (default: all), for notebooks and
     scripts: ``slimjax.load_run(run_dir, mesh=build_mesh(fsdp=2, tensor=4))``."""
-    return make_mesh(MeshConfig(data, fsdp, tensor, ()), devices)
+    return make_mesh(MeshConfig(data, fsdp, tensor, (), stage=stage, sequence=sequence), devices)
 
 
 @dataclasses.dataclass(frozen=True)

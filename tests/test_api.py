@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import reference
 from hf_models import save, sentences
-from jax.sharding import Mesh
 
 import slimjax
 from slimjax.cli import main
@@ -101,7 +100,7 @@ def test_load_run_shards_params_by_the_rules_and_logits_match_float64(run_dir):
 
 
 def test_load_run_onto_another_mesh(run_dir):
-    one = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    one = slimjax.sharding.build_mesh(devices=jax.devices()[:1])
     run = slimjax.load_run(run_dir, mesh=one)
     assert all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(run.params))
     np.testing.assert_allclose(run.logits("ROMEO:"), slimjax.load_run(run_dir).logits("ROMEO:"), rtol=1e-5, atol=1e-5)

@@ -134,7 +134,7 @@ def test_exact_resume_on_the_same_mesh(trained, tmp_path):
 def test_resume_on_another_mesh_continues_with_the_same_losses(trained, tmp_path):
     workdir = copy_without(trained, str(tmp_path / "w"), [6])
     summary = train(with_mesh(byte_config(), 8, 1, 1), workdir)
-    assert summary["start_step"] == 3 and summary["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert summary["start_step"] == 3 and summary["mesh"] == {"data": 8, "stage": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
     original, resumed = dict(losses(trained)), losses(workdir)[6:]
     assert [s for s, _ in resumed] == [4, 5, 6]
     for step, loss in resumed:

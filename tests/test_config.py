@@ -28,7 +28,7 @@ def test_every_bundled_config_validates():
 def test_large_configs_shape_evaluate_on_the_8_device_mesh(name, module):
     cfg = C.validate(module.get_config())
     mesh = make_mesh(cfg.mesh)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "stage": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
     setup = make_setup(cfg.model, compute_dtype("bfloat16", "gpu"), optim.make_optimizer(cfg.optimizer, 10),
                        Rules.from_config(cfg.mesh), mesh)
     n = sum(x.size for x in jax.tree.leaves(setup.abstract.params))
@@ -102,10 +102,10 @@ def test_mesh_fill_and_errors():
     from slimjax.sharding import mesh_shape
 
     c = C.validate(base.get_config()).mesh
-    assert mesh_shape(c, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mesh_shape(c, 8) == {"data": 8, "stage": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
     import dataclasses
 
-    assert mesh_shape(dataclasses.replace(c, data=2, fsdp=-1, tensor=2), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh_shape(dataclasses.replace(c, data=2, fsdp=-1, tensor=2), 8) == {"data": 2, "stage": 1, "fsdp": 2, "sequence": 1, "tensor": 2}
     with pytest.raises(SlimjaxError, match="does not divide the 8 available devices"):
         mesh_shape(dataclasses.replace(c, data=-1, tensor=3), 8)
     with pytest.raises(SlimjaxError, match="only one mesh axis may be -1"):

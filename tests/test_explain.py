@@ -58,7 +58,7 @@ def test_layout_matches_the_real_sharded_state_leaf_for_leaf():
     row = plan.params.where("parameter", "blocks/mlp/up/kernel")
     assert row["rules"] == "embed->fsdp(2) mlp->tensor(2)"
     assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
-    assert plan.mesh == {"data": 2, "fsdp": 2, "tensor": 2} and plan.fits is None  # CPU: memory unknown
+    assert plan.mesh == {"data": 2, "stage": 1, "fsdp": 2, "sequence": 1, "tensor": 2} and plan.fits is None  # CPU: memory unknown
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])

@@ -54,7 +54,7 @@ def test_two_processes_train_like_one_process(runs):
     with open(os.path.join(two, SUMMARY_FILE)) as f:
         summary = json.load(f)
     assert summary["processes"] == 2 and summary["final_step"] == STEPS
-    assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert summary["mesh"] == {"data": 2, "stage": 1, "fsdp": 2, "sequence": 1, "tensor": 2}
     for i in range(2):  # train() returned on each process only once process 0's outputs were complete
         with open(f"{two}.process{i}.json") as f:
             assert json.load(f) == {"final_step": STEPS, "processes": 2, "summary_written": True}

@@ -245,8 +245,8 @@ def test_build_mesh_takes_axis_sizes_and_devices():
     from slimjax.sharding import build_mesh
 
     mesh = build_mesh(fsdp=2, tensor=2, devices=jax.devices()[:8])
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "stage": 1, "fsdp": 2, "sequence": 1, "tensor": 2}
     assert set(mesh.devices.flat) == set(jax.devices()[:8])
-    assert dict(build_mesh(data=1, fsdp=-1, devices=jax.devices()[:4]).shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert dict(build_mesh(data=1, fsdp=-1, devices=jax.devices()[:4]).shape) == {"data": 1, "stage": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
     with pytest.raises(SlimjaxError, match="needs 12 devices but 8"):
         build_mesh(data=3, fsdp=4, devices=jax.devices()[:8])
