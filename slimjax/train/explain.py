@@ -21,18 +21,69 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from slimjax.config import Config
 from slimjax.errors import SlimjaxError
 from slimjax.models.decoder import compute_dtype
-from slimjax.sharding import BATCH_AXES, Rules, explain, make_mesh
+from slimjax.sharding import BATCH_AXES, MESH_AXES, Rules, explain, make_mesh, mesh_shape, path_str
 from slimjax.tables import Table, human_bytes
 from slimjax.train import optimizer as optim
 from slimjax.train.state import Setup, make_setup
 from slimjax.slim.spec import spec_from_config
 
+# Mesh axes whose job is to split activations (batch rows, sequence positions), not parameters.
+ACTIVATION_ONLY_AXES = (*BATCH_AXES, "sequence")
 REPLICATED_WARN_BYTES = 1 << 20  # a replicated parameter larger than this on a multi-device mesh is worth a look
+
+# Accelerators one can plan for without having them: platform, memory per device (the vendor's
+# figure), and how many devices one unit of the slice name counts. TPU v4 and v5p slice names count
+# TensorCores, two per chip (v5p-64 is 32 chips); v5e and v6e names count chips; GPUs count GPUs.
+CHIPS: dict[str, tuple[str, int, float]] = {
+    "v4": ("tpu", 32 * 2**30, 0.5),
+    "v5p": ("tpu", 95 * 2**30, 0.5),
+    "v5e": ("tpu", 16 * 2**30, 1),
+    "v6e": ("tpu", 32 * 2**30, 1),
+    "a100": ("gpu", 80 * 2**30, 1),
+    "h100": ("gpu", 80 * 2**30, 1),
+    "h200": ("gpu", 141 * 10**9, 1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A machine to plan for without having it: how many devices, which platform (it decides the
+    ``auto`` compute dtype) and the memory of each device (None: unknown)."""
+
+    devices: int
+    platform: str
+    memory: int | None
+
+    @classmethod
+    def parse(cls, name: str) -> "Target":
+        """``v5p-64`` (a TPU slice as Google names it), ``h100-8`` (eight GPUs), ``cpu-8``."""
+        chip, _, count = name.lower().rpartition("-")
+        if chip == "cpu" and count.isdigit() and int(count) > 0:
+            return cls(int(count), "cpu", None)
+        if chip not in CHIPS or not count.isdigit() or int(count) <= 0:
+            raise SlimjaxError(f"--target={name!r} is not a known slice; write CHIP-COUNT with CHIP one of "
+                               f"{', '.join(CHIPS)} or cpu (e.g. v5p-64, v5e-16, h100-8)")
+        platform, memory, per_unit = CHIPS[chip]
+        devices = int(count) * per_unit
+        if devices != int(devices):
+            raise SlimjaxError(f"--target={name!r}: {chip} slice names count TensorCores, two per chip; "
+                               "give an even count (v5p-8 is 4 chips)")
+        return cls(int(devices), platform, memory)
+
+    def mesh(self, cfg: Config) -> AbstractMesh:
+        """The config's mesh over this target's device count, as shapes only (no devices needed)."""
+        sizes = mesh_shape(cfg.mesh, self.devices)
+        return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def platform_of(mesh: Mesh | AbstractMesh, target: Target | None = None) -> str:
+    """The platform a (possibly abstract) mesh is planned for."""
+    return target.platform if target is not None else mesh.devices.flat[0].platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +107,19 @@ class Layout:
 
 
 def layout(cfg: Config, devices: Sequence[jax.Device] | None = None, device_memory: int | None = None,
-           replicated_warn_bytes: int = REPLICATED_WARN_BYTES) -> Layout:
-    """The per-device picture of ``cfg`` on its mesh over ``devices`` (default: all). ``device_memory``
-    (bytes per device) defaults to what the backend reports (GPU/TPU); on CPU it stays unknown."""
-    mesh = make_mesh(cfg.mesh, devices)
+           replicated_warn_bytes: int = REPLICATED_WARN_BYTES, target: Target | None = None) -> Layout:
+    """The per-device picture of ``cfg`` on its mesh over ``devices`` (default: all), or over a
+    ``target`` this machine does not have (``Target.parse("v5p-64")``: shapes only). ``device_memory``
+    (bytes per device) defaults to the target's or to what the backend reports (GPU/TPU); on CPU it
+    stays unknown."""
+    mesh = make_mesh(cfg.mesh, devices) if target is None else target.mesh(cfg)
+    platform = platform_of(mesh, target)
     rules = Rules.from_config(cfg.mesh)
-    setup = abstract_setup(cfg, rules, mesh)
+    setup = abstract_setup(cfg, rules, mesh, platform)
     built = setup.built
     params = explain(built.axes, built.shapes, rules, mesh)
     params = _with_rule_column(params, rules, mesh)
-    acts = activation_table(cfg, rules, mesh)
+    acts = activation_table(cfg, rules, mesh, platform)
     opt_bytes = per_device_bytes(setup.abstract.opt_state)
     grad_bytes = per_device_bytes(setup.abstract.params)  # gradients: one per trainable leaf, sharded alike
     param_bytes = sum(params.column("per-device bytes"))
@@ -74,7 +128,8 @@ def layout(cfg: Config, devices: Sequence[jax.Device] | None = None, device_memo
     rows = [("parameters", param_bytes), ("gradients (trainable)", grad_bytes), ("optimizer state", opt_bytes),
             ("transform state", slim_bytes), ("activations (estimate)", act_bytes)]
     total = sum(b for _, b in rows)
-    limit = device_memory if device_memory is not None else backend_memory(mesh)
+    limit = (device_memory if device_memory is not None else target.memory if target is not None
+             else backend_memory(mesh))
     fits = None if limit is None else total <= limit
     verdict = (f"verdict: unknown ({human_bytes(total)} per device; give --device_memory to compare)" if limit is None
                else f"verdict: {'fits' if fits else 'does NOT fit'}: {human_bytes(total)} of {human_bytes(limit)} "
@@ -85,9 +140,9 @@ def layout(cfg: Config, devices: Sequence[jax.Device] | None = None, device_memo
     return Layout(dict(mesh.shape), params, acts, memory, warnings, fits)
 
 
-def abstract_setup(cfg: Config, rules: Rules, mesh: Mesh) -> Setup:
+def abstract_setup(cfg: Config, rules: Rules, mesh: Mesh | AbstractMesh, platform: str | None = None) -> Setup:
     """The train state's shapes and shardings for ``cfg``, nothing allocated."""
-    dtype = compute_dtype(cfg.model.dtype, mesh.devices.flat[0].platform)
+    dtype = compute_dtype(cfg.model.dtype, platform or platform_of(mesh))
     return make_setup(spec_from_config(cfg), dtype, optim.make_optimizer(cfg.optimizer, cfg.train.steps), rules, mesh)
 
 
@@ -114,7 +169,7 @@ def _with_rule_column(table: Table, rules: Rules, mesh: Mesh) -> Table:
 
 # --- activations ------------------------------------------------------------------------------
 
-def activation_table(cfg: Config, rules: Rules, mesh: Mesh) -> Table:
+def activation_table(cfg: Config, rules: Rules, mesh: Mesh | AbstractMesh, platform: str) -> Table:
     """Key activations of one block for one microbatch, with logical axes and per-device shapes.
 
     The backward pass keeps these per layer unless remat recomputes them; ``attention scores``
@@ -133,7 +188,7 @@ def activation_table(cfg: Config, rules: Rules, mesh: Mesh) -> Table:
         ("mlp hidden", ("batch", "length", "act_mlp"), (b, t, m.d_ff)),
         ("logits", ("batch", "length", "act_vocab"), (b, t, m.vocab_size)),
     ]
-    itemsize = np.dtype(compute_dtype(m.dtype, mesh.devices.flat[0].platform)).itemsize
+    itemsize = np.dtype(compute_dtype(m.dtype, platform)).itemsize
     rows = []
     for name, axes, shape in acts:
         spec = rules.spec(axes, shape, mesh, what=f"activation '{name}'")
@@ -195,7 +250,7 @@ def layout_warnings(cfg: Config, rules: Rules, mesh: Mesh, params: Table, acts: 
                            f"devices; map one of {row['logical axes']} to a mesh axis to split it")
     split = {a for spec in params.column("partition spec") for a in re.findall(r"'(\w+)'", spec)}
     for axis, size in mesh.shape.items():
-        if size > 1 and axis not in split and axis not in BATCH_AXES:
+        if size > 1 and axis not in split and axis not in ACTIVATION_ONLY_AXES:
             out.append(f"mesh axis '{axis}' (size {size}) splits no parameter: it only replicates work")
     return tuple(out)
 
@@ -253,31 +308,64 @@ def _itemsize(hlo_dtype: str) -> int:
     return max(bits // 8, 1)
 
 
-def expected_collectives(cfg: Config, mesh: Mesh, setup: Setup) -> dict[str, str]:
-    """What the layout should move per step, per device, as result bytes of each collective (the
-    textbook figures: data parallelism all-reduces the gradients; FSDP all-gathers every parameter
-    for the forward pass, again for the backward pass under remat, and reduce-scatters the
-    gradients; tensor parallelism all-reduces the residual twice per layer forward and twice
-    backward)."""
+def expected_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str) -> dict[str, tuple[int, str]]:
+    """What the layout should move per step, per device: ``{"kind (axis)": (result bytes, why)}``.
+
+    The textbook figures, made exact for this model: data parallelism all-reduces the gradients
+    once; FSDP all-gathers every weight for the forward pass (the untied embedding table is only
+    looked up, which needs no gather) and the scanned layers' weights again for the backward pass
+    (the scan's backward loop needs each layer's weights once more; outside the scan XLA keeps the
+    gathered copy), then reduce-scatters the gradients but the looked-up table's (the CPU backend
+    lowers that to an all-reduce of whole gradients); tensor parallelism all-reduces the residual twice per layer
+    forward and twice backward."""
     grads = per_device_bytes(setup.abstract.params)
-    out = {}
+    out: dict[str, tuple[int, str]] = {}
     if mesh.shape["data"] > 1:
-        out["all-reduce (data)"] = f"the gradients once: ~{human_bytes(grads)}"
+        out["all-reduce (data)"] = (grads, "the gradients once")
     if mesh.shape["fsdp"] > 1:
-        gathered = grads * mesh.shape["fsdp"]
-        out["all-gather (fsdp)"] = (f"every parameter forward: ~{human_bytes(gathered)} (x2 when the backward "
-                                    "pass gathers again under remat)")
-        out["reduce-scatter (fsdp)"] = (f"the gradients once: ~{human_bytes(grads)} (some backends, CPU among "
-                                        "them, all-reduce instead)")
+        weights = {**_unsplit_bytes(setup.abstract.params, "fsdp"), **_unsplit_bytes(setup.abstract.frozen, "fsdp")}
+        looked_up = set() if cfg.model.tie_embeddings else {"embed/embedding"}
+        forward = sum(b for path, b in weights.items() if path not in looked_up)
+        again = cfg.model.scan_layers or cfg.model.remat != "none"
+        backward = sum(b for path, b in weights.items() if again and path.startswith("blocks/"))
+        out["all-gather (fsdp)"] = (forward + backward, "every weight forward, the scanned layers' again backward")
+        # The looked-up table's gradient needs no reduction: XLA moves the activation gradient to
+        # the table's sharding with an all-to-all and scatters into the local rows.
+        reduced = {p: b for p, b in _unsplit_bytes(setup.abstract.params, "fsdp").items() if p not in looked_up}
+        if platform == "cpu":
+            out["all-reduce (fsdp)"] = (sum(reduced.values()), "the gradients, reduced whole (CPU's lowering of "
+                                        "reduce-scatter)")
+        else:
+            out["reduce-scatter (fsdp)"] = (sum(reduced.values()) // mesh.shape["fsdp"], "the gradients once")
     if mesh.shape["tensor"] > 1:
         m = cfg.model
         rows = cfg.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-        act = rows * cfg.data.seq_len * m.d_model * np.dtype(compute_dtype(m.dtype, mesh.devices.flat[0].platform)).itemsize
-        out["all-reduce (tensor)"] = f"the residual 4x per layer: ~{human_bytes(4 * m.n_layers * act)}"
+        act = rows * cfg.data.seq_len * m.d_model * np.dtype(compute_dtype(m.dtype, platform)).itemsize
+        out["all-reduce (tensor)"] = (4 * m.n_layers * act, "the residual twice per layer forward, twice backward")
     return out
 
 
-def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None) -> tuple[Table, Table, dict[str, str]]:
+def _unsplit_bytes(tree: Any, axis: str) -> dict[str, int]:
+    """Per leaf of a sharded abstract tree: its bytes on one device once ``axis``'s split is undone
+    (what an all-gather over ``axis`` returns)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        local = math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        spec = [a for part in leaf.sharding.spec for a in ((part,) if isinstance(part, str) else part or ())]
+        out[path_str(path)] = local * (leaf.sharding.mesh.shape[axis] if axis in spec else 1)
+    return out
+
+
+def theory_by_kind(expected: dict[str, tuple[int, str]]) -> dict[str, int]:
+    """The expected bytes summed per collective kind (``all-reduce (data)`` + ``all-reduce (tensor)``)."""
+    out = {kind: 0 for kind in COLLECTIVES}
+    for key, (nbytes, _) in expected.items():
+        out[key.split(" (")[0]] += nbytes
+    return out
+
+
+def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None
+             ) -> tuple[Table, Table, dict[str, tuple[int, str]]]:
     """(memory analysis, collectives, expected) of the real train step compiled for ``cfg``."""
     from slimjax.data import pipeline
     from slimjax.train.run import compile_steps
@@ -295,7 +383,10 @@ def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None) -> tuple[
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     memory = Table(("kind", "bytes", "human"), tuple((k, b, human_bytes(b)) for k, b in kinds + [("peak", peak)]))
     moved = collective_bytes(train_step.as_text())
-    coll = Table(("collective", "ops", "bytes per device", "human"),
-                 tuple((k, v["ops"], v["bytes"], human_bytes(v["bytes"])) for k, v in moved.items()))
-    return memory, coll, expected_collectives(cfg, mesh, setup)
+    expected = expected_collectives(cfg, mesh, setup, platform_of(mesh))
+    theory = theory_by_kind(expected)
+    coll = Table(("collective", "ops", "bytes per device", "human", "theory bytes", "compiled / theory"),
+                 tuple((k, v["ops"], v["bytes"], human_bytes(v["bytes"]), theory[k],
+                        round(v["bytes"] / theory[k], 3) if theory[k] else None) for k, v in moved.items()))
+    return memory, coll, expected
 
