@@ -266,10 +266,8 @@ _WHILE = re.compile(r"\bwhile\(.*?body=%(?P<body>[^\s,]+).*?\"known_trip_count\"
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%(?P<name>[^\s,)]+)")
 
 
-def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Per collective kind in an optimized HLO module: how many ops run per step and the bytes of
-    their results (per device: the SPMD program is one device's). An op inside a loop counts once
-    per iteration (XLA's ``known_trip_count``: the scan over layers); async pairs count once."""
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """An HLO module's computations (name -> body lines) and the entry computation's name."""
     computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -279,16 +277,33 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
             entry = current if m.group("entry") else entry
         elif current is not None:
             computations[current].append(line)
+    return computations, entry
+
+
+def _run_counts(computations: dict[str, list[str]], entry: str | None) -> tuple[dict[str, int], dict[str, int]]:
+    """(how often each computation runs per call of the entry, each loop body's trip count):
+    loop bodies run their trip count times their caller's count, nested."""
     times = {entry: 1} if entry else {}
+    trips: dict[str, int] = {}
     todo = [entry] if entry else []
-    while todo:  # how often each computation runs: loop bodies times their trip count, nested
+    while todo:
         name = todo.pop()
         for line in computations.get(name, ()):
             loops = {m.group("body"): int(m.group("n")) for m in _WHILE.finditer(line)}
+            trips.update(loops)
             for callee in _CALLS.findall(line):
                 if callee in computations and callee not in times:
                     times[callee] = times[name] * loops.get(callee, 1)
                     todo.append(callee)
+    return times, trips
+
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Per collective kind in an optimized HLO module: how many ops run per step and the bytes of
+    their results (per device: the SPMD program is one device's). An op inside a loop counts once
+    per iteration (XLA's ``known_trip_count``: the scan over layers); async pairs count once."""
+    computations, entry = _computations(hlo_text)
+    times, _ = _run_counts(computations, entry)
     out = {kind: {"ops": 0, "bytes": 0} for kind in COLLECTIVES}
     for name, lines in computations.items():
         for m in filter(None, map(_OP.match, lines)):
@@ -299,6 +314,15 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
             out[m.group("op")]["ops"] += times.get(name, 1)
             out[m.group("op")]["bytes"] += times.get(name, 1) * nbytes
     return out
+
+
+def permute_loop_trips(hlo_text: str) -> list[int]:
+    """Trip counts of the loops whose own body passes data between devices with
+    collective-permute: a pipeline's loop over iterations, forward and backward."""
+    computations, entry = _computations(hlo_text)
+    _, trips = _run_counts(computations, entry)
+    return [n for body, n in trips.items()
+            if any((m := _OP.match(line)) and m.group("op") == "collective-permute" for line in computations[body])]
 
 
 def _itemsize(hlo_dtype: str) -> int:
@@ -364,9 +388,8 @@ def theory_by_kind(expected: dict[str, tuple[int, str]]) -> dict[str, int]:
     return out
 
 
-def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None
-             ) -> tuple[Table, Table, dict[str, tuple[int, str]]]:
-    """(memory analysis, collectives, expected) of the real train step compiled for ``cfg``."""
+def compile_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> tuple[Any, Mesh, Setup]:
+    """(the compiled train step for ``cfg``, its mesh, the abstract setup)."""
     from slimjax.data import pipeline
     from slimjax.train.run import compile_steps
 
@@ -374,6 +397,14 @@ def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None
     rules = Rules.from_config(cfg.mesh)
     setup = abstract_setup(cfg, rules, mesh)
     train_step, _, _ = compile_steps(cfg, setup, mesh, rules, pipeline.batch_shardings(mesh, rules))
+    return train_step, mesh, setup
+
+
+def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None, step: tuple[Any, Mesh, Setup] | None = None
+             ) -> tuple[Table, Table, dict[str, tuple[int, str]]]:
+    """(memory analysis, collectives, expected) of the real train step compiled for ``cfg``
+    (``step``: what :func:`compile_step` returned, to analyse a step compiled already)."""
+    train_step, mesh, setup = step or compile_step(cfg, devices)
     mem = train_step.memory_analysis()
     if mem is None:
         raise SlimjaxError(f"the {mesh.devices.flat[0].platform} compiler reports no memory analysis")
@@ -389,4 +420,3 @@ def compiled(cfg: Config, devices: Sequence[jax.Device] | None = None
                  tuple((k, v["ops"], v["bytes"], human_bytes(v["bytes"]), theory[k],
                         round(v["bytes"] / theory[k], 3) if theory[k] else None) for k, v in moved.items()))
     return memory, coll, expected
-
