@@ -8,6 +8,7 @@ from helpers import small_config, with_mesh
 
 from slimjax.cli import main
 from slimjax.config import validate
+from slimjax.errors import SlimjaxError
 from slimjax.sharding import Rules, device_bytes, make_mesh
 from slimjax.train import explain
 from slimjax.train.run import fresh_state
@@ -130,3 +131,32 @@ def test_cli_compiled_prints_the_compilers_figures(capsys):
     assert "all-gather (fsdp)" in out and "all-reduce (tensor)" in out
     gathered = next(line for line in out.splitlines() if line.startswith("all-gather "))
     assert int(gathered.split()[1]) > 0  # FSDP gathers parameters
+
+
+def test_targets_parse_slice_names_and_reject_bad_ones():
+    assert explain.Target.parse("v5p-64") == explain.Target(32, "tpu", 95 * 2**30)  # 64 TensorCores
+    assert explain.Target.parse("v5e-16").devices == 16 and explain.Target.parse("H100-8").platform == "gpu"
+    assert explain.Target.parse("cpu-8") == explain.Target(8, "cpu", None)
+    for bad in ("v5p", "v9-8", "h100-0", "v5p-7"):
+        with pytest.raises(SlimjaxError, match="--target"):
+            explain.Target.parse(bad)
+
+
+@pytest.mark.parametrize("name,target", [("llama_7b_fsdp_tensor", "v5p-64")])
+def test_layout_configs_fit_their_slice_with_every_axis_used(name, target):
+    """The shipped layouts, planned on an abstract mesh of their slice (shapes only)."""
+    cfg = validate(getattr(slimjax.configs, name).get_config())
+    plan = explain.layout(cfg, target=explain.Target.parse(target))
+    assert plan.fits, str(plan.memory)
+    assert not plan.warnings, plan.warnings
+    used = {a for spec in plan.params.column("partition spec") + plan.activations.column("partition spec")
+            for a in ("data", "stage", "fsdp", "sequence", "tensor") if f"'{a}'" in spec}
+    assert {a for a, s in plan.mesh.items() if s > 1} <= used
+
+
+def test_cli_target_errors_are_one_line(capsys):
+    assert main(["explain", "--target=v5p-64", "--compiled"]) == 2
+    assert "--compiled needs the devices themselves" in capsys.readouterr().err
+    assert main(["explain", "--target=tpu-8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--target='tpu-8' is not a known slice" in err[0]
