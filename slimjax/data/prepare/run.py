@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -109,7 +108,9 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     # After the pool has exited, so the workers' peak memory is counted.
-    result = report.build(corpus, split, roots, timer, scans, opts, (bands, rows), verified, written)
+    tally = report.tally(scans, corpus.labels, corpus.label_names, corpus.nbytes, split, roots)
+    result = report.build(tally, timer, opts, (bands, rows), verified, sum(len(w) for w in written),
+                          opts.workers or os.cpu_count())
     try:
         report.write_json(os.path.join(tmp, "report.json"), result)
         if os.path.isdir(out):
@@ -159,9 +160,7 @@ def _split(corpus: _Corpus, roots: np.ndarray, heldout: float, seed: int) -> np.
     and train documents whose exact hash matches a held-out document removed."""
     n = len(roots)
     kept = roots == np.arange(n)
-    draw = np.frombuffer(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=8).digest(), np.uint64)[0]
-    u = (minhash.mix64(np.arange(n, dtype=np.uint64) ^ draw) >> np.uint64(11)).astype(np.float64) / 2.0**53
-    out = np.where(kept, np.where(u < heldout, HELDOUT, TRAIN), DROPPED)
+    out = np.where(kept, np.where(stages.heldout_draw(np.arange(n), seed) < heldout, HELDOUT, TRAIN), DROPPED)
     held = {bytes(h) for h in corpus.exact[out == HELDOUT]}
     contaminated = (out == TRAIN) & np.asarray([bytes(h) in held for h in corpus.exact], bool)
     out[contaminated] = CONTAMINATED
