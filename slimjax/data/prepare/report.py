@@ -82,7 +82,7 @@ def tally(scans: Sequence[Any], labels: np.ndarray, label_names: Sequence[str], 
 
 
 def build(t: Tally, timer: Timer, opts, bands_rows: tuple[int, int], verified: dict[str, int] | None,
-          files_written: int, workers: int, main_peak_mb: float | None = None) -> dict[str, Any]:
+          files_written: int, workers: int, runner: str) -> dict[str, Any]:
     """The report as a JSON-ready dict."""
     per_source: dict[str, dict[str, int]] = {}
     for name in sorted({label for label, _ in t.docs}):
@@ -97,8 +97,6 @@ def build(t: Tally, timer: Timer, opts, bands_rows: tuple[int, int], verified: d
     bytes_in = sum(r["bytes_in"] for r in per_source.values())
     seconds = sum(timer.seconds.values())
     bands, rows = bands_rows
-    if main_peak_mb is None:
-        main_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {
         "sources": per_source,
         "totals": {k: sum(r[k] for r in per_source.values()) for k in next(iter(per_source.values()))
@@ -115,10 +113,12 @@ def build(t: Tally, timer: Timer, opts, bands_rows: tuple[int, int], verified: d
         "seconds": round(seconds, 3),
         "input_mb": bytes_in / 1e6,
         "mb_per_s": bytes_in / 1e6 / seconds if seconds else float("nan"),
-        "peak_rss_mb": {"main": main_peak_mb, "largest_worker": t.peak_worker_mb},
+        "peak_rss_mb": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+                        "largest_worker": t.peak_worker_mb},
         "files_written": files_written,
         "tasks": t.tasks,
         "workers": workers,
+        "runner": runner,
     }
 
 
