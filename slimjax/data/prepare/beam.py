@@ -29,6 +29,7 @@ import argparse
 import collections
 import contextlib
 import io
+import logging
 import os
 import pickle
 import shlex
@@ -92,11 +93,14 @@ def _validate(options, runner: str) -> None:
     from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
     from apache_beam.runners.runner import create_runner
 
+    logging.disable(logging.WARNING)  # the one-line error says it all; Beam would also log it
     try:
         instance = create_runner(BEAM_RUNNERS[runner])
         errors = PipelineOptionsValidator(options, instance).validate()
     except (ImportError, ValueError) as e:
         raise SlimjaxError(f"--runner={runner} is not usable here: {one_line(e)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     if errors:
         raise SlimjaxError(f"--runner={runner} rejected the options: {one_line('; '.join(errors))}")
 

@@ -195,7 +195,8 @@ class _Corpus:
     def decisions(self, split: np.ndarray, tasks: list[stages.Task]) -> list[dict[tuple[int, int], str]]:
         """Per task: key -> "train" / "validation" for every document to write."""
         out: list[dict[tuple[int, int], str]] = [{} for _ in tasks]
-        for doc in np.flatnonzero(split != DROPPED):
+        # Only train and held-out documents: duplicates and contaminated train documents are dropped.
+        for doc in np.flatnonzero((split == TRAIN) | (split == HELDOUT)):
             out[self.task_of[doc]][tuple(self.keys[doc].tolist())] = "train" if split[doc] == TRAIN else "validation"
         return out
 
