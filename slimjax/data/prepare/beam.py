@@ -48,10 +48,13 @@ _OUTCOME_NAMES = {DROPPED: "duplicate", CONTAMINATED: "contaminated", TRAIN: "tr
 
 
 def _beam():
+    logging.disable(logging.WARNING)  # Beam warns at import about cloud clients a local run never uses
     try:
         import apache_beam
     except ImportError as e:
         raise SlimjaxError(f"--runner needs Apache Beam ({e}); pip install 'slimjax[beam]'") from None
+    finally:
+        logging.disable(logging.NOTSET)
     return apache_beam
 
 
