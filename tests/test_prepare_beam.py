@@ -149,6 +149,10 @@ def test_runner_mistakes_fail_in_one_line_leaving_nothing(mixed, tmp_path, capsy
     assert "did not converge in --cc_rounds=1 rounds" in one_line_error(
         cli(capsys, "prepare", f"--source=jsonl:{mixed}/jsonl/**/*.zst", f"--source=text:{mixed}/txt/*.txt",
             f"--out={out}", "--runner=direct", "--cc_rounds=1", "--threshold=0.05", "--min_chars=10"))
+    # A stage's own error, raised inside the pipeline, arrives as that one line too.
+    assert "example_train_0.jsonl.zst:47: malformed JSON" in one_line_error(
+        cli(capsys, "prepare", f"--source=jsonl:{mixed}/jsonl/**/*.zst", f"--out={out}", "--runner=direct",
+            "--strict"))
     assert not out.exists() and not glob.glob(f"{out}.tmp-*")
 
 

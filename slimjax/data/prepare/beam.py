@@ -116,7 +116,7 @@ def prepare(plan: Plan, timer: report.Timer) -> dict[str, Any]:
     shutil.rmtree(plan.tmp, ignore_errors=True)
     os.makedirs(plan.tmp)
     try:
-        with timer("beam pipeline"):
+        with timer("beam pipeline"), _quiet(opts.runner in ("direct", "prism")):
             try:
                 with beam.Pipeline(options=options) as pipeline:
                     _build(pipeline, plan)
@@ -138,6 +138,20 @@ def prepare(plan: Plan, timer: report.Timer) -> dict[str, Any]:
         raise
     result = report.build(tally, timer, opts, (plan.bands, plan.rows), verified, files_written, 0, opts.runner)
     return publish(plan.tmp, plan.out, result)
+
+
+@contextlib.contextmanager
+def _quiet(local: bool):
+    """On a local runner, Beam's own logging only repeats, with a traceback, the error the CLI
+    prints in one line; remote runners keep their logs (job links, worker errors)."""
+    logger = logging.getLogger("apache_beam")
+    level = logger.level
+    if local:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _user_error(e: BaseException) -> SlimjaxError | None:
