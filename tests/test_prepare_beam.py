@@ -4,6 +4,7 @@ large-star/small-star clustering against union-find on adversarial graphs, in pl
 Beam; and runner mistakes that fail in one line leaving nothing."""
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +20,9 @@ from test_prepare_dedup import exact_jaccard, mutate, random_doc
 from slimjax.config import parse_source
 from slimjax.data.prepare import PrepareOptions, components, lsh, prepare
 
-beam = pytest.importorskip("apache_beam")
+# The Beam tests need the beam extra (in .[test]); the clustering and import tests run without it.
+needs_beam = pytest.mark.skipif(importlib.util.find_spec("apache_beam") is None,
+                                reason="apache-beam is not installed (pip install 'slimjax[beam]')")
 
 # Everything a report says about the data (not about time, memory or the runner).
 COUNTS = ("sources", "totals", "clusters", "lsh", "verification", "skipped_records", "first_skipped",
@@ -62,6 +65,7 @@ def both(sources, tmp_path, **kw):
     return local, beamed
 
 
+@needs_beam
 def test_beam_keeps_exactly_what_the_local_pool_keeps_with_verification(planted_files, tmp_path):
     path, pairs = planted_files
     local, beamed = both((parse_source("s", f"jsonl:{path}/*.zst"),), tmp_path, threshold=0.7, verify=True,
@@ -72,6 +76,7 @@ def test_beam_keeps_exactly_what_the_local_pool_keeps_with_verification(planted_
     assert beamed["totals"]["heldout_docs"] > 0
 
 
+@needs_beam
 def test_beam_matches_the_local_pool_unverified_and_on_mixed_sources(planted_files, mixed, tmp_path):  # noqa: F811
     path, _ = planted_files
     both((parse_source("s", f"jsonl:{path}/*.zst"),), tmp_path / "planted", heldout=0.1, seed=3, cc_rounds=3)
@@ -79,6 +84,7 @@ def test_beam_matches_the_local_pool_unverified_and_on_mixed_sources(planted_fil
     assert beamed["skipped_records"] == {"malformed JSON": 1} and beamed["clusters"]["size_histogram"] == {"2": 5}
 
 
+@needs_beam
 def test_beam_decontaminates_like_the_local_pool_without_dedup(planted_files, tmp_path):
     path, _ = planted_files
     _, beamed = both((parse_source("s", f"jsonl:{path}/*.zst"),), tmp_path, dedup=False, heldout=0.5, seed=1)
@@ -116,7 +122,9 @@ def test_large_star_small_star_equals_union_find(name, pairs):
     assert rounds <= 2 * int(np.ceil(np.log2(len(pairs) + 2))) + 2  # logarithmic in practice
 
 
+@needs_beam
 def test_beam_clustering_equals_union_find_and_reports_unsettled_rounds():
+    import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
     from slimjax.data.prepare.beam import _components
 
@@ -133,6 +141,7 @@ def test_beam_clustering_equals_union_find_and_reports_unsettled_rounds():
         assert_that(moved | beam.Map(lambda m: m > 0), equal_to([True]))
 
 
+@needs_beam
 def test_runner_mistakes_fail_in_one_line_leaving_nothing(mixed, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out"
     src = [f"--source=text:{mixed}/txt/*.txt", f"--out={out}"]
