@@ -25,9 +25,8 @@ filesystem mounted on the workers).
 
 from __future__ import annotations
 
-import argparse
-import collections
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -348,9 +347,10 @@ def _write(kv, tasks: list[stages.Task], wopts: stages.Options, root: str) -> di
     return stages.write(tasks[task], wopts, dict(decisions), root)
 
 
-def _scan_summary(scan: stages.Scan) -> tuple:
-    """What the report needs of a scan, without its per-document arrays."""
-    return (scan.task, dict(scan.short), dict(scan.short_bytes), scan.read_stats, scan.peak_rss_mb)
+def _scan_summary(scan: stages.Scan) -> stages.Scan:
+    """What the report needs of a scan: its counts, without the per-document arrays."""
+    return dataclasses.replace(scan, keys=scan.keys[:0], labels=[], nbytes=scan.nbytes[:0], exact=scan.exact[:0],
+                               signatures=scan.signatures[:0])
 
 
 def _sum_pairs(pairs) -> tuple[int, int]:
@@ -368,10 +368,7 @@ def _write_tally(_, root: str, **parts) -> None:
 
 def _tally(parts: dict[str, Any]) -> tuple[report.Tally, dict[str, int] | None, int, int]:
     """The pipeline's tally parts -> (report tally, verification counts, files written, edges still moving)."""
-    scans = [argparse.Namespace(task=t, short=collections.Counter(short), short_bytes=collections.Counter(nbytes),
-                                read_stats=stats, peak_rss_mb=peak)
-             for t, short, nbytes, stats, peak in sorted(parts["scans"], key=lambda s: s[0])]
-    tally = report.Tally.from_scans(scans)
+    tally = report.Tally.from_scans(sorted(parts["scans"], key=lambda s: s.task))
     for key, (docs, nbytes) in parts["docs"]:
         tally.docs[key] = [docs, nbytes]
     tally.cluster_sizes = dict(parts["clusters"])
