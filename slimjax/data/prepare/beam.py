@@ -43,7 +43,7 @@ from slimjax.data.prepare.run import BEAM_RUNNERS, Plan, empty_corpus, publish
 from slimjax.errors import SlimjaxError, one_line
 
 TALLY_FILE = "_beam_tally.pickle"
-_OUTCOME_NAMES = {DROPPED: "duplicate", CONTAMINATED: "contaminated", TRAIN: "train", HELDOUT: "heldout"}
+_OUTCOME_NAMES = {code: name for name, code in report.OUTCOMES}
 
 
 def _beam():
