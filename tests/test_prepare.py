@@ -106,6 +106,8 @@ def test_exact_hash_decontamination_without_dedup(mixed, tmp_path):
     train = [text.exact_hash(text.normal_form(r["text"])) for p, rs in files.items() if p.startswith("train")
              for r in rs]
     assert train and not held & set(train)
+    # Contaminated train documents are dropped, not moved into validation/.
+    assert sum(map(len, files.values())) == report["totals"]["train_docs"] + report["totals"]["heldout_docs"]
 
 
 def test_cli_prepares_and_bad_input_fails_in_one_line_leaving_nothing(mixed, tmp_path, capsys):

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import resource
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from slimjax.data import sources
 from slimjax.data.prepare import lsh
 
 SIMILARITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -33,54 +35,90 @@ class Timer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def build(corpus, split: np.ndarray, roots: np.ndarray, timer: Timer, scans, opts, bands_rows: tuple[int, int],
-          verified: dict[str, int] | None, written: list[dict[str, int]]) -> dict[str, Any]:
-    """The report as a JSON-ready dict (``corpus`` and ``split`` as produced by ``prepare.run``)."""
+OUTCOMES = (("duplicate", DROPPED), ("contaminated", CONTAMINATED), ("train", TRAIN), ("heldout", HELDOUT))
+
+
+@dataclasses.dataclass
+class Tally:
+    """The counts a report is made of, whichever runner gathered them.
+
+    ``docs`` maps ``(source label, outcome)`` to ``[documents, bytes]``, outcomes being "short"
+    and the names in ``OUTCOMES``; ``cluster_sizes`` maps a size above one to its clusters.
+    """
+
+    docs: dict[tuple[str, str], list[int]]
+    cluster_sizes: dict[int, int]
+    largest: int
+    read_stats: sources.ReadStats
+    peak_worker_mb: float
+    tasks: int
+
+    @classmethod
+    def from_scans(cls, scans: Sequence[Any]) -> Tally:
+        """A tally of the short documents and skipped records of ``scans`` (in task order)."""
+        docs: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+        stats = sources.ReadStats()
+        for s in scans:
+            for label, n in s.short.items():
+                docs[(label, "short")][0] += n
+                docs[(label, "short")][1] += s.short_bytes[label]
+            stats.merge(s.read_stats)
+        return cls(docs, {}, 0, stats, max((s.peak_rss_mb for s in scans), default=0.0), len(scans))
+
+
+def tally(scans: Sequence[Any], labels: np.ndarray, label_names: Sequence[str], nbytes: np.ndarray,
+          split: np.ndarray, roots: np.ndarray) -> Tally:
+    """The local pool's tally: per-document arrays (``labels`` index ``label_names``)."""
+    t = Tally.from_scans(scans)
+    for i, name in enumerate(label_names):
+        for outcome, code in OUTCOMES:
+            sel = (labels == i) & (split == code)
+            if sel.any():
+                t.docs[(name, outcome)] = [int(sel.sum()), int(nbytes[sel].sum())]
+    sizes = np.bincount(roots, minlength=len(roots))
+    t.cluster_sizes = dict(collections.Counter(sizes[sizes > 1].tolist()))
+    t.largest = int(sizes.max(initial=0))
+    return t
+
+
+def build(t: Tally, timer: Timer, opts, bands_rows: tuple[int, int], verified: dict[str, int] | None,
+          files_written: int, workers: int, runner: str) -> dict[str, Any]:
+    """The report as a JSON-ready dict."""
     per_source: dict[str, dict[str, int]] = {}
-    for i, name in enumerate(corpus.label_names):
-        mine = corpus.labels == i
-        row = {"short_docs": sum(s.short[name] for s in scans), "short_bytes": sum(s.short_bytes[name] for s in scans)}
-        for outcome, code in (("duplicate", DROPPED), ("contaminated", CONTAMINATED), ("train", TRAIN),
-                              ("heldout", HELDOUT)):
-            sel = mine & (split == code)
-            row[f"{outcome}_docs"], row[f"{outcome}_bytes"] = int(sel.sum()), int(corpus.nbytes[sel].sum())
-        row["docs_in"] = row["short_docs"] + int(mine.sum())
-        row["bytes_in"] = row["short_bytes"] + int(corpus.nbytes[mine].sum())
+    for name in sorted({label for label, _ in t.docs}):
+        row = {}
+        for outcome in ("short", *(o for o, _ in OUTCOMES)):
+            row[f"{outcome}_docs"], row[f"{outcome}_bytes"] = t.docs.get((name, outcome), [0, 0])
+        row["docs_in"] = sum(row[f"{o}_docs"] for o in ("short", *(o for o, _ in OUTCOMES)))
+        row["bytes_in"] = sum(row[f"{o}_bytes"] for o in ("short", *(o for o, _ in OUTCOMES)))
         after_filter = row["bytes_in"] - row["short_bytes"]
         row["duplicate_byte_rate"] = row["duplicate_bytes"] / after_filter if after_filter else 0.0
         per_source[name] = row
-    sizes = np.bincount(roots, minlength=len(roots))
-    histogram = collections.Counter(sizes[sizes > 1].tolist())
     bytes_in = sum(r["bytes_in"] for r in per_source.values())
     seconds = sum(timer.seconds.values())
-    skipped = collections.Counter()
-    first: dict[str, str] = {}
-    for s in scans:
-        skipped.update(s.read_stats.skipped)
-        for reason, where in s.read_stats.first.items():
-            first.setdefault(reason, where)
     bands, rows = bands_rows
     return {
         "sources": per_source,
         "totals": {k: sum(r[k] for r in per_source.values()) for k in next(iter(per_source.values()))
                    if k != "duplicate_byte_rate"},
-        "clusters": {"count": int((sizes > 1).sum()), "largest": int(sizes.max(initial=0)),
-                     "size_histogram": {str(k): histogram[k] for k in sorted(histogram)}},
+        "clusters": {"count": sum(t.cluster_sizes.values()), "largest": t.largest,
+                     "size_histogram": {str(k): t.cluster_sizes[k] for k in sorted(t.cluster_sizes)}},
         "lsh": {"threshold": opts.threshold, "num_perm": opts.num_perm, "ngram": opts.ngram, "bands": bands,
                 "rows": rows, "verify": opts.verify, "dedup": opts.dedup,
                 "candidate_probability": {str(s): round(float(lsh.candidate_probability(s, bands, rows)), 4)
                                           for s in SIMILARITIES}},
         "verification": verified,
-        "skipped_records": dict(skipped), "first_skipped": first,
+        "skipped_records": dict(t.read_stats.skipped), "first_skipped": dict(t.read_stats.first),
         "stages_s": {k: round(v, 3) for k, v in timer.seconds.items()},
         "seconds": round(seconds, 3),
         "input_mb": bytes_in / 1e6,
         "mb_per_s": bytes_in / 1e6 / seconds if seconds else float("nan"),
         "peak_rss_mb": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-                        "largest_worker": max(s.peak_rss_mb for s in scans)},
-        "files_written": sum(len(w) for w in written),
-        "tasks": len(scans),
-        "workers": opts.workers or os.cpu_count(),
+                        "largest_worker": t.peak_worker_mb},
+        "files_written": files_written,
+        "tasks": t.tasks,
+        "workers": workers,
+        "runner": runner,
     }
 
 

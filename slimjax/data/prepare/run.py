@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -23,6 +22,11 @@ from slimjax.config import SourceConfig
 from slimjax.data.prepare import lsh, minhash, report, stages
 from slimjax.data.prepare.report import CONTAMINATED, DROPPED, HELDOUT, TRAIN
 from slimjax.errors import SlimjaxError
+
+
+# --runner values and the Beam runner each selects.
+BEAM_RUNNERS = {"direct": "DirectRunner", "prism": "PrismRunner", "dataflow": "DataflowRunner",
+                "flink": "FlinkRunner", "spark": "SparkRunner"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,9 @@ class PrepareOptions:
     seed: int = 0  # seeds the held-out choice
     workers: int = 0  # worker processes (0: one per CPU core; 1: in this process)
     strict: bool = False  # malformed records fail with file:line instead of being counted
+    runner: str = "local"  # local (this machine's process pool) or an Apache Beam runner: direct, prism, dataflow, flink, spark
+    beam_options: str = ""  # Beam pipeline options passed through unchanged, e.g. '--project=P --region=R'
+    cc_rounds: int = 12  # Beam: large-star/small-star rounds unrolled for clustering (fails if the last still changes)
 
     def check(self) -> None:
         if not self.sources:
@@ -53,13 +60,31 @@ class PrepareOptions:
             raise SlimjaxError(f"--heldout must lie in [0, 1), got {self.heldout}")
         if self.num_perm <= 0 or self.ngram <= 0 or self.min_chars < 0 or self.workers < 0:
             raise SlimjaxError("--num_perm and --ngram must be > 0, --min_chars and --workers >= 0")
+        if self.runner != "local" and self.runner not in BEAM_RUNNERS:
+            raise SlimjaxError(f"unknown --runner '{self.runner}'; use local or a Beam runner: "
+                               f"{', '.join(BEAM_RUNNERS)}")
+        if self.cc_rounds <= 0:
+            raise SlimjaxError(f"--cc_rounds must be > 0, got {self.cc_rounds}")
         if (self.bands or self.rows) and (self.bands <= 0 or self.rows <= 0 or self.bands * self.rows > self.num_perm):
             raise SlimjaxError(f"--bands={self.bands} x --rows={self.rows} must both be > 0 and fit in "
                                f"--num_perm={self.num_perm}")
 
 
-def prepare(opts: PrepareOptions) -> dict[str, Any]:
-    """Runs the whole recipe; returns the report (also written to ``out/report.json``)."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every runner starts from: the checked options, tasks and LSH split."""
+
+    opts: PrepareOptions
+    out: str  # absolute; absent or empty
+    tmp: str  # written to, renamed to ``out`` when complete
+    wopts: stages.Options
+    tasks: list[stages.Task]
+    bands: int
+    rows: int
+
+
+def plan(opts: PrepareOptions) -> Plan:
+    """Checks the options and the output directory, and cuts the sources into tasks."""
     opts.check()
     out = os.path.abspath(os.path.expanduser(opts.out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -68,11 +93,39 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
     # name take their RedPajama set directory's: the output then names every record's set.
     wopts = stages.Options(opts.sources, opts.min_chars, opts.ngram, opts.num_perm, opts.strict)
     bands, rows = (opts.bands, opts.rows) if opts.bands else lsh.choose_bands(opts.threshold, opts.num_perm)
+    tasks = stages.make_tasks(opts.sources)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    return Plan(opts, out, f"{out}.tmp-{os.getpid()}", wopts, tasks, bands, rows)
+
+
+def empty_corpus(opts: PrepareOptions) -> SlimjaxError:
+    return SlimjaxError("the corpus is empty after filtering: no document has "
+                        f"{opts.min_chars} characters or more (--min_chars) in "
+                        f"{', '.join(s.name for s in opts.sources)}")
+
+
+def publish(tmp: str, out: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``report.json`` into the complete ``tmp`` and renames it to ``out``."""
+    try:
+        report.write_json(os.path.join(tmp, "report.json"), result)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked by plan)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def prepare(opts: PrepareOptions) -> dict[str, Any]:
+    """Runs the whole recipe; returns the report (also written to ``out/report.json``)."""
     timer = report.Timer()
     with timer("plan"):
-        tasks = stages.make_tasks(opts.sources)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+        p = plan(opts)
+    if opts.runner != "local":
+        from slimjax.data.prepare import beam
+
+        return beam.prepare(p, timer)
+    tasks, wopts, bands, rows, tmp = p.tasks, p.wopts, p.bands, p.rows, p.tmp
     with timer("start workers"):
         pool = _pool(opts.workers)
     with pool:
@@ -82,9 +135,7 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
                                key=lambda s: s.task)
             corpus = _Corpus.gather(scans)
             if not len(corpus.keys):
-                raise SlimjaxError("the corpus is empty after filtering: no document has "
-                                   f"{opts.min_chars} characters or more (--min_chars) in "
-                                   f"{', '.join(s.name for s in opts.sources)}")
+                raise empty_corpus(opts)
             with timer("lsh"):
                 groups = lsh.buckets(lsh.band_keys(corpus.signatures, bands, rows)) if opts.dedup else []
             verified = None
@@ -109,15 +160,10 @@ def prepare(opts: PrepareOptions) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     # After the pool has exited, so the workers' peak memory is counted.
-    result = report.build(corpus, split, roots, timer, scans, opts, (bands, rows), verified, written)
-    try:
-        report.write_json(os.path.join(tmp, "report.json"), result)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return result
+    tally = report.tally(scans, corpus.labels, corpus.label_names, corpus.nbytes, split, roots)
+    result = report.build(tally, timer, opts, (bands, rows), verified, sum(len(w) for w in written),
+                          opts.workers or os.cpu_count(), runner="local")
+    return publish(tmp, p.out, result)
 
 
 @dataclasses.dataclass
@@ -149,7 +195,8 @@ class _Corpus:
     def decisions(self, split: np.ndarray, tasks: list[stages.Task]) -> list[dict[tuple[int, int], str]]:
         """Per task: key -> "train" / "validation" for every document to write."""
         out: list[dict[tuple[int, int], str]] = [{} for _ in tasks]
-        for doc in np.flatnonzero(split != DROPPED):
+        # Only train and held-out documents: duplicates and contaminated train documents are dropped.
+        for doc in np.flatnonzero((split == TRAIN) | (split == HELDOUT)):
             out[self.task_of[doc]][tuple(self.keys[doc].tolist())] = "train" if split[doc] == TRAIN else "validation"
         return out
 
@@ -159,9 +206,7 @@ def _split(corpus: _Corpus, roots: np.ndarray, heldout: float, seed: int) -> np.
     and train documents whose exact hash matches a held-out document removed."""
     n = len(roots)
     kept = roots == np.arange(n)
-    draw = np.frombuffer(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=8).digest(), np.uint64)[0]
-    u = (minhash.mix64(np.arange(n, dtype=np.uint64) ^ draw) >> np.uint64(11)).astype(np.float64) / 2.0**53
-    out = np.where(kept, np.where(u < heldout, HELDOUT, TRAIN), DROPPED)
+    out = np.where(kept, np.where(stages.heldout_draw(np.arange(n), seed) < heldout, HELDOUT, TRAIN), DROPPED)
     held = {bytes(h) for h in corpus.exact[out == HELDOUT]}
     contaminated = (out == TRAIN) & np.asarray([bytes(h) in held for h in corpus.exact], bool)
     out[contaminated] = CONTAMINATED

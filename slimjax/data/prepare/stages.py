@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -162,6 +163,14 @@ def write(task: Task, opts: Options, decisions: dict[tuple[int, int], str], root
     for w in writers.values():
         w.close()
     return dict(counts)
+
+
+def heldout_draw(doc_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform draw in [0, 1) per document id, the same for a given seed on every runner: a
+    kept document is held out when its draw is below the held-out share."""
+    draw = np.frombuffer(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=8).digest(), np.uint64)[0]
+    ids = np.asarray(doc_ids, np.int64).astype(np.uint64)
+    return (minhash.mix64(ids ^ draw) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
 def output_name(split: str, task: int) -> str:
