@@ -77,7 +77,7 @@ def assert_close(got, want, rtol=1e-4):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * float(np.abs(w).max()))
 
 
-ATTENTION_CASES = [(shape, attention, True) for shape in MESHES for attention in ("allgather", "ring")] + [
+ATTENTION_CASES = [(shape, attention, True) for shape in MESHES[::2] for attention in ("allgather", "ring")] + [
     (MESHES[2], attention, False) for attention in ("allgather", "ring")]  # bidirectional (the encoder's)
 
 
@@ -125,8 +125,8 @@ def test_restore_undoes_balance(ways):
     np.testing.assert_array_equal(np.asarray(back), x)
 
 
-LOSS_CASES = [(shape, attention, balance) for shape in (MESHES[0], MESHES[2]) for attention in ("allgather", "ring")
-              for balance in (True, False)] + [(MESHES[3], "ring", True), (MESHES[4], "allgather", True)]
+LOSS_CASES = [(MESHES[0], "allgather", True), (MESHES[0], "ring", False), (MESHES[2], "allgather", False),
+              (MESHES[2], "ring", True), (MESHES[3], "ring", True), (MESHES[4], "allgather", True)]
 
 
 @pytest.fixture(scope="module")
@@ -154,22 +154,20 @@ def test_loss_and_gradients_equal_unsharded(decoder, shape, attention, balance):
 
 
 def test_encoder_loss_equals_unsharded():
-    """Bidirectional attention (the encoder, never balanced) over ring and all-gather."""
+    """Bidirectional ring attention (the encoder, never balanced); all-gather's is in the attention test."""
     cfg = tiny("bert")
     graphdef, params = random_model(cfg)
     batch = packed(seed=4)
     hidden = lambda p, b: scoring.encoder_features(graphdef, p, b | {"token_types": jnp.zeros_like(b["inputs"])})  # noqa: E731
     want = jax.device_get(jax.jit(hidden)(params, batch))
     real = batch["segment_ids"] > 0
-    for attention in ("allgather", "ring"):
-        got = sharded(hidden, on_mesh(cfg, data=2, sequence=4, attention=attention), params, batch)
-        assert_close(got[0][real], want[0][real])
-        assert_close(got[1][real], want[1][real])
+    got = sharded(hidden, on_mesh(cfg, data=2, sequence=4, attention="ring"), params, batch)
+    assert_close(got[0][real], want[0][real])
+    assert_close(got[1][real], want[1][real])
 
 
-@pytest.mark.parametrize("attention", ["allgather", "ring"])
-def test_train_step_equals_unsharded(attention):
-    """The compiled train step (balanced by default): loss, gradient norm and updated parameters."""
+def test_train_step_equals_unsharded():
+    """The compiled train and eval steps (ring, balanced): loss, gradient norm, updated parameters, eval sums."""
     cfg = tiny()
     batch = packed(seed=5)
 
@@ -180,13 +178,12 @@ def test_train_step_equals_unsharded(attention):
         return jax.device_get((metrics["loss"], metrics["grad_norm"], new.params, eval_step(new, placed)))
 
     want = one_step(on_mesh(cfg), jax.devices()[:1])
-    got = one_step(on_mesh(cfg, data=2, sequence=4, attention=attention), jax.devices())
+    got = one_step(on_mesh(cfg, data=2, sequence=4, attention="ring"), jax.devices())
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("attention", ["allgather", "ring"])
-def test_kv_cache_decoding_on_a_sequence_mesh(attention):
-    cfg = on_mesh(tiny(), data=2, sequence=4, attention=attention)
+def test_kv_cache_decoding_on_a_sequence_mesh():
+    cfg = on_mesh(tiny(), data=2, sequence=4, attention="ring")
     _, params = random_model(cfg)
     prompts = [np.random.default_rng(i).integers(4, 256, size=n).tolist() for i, n in enumerate((3, 10, 7))]
     mesh = make_mesh(cfg.mesh, jax.devices())
@@ -194,16 +191,12 @@ def test_kv_cache_decoding_on_a_sequence_mesh(attention):
     assert on_sequence.generate(prompts, 8).tokens == Generator(cfg.model, params).generate(prompts, 8).tokens
 
 
-def test_ring_needs_less_temporary_memory_than_allgather():
+def test_ring_needs_less_memory_than_allgather_and_falls_with_the_axis():
     """The compiler's own figure (not a timing): peak temporary bytes per device of one attention
-    forward + backward at sequence=4 over 512 positions."""
-    ring, gathered = attention_memory(512, 4, "ring"), attention_memory(512, 4, "allgather")
-    assert ring < gathered, (ring, gathered)
-
-
-def test_ring_memory_falls_with_the_sequence_axis():
-    sizes = [attention_memory(512, w, "ring") for w in (1, 2, 4, 8)]
-    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+    forward + backward over 512 positions. Ring's falls at least as 1 / sequence-axis size."""
+    ring = {w: attention_memory(512, w, "ring") for w in (1, 2, 4)}
+    assert ring[4] < attention_memory(512, 4, "allgather"), ring
+    assert ring[2] <= ring[1] / 2 and ring[4] <= ring[2] / 2, ring
 
 
 def test_ring_rejects_different_head_layouts():
@@ -217,15 +210,17 @@ def test_ring_rejects_different_head_layouts():
 
 
 BAD = {
-    "axis does not divide the length": (["--config.mesh.sequence=3", "--config.mesh.data=1"],
+    "axis does not divide the length": ({"mesh.sequence": 3, "data.seq_len": 64},
                                         "data.seq_len=64 cannot be split into 2 x mesh.sequence=6 chunks"),
-    "balanced chunks do not divide": (["--config.mesh.sequence=8", "--config.data.seq_len=72", "--config.mesh.data=1"],
+    "balanced chunks do not divide": ({"mesh.sequence": 8, "data.seq_len": 72},
                                       "make data.seq_len a multiple of 16 or set mesh.sequence_balance=False"),
-    "ring with cudnn": (["--config.mesh.sequence=2", "--config.mesh.sequence_attention=ring",
-                         "--config.model.attention=cudnn"], "not cuDNN's"),
+    "unbalanced shards do not divide": ({"mesh.sequence": 8, "data.seq_len": 60, "mesh.sequence_balance": False},
+                                        "data.seq_len=60 cannot be split into mesh.sequence=8 shards"),
+    "ring with cudnn": ({"mesh.sequence": 2, "mesh.sequence_attention": "ring", "model.attention": "cudnn"},
+                        "not cuDNN's"),
     "ring with kv heads the tensor axis cannot split": (
-        ["--config.mesh.sequence=2", "--config.mesh.tensor=4", "--config.mesh.sequence_attention=ring",
-         "--config.model.n_kv_heads=2", "--config.model.n_heads=8"], "mesh.tensor=4 must divide model.n_kv_heads=2"),
+        {"mesh.sequence": 2, "mesh.tensor": 4, "mesh.sequence_attention": "ring", "model.n_heads": 8,
+         "model.n_kv_heads": 2}, "mesh.tensor=4 must divide model.n_kv_heads=2"),
 }
 
 
@@ -233,22 +228,17 @@ BAD = {
 def test_bad_layout_is_a_config_error(case):
     from slimjax.configs import base
 
-    flags, expected = BAD[case]
+    overrides, expected = BAD[case]
     c = base.get_config()
-    c.data.seq_len = 64
-    for flag in flags:
-        key, value = flag.removeprefix("--config.").split("=")
-        *path, leaf = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
-    with pytest.raises(SlimjaxError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    c.update_from_flattened_dict(overrides)
+    with pytest.raises(SlimjaxError) as err:
         C.validate(c)
+    assert expected in str(err.value)
 
 
 def test_bad_layout_is_one_line_exit_2_from_the_cli(tmp_path):
-    flags, expected = BAD["ring with cudnn"]
+    overrides, expected = BAD["ring with cudnn"]
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     result = subprocess.run([sys.executable, "-m", "slimjax.cli", "train", *flags, f"--workdir={tmp_path / 'new'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
