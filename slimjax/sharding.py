@@ -283,6 +283,31 @@ def active() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def split_of(name: str) -> tuple[tuple[str, ...], int]:
+    """(mesh axes, ways) the active rules split logical ``name`` over; ((), 1) outside a context."""
+    current = _ACTIVE.get()
+    if current is None:
+        return (), 1
+    mesh, rules = current
+    axes = tuple(rules.table.get(name, ()))
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def per_device(fn: Callable[..., Any], in_names: Sequence[Any], out_names: Any) -> Callable[..., Any]:
+    """``fn`` run on each device's blocks (``shard_map`` over the active mesh), its arguments and
+    results split as the active rules split these logical names (one names tuple per array).
+
+    Models use it for code that must see its own block and talk to other devices by axis name
+    (ring attention); they still name dimensions logically and never see the mesh.
+    """
+    current = _ACTIVE.get()
+    if current is None:
+        raise SlimjaxError("per_device needs an activation_rules context (a mesh and rules to split by)")
+    mesh, rules = current
+    specs = lambda names: jax.tree.map(rules.spec, names, is_leaf=_is_axes)  # noqa: E731
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs(tuple(in_names)), out_specs=specs(out_names), check_vma=False)
+
+
 @contextlib.contextmanager
 def replicated(*names: str) -> Iterator[None]:
     """Inside, the active rules replicate the logical ``names`` (no-op outside a rules context):

@@ -117,7 +117,7 @@ def test_balanced_order_pairs_early_and_late_chunks():
 def test_restore_undoes_balance(ways):
     mesh = build_mesh(1, 1, 1, jax.devices()[:ways], sequence=ways)
     x = np.arange(2 * 32 * 3, dtype=np.float32).reshape(2, 32, 3)
-    layout = sequence.Layout(mesh, Rules(DEFAULT_RULES), ("sequence",), ways)
+    layout = sequence.Layout(Rules(DEFAULT_RULES), ("sequence",), ways)
     balanced = np.asarray(sequence.balance(layout, jnp.asarray(x))[0])
     np.testing.assert_array_equal(balanced, x[:, sequence.balanced_order(32, ways)])
     with activation_rules(mesh, Rules(DEFAULT_RULES)):

@@ -24,43 +24,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
 
 from slimjax import sharding
 from slimjax.errors import SlimjaxError
 from slimjax.models import ring
-from slimjax.sharding import Rules, constrain
+from slimjax.sharding import Rules, constrain, per_device
 
 LENGTH = "act_length"
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """The active mesh and rules when they split ``act_length`` ``ways`` ways over ``axes``."""
+    """The active rules when they split ``act_length`` ``ways`` ways over the mesh axes ``axes``."""
 
-    mesh: Mesh
     rules: Rules
     axes: tuple[str, ...]
     ways: int
 
-    def spec(self, names: tuple[str | None, ...]) -> PartitionSpec:
-        return self.rules.spec(names)
-
 
 def active_layout() -> Layout | None:
     """The sequence-parallel layout of the enclosing rules context; None if the length is whole."""
-    current = sharding.active()
-    if current is None:
-        return None
-    mesh, rules = current
-    axes = tuple(rules.table.get(LENGTH, ()))
-    ways = math.prod(mesh.shape[a] for a in axes)
-    return Layout(mesh, rules, axes, ways) if ways > 1 else None
+    axes, ways = sharding.split_of(LENGTH)
+    return Layout(sharding.active()[1], axes, ways) if ways > 1 else None
 
 
 # --- attention --------------------------------------------------------------------------------
@@ -91,12 +80,10 @@ def _ring(q, k, v, positions, segment_ids, causal, layout):
         raise SlimjaxError(
             f"ring attention needs 'act_heads' and 'act_kv_heads' on the same mesh axes, got {heads} and "
             f"{kv_heads} (mesh.rules); map them alike or use mesh.sequence_attention='allgather'")
-    q_spec = layout.spec(("batch", LENGTH, "act_heads", None))
-    kv_spec = layout.spec(("batch", LENGTH, "act_kv_heads", None))
-    row_spec = layout.spec(("batch", LENGTH))
+    q_names, kv_names, row_names = ("batch", LENGTH, "act_heads", None), ("batch", LENGTH, "act_kv_heads", None), (
+        "batch", LENGTH)
     kernel = functools.partial(ring.ring_attention, axes=layout.axes, ways=layout.ways, causal=causal)
-    run = jax.shard_map(lambda *a: kernel(*a), mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),
-                        out_specs=q_spec, check_vma=False)
+    run = per_device(lambda *a: kernel(*a), (q_names, kv_names, kv_names, row_names, row_names), q_names)
     return run(q, k, v, positions, segment_ids)
 
 
@@ -123,10 +110,7 @@ def restore(layout: Layout, x: jax.Array, names: tuple[str | None, ...]) -> jax.
     """Undoes :func:`balance` on an activation ``[b, length, ...]`` split along the length (logical
     ``names``): each device swaps its two chunks with their owners (two ``ppermute``), never
     gathering the whole length."""
-    spec = layout.spec(names)
-    run = jax.shard_map(functools.partial(_unbalance_local, axes=layout.axes, ways=layout.ways), mesh=layout.mesh,
-                        in_specs=spec, out_specs=spec, check_vma=False)
-    return run(x)
+    return per_device(functools.partial(_unbalance_local, axes=layout.axes, ways=layout.ways), (names,), names)(x)
 
 
 def _unbalance_local(x: jax.Array, axes: tuple[str, ...], ways: int) -> jax.Array:

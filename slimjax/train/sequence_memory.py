@@ -28,7 +28,7 @@ def attention_memory(seq_len: int, ways: int, attention: str, *, batch: int = 1,
     devices = list(jax.devices() if devices is None else devices)[:ways]
     mesh = build_mesh(1, 1, 1, devices, sequence=ways)
     rules = Rules(DEFAULT_RULES, attention)
-    layout = sequence.Layout(mesh, rules, ("sequence",), ways)
+    layout = sequence.Layout(rules, ("sequence",), ways)
 
     def loss(q, k, v, positions, segment_ids):
         out = sequence.attention(q, k, v, positions, segment_ids, True, layout)
