@@ -120,7 +120,8 @@ class LoadedRun:
         replicated = NamedSharding(self.mesh, PartitionSpec())
 
         def logits(params, batch):
-            with activation_rules(self.mesh, self.rules):
+            # Inputs of any length: the length is not split over the sequence axis here.
+            with activation_rules(self.mesh, self.rules.replicating("act_length")):
                 return forward(self.graphdef, params, batch).astype(jnp.float32)
 
         return jax.jit(logits, in_shardings=(self.rundir.shardings(), None), out_shardings=replicated)

@@ -446,6 +446,7 @@ def _check_cross_fields(cfg: Config) -> None:
     if m.n_heads % m.n_kv_heads:
         raise SlimjaxError(
             f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
+    _check_sequence(cfg)
     if m.rope_scaling != "none" and not m.rope_factor > 0:
         raise SlimjaxError(f"model.rope_factor must be > 0 with model.rope_scaling={m.rope_scaling!r}, "
                            f"got {m.rope_factor}")
@@ -517,6 +518,31 @@ def _check_objective(obj: ObjectiveConfig, family: str) -> None:
     if not any(weights[name] for name in own):
         raise SlimjaxError(f"every objective.* weight of the {family} family is 0: nothing to minimise; set "
                            f"objective.{own[0]}=1.0")
+
+
+def _check_sequence(cfg: Config) -> None:
+    """Sequence parallelism: the axis must split data.seq_len (in 2 x sequence chunks when a decoder
+    balances its causal work), and ring attention needs a layout its kernel can serve."""
+    mesh, m, seq_len = cfg.mesh, cfg.model, cfg.data.seq_len
+    if mesh.sequence <= 1:
+        return
+    balanced = mesh.sequence_balance and m.family == "decoder"  # only causal attention is unbalanced
+    chunks = 2 * mesh.sequence if balanced else mesh.sequence
+    if seq_len % chunks:
+        how = (f"2 x mesh.sequence={chunks} chunks (mesh.sequence_balance=True)" if balanced
+               else f"mesh.sequence={chunks} shards")
+        raise SlimjaxError(f"data.seq_len={seq_len} cannot be split into {how}; make data.seq_len a multiple "
+                           f"of {chunks}" + (" or set mesh.sequence_balance=False" if balanced else ""))
+    if mesh.sequence_attention != "ring":
+        return
+    if m.attention == "cudnn":
+        raise SlimjaxError("mesh.sequence_attention='ring' computes attention block by block with its own "
+                           "kernel, not cuDNN's; set model.attention to 'auto' or 'xla', or use "
+                           "mesh.sequence_attention='allgather'")
+    if mesh.tensor > 1 and m.n_kv_heads % mesh.tensor:
+        raise SlimjaxError(f"mesh.sequence_attention='ring' groups each device's query heads over its own "
+                           f"key/value heads, so mesh.tensor={mesh.tensor} must divide model.n_kv_heads="
+                           f"{m.n_kv_heads}; change one, or use mesh.sequence_attention='allgather'")
 
 
 def _check_encoder(cfg: Config) -> None:

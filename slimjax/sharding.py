@@ -32,7 +32,8 @@ BATCH_AXES = ("data", "fsdp")
 # ``mesh.rules`` in a config overrides entries of this table; it never needs to restate it.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),  # activation and cache batch rows (data loader, every layer's input)
-    "length": (),  # activation and KV-cache sequence positions
+    "length": (),  # sequence positions of batch arrays (token ids, targets, masks) and the KV cache
+    "act_length": ("sequence",),  # sequence positions of activations (sequence/context parallelism)
     "act_embed": (),  # residual stream between blocks (decoder)
     "act_heads": ("tensor",),  # attention query heads and the attention output (attention)
     "act_kv_heads": ("tensor",),  # attention keys/values and the KV cache (attention, cache)
@@ -100,6 +101,10 @@ class Rules:
     """The logical-name -> mesh-axes table, with the checks that make it safe to use."""
 
     table: Mapping[str, tuple[str, ...]]
+    # How attention runs when "act_length" is split (mesh.sequence_attention, mesh.sequence_balance):
+    # the rules context is what a model reads, so these travel with the table.
+    sequence_attention: str = "allgather"
+    sequence_balance: bool = True
 
     @classmethod
     def from_config(cls, cfg: MeshConfig) -> "Rules":
@@ -119,7 +124,11 @@ class Rules:
                     raise SlimjaxError(
                         f"mesh.rules maps '{name}' to unknown mesh axis '{axis}'; mesh axes are "
                         f"{', '.join(MESH_AXES)}")
-        return cls({**DEFAULT_RULES, **dict(cfg.rules)})
+        return cls({**DEFAULT_RULES, **dict(cfg.rules)}, cfg.sequence_attention, cfg.sequence_balance)
+
+    def replicating(self, *names: str) -> "Rules":
+        """These rules with the logical ``names`` replicated (e.g. lengths a decode step cannot split)."""
+        return dataclasses.replace(self, table={**self.table, **{n: () for n in names}})
 
     def describe(self) -> str:
         """The effective table, one ``name -> mesh axes`` line per logical name."""
@@ -267,6 +276,48 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing :func:`activation_rules`, or None outside one."""
+    return _ACTIVE.get()
+
+
+def split_of(name: str) -> tuple[tuple[str, ...], int]:
+    """(mesh axes, ways) the active rules split logical ``name`` over; ((), 1) outside a context."""
+    current = _ACTIVE.get()
+    if current is None:
+        return (), 1
+    mesh, rules = current
+    axes = tuple(rules.table.get(name, ()))
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def per_device(fn: Callable[..., Any], in_names: Sequence[Any], out_names: Any) -> Callable[..., Any]:
+    """``fn`` run on each device's blocks (``shard_map`` over the active mesh), its arguments and
+    results split as the active rules split these logical names (one names tuple per array).
+
+    Models use it for code that must see its own block and talk to other devices by axis name
+    (ring attention); they still name dimensions logically and never see the mesh.
+    """
+    current = _ACTIVE.get()
+    if current is None:
+        raise SlimjaxError("per_device needs an activation_rules context (a mesh and rules to split by)")
+    mesh, rules = current
+    specs = lambda names: jax.tree.map(rules.spec, names, is_leaf=_is_axes)  # noqa: E731
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs(tuple(in_names)), out_specs=specs(out_names), check_vma=False)
+
+
+@contextlib.contextmanager
+def replicated(*names: str) -> Iterator[None]:
+    """Inside, the active rules replicate the logical ``names`` (no-op outside a rules context):
+    the KV-cache path uses it for ``act_length``, whose one-token steps cannot be split."""
+    current = _ACTIVE.get()
+    if current is None:
+        yield
+        return
+    with activation_rules(current[0], current[1].replicating(*names)):
+        yield
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

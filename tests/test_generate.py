@@ -169,7 +169,8 @@ def test_sharded_generation_equals_single_device(shape):
     mesh = make_mesh(cfg.mesh, jax.devices()[: int(np.prod(shape))])
     sharded = Generator(cfg.model, params, mesh, Rules.from_config(cfg.mesh))
     single = Generator(cfg.model, params)
-    assert sharded.params["blocks"][0]["attn"]["wk"]["kernel"].sharding.mesh.shape == dict(zip(mesh.axis_names, shape))
+    assert sharded.params["blocks"][0]["attn"]["wk"]["kernel"].sharding.mesh.shape == {
+        "data": shape[0], "stage": 1, "fsdp": shape[1], "sequence": 1, "tensor": shape[2]}
     assert sharded.generate(prompts, 8).tokens == single.generate(prompts, 8).tokens
     s = S.Sampling(temperature=0.8, top_p=0.9)
     assert sharded.generate(prompts, 8, s, seed=3).tokens == single.generate(prompts, 8, s, seed=3).tokens

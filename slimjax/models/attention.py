@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slimjax.config import ModelConfig
-from slimjax.models import layers
+from slimjax.models import layers, sequence
 from slimjax.models.cache import LayerCache
 from slimjax.sharding import constrain
 
@@ -60,12 +60,16 @@ class Attention(nnx.Module):
         slot of their own segment up to themselves; the result (and the updated cache) comes back
         as a pair. The projections, RoPE and attention call are the same in both cases.
         """
-        q = constrain(self.wq(x), ("batch", "length", "act_heads", None))
-        k = constrain(self.wk(x), ("batch", "length", "act_kv_heads", None))
-        v = constrain(self.wv(x), ("batch", "length", "act_kv_heads", None))
+        q = constrain(self.wq(x), ("batch", "act_length", "act_heads", None))
+        k = constrain(self.wk(x), ("batch", "act_length", "act_kv_heads", None))
+        v = constrain(self.wv(x), ("batch", "act_length", "act_kv_heads", None))
         if self.rope_theta is not None:
             q = layers.rope(q, positions, self.rope_theta, self.rope_scaling)
             k = layers.rope(k, positions, self.rope_theta, self.rope_scaling)
+        if cache is None and (layout := sequence.active_layout()) is not None:
+            # The length is split over devices: masks from positions (the order may be balanced).
+            out = sequence.attention(q, k, v, positions, segment_ids, self.causal, layout)
+            return self.wo(constrain(out, ("batch", "act_length", "act_heads", None)))
         if cache is None:
             mask, causal, impl = segment_mask(segment_ids), self.causal, self.impl
         else:
@@ -74,5 +78,5 @@ class Attention(nnx.Module):
             # both; cuDNN's fused kernel is kept for the training shapes it is built for.
             mask, causal, impl = cache.mask(segment_ids), False, "xla"
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
-        out = self.wo(constrain(out, ("batch", "length", "act_heads", None)))
+        out = self.wo(constrain(out, ("batch", "act_length", "act_heads", None)))
         return out if cache is None else (out, cache)

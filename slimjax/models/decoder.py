@@ -15,13 +15,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slimjax.config import ModelConfig
-from slimjax.models import layers, scope
+from slimjax.models import layers, scope, sequence
 from slimjax.models.attention import Attention
 from slimjax.models.cache import KVCache, LayerCache
-from slimjax.sharding import constrain
+from slimjax.sharding import constrain, replicated
 
 # Logical names the model uses on activations (parameters carry theirs as metadata).
-ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+ACTIVATION_AXES = ("batch", "length", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
@@ -61,7 +61,7 @@ class Mlp(nnx.Module):
             h = jax.nn.silu(self.gate(x)) * self.up(x)
         else:
             h = ACTIVATIONS[self.kind](self.up(x))
-        return self.down(constrain(h, ("batch", "length", "act_mlp")))
+        return self.down(constrain(h, ("batch", "act_length", "act_mlp")))
 
 
 class Block(nnx.Module):
@@ -81,14 +81,14 @@ class Block(nnx.Module):
                  cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
         if self.post_norm:
             x = self.attn_norm(x + self.attn(x, positions, segment_ids))
-            x = constrain(x, ("batch", "length", "act_embed"))
-            return constrain(self.mlp_norm(x + self.mlp(x)), ("batch", "length", "act_embed"))
+            x = constrain(x, ("batch", "act_length", "act_embed"))
+            return constrain(self.mlp_norm(x + self.mlp(x)), ("batch", "act_length", "act_embed"))
         attn = self.attn(self.attn_norm(x), positions, segment_ids, cache)
         if cache is not None:
             attn, cache = attn
-        x = constrain(x + attn, ("batch", "length", "act_embed"))
+        x = constrain(x + attn, ("batch", "act_length", "act_embed"))
         x = x + self.mlp(self.mlp_norm(x))
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(x, ("batch", "act_length", "act_embed"))
         return x if cache is None else (x, cache)
 
 
@@ -163,13 +163,17 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        x = self._run_blocks(self._embed(tokens, positions), positions, segment_ids)
-        return self.final_norm(x)
+        layout = sequence.active_layout()
+        balanced = layout is not None and layout.rules.sequence_balance
+        if balanced:  # equal causal work on every sequence shard; the order is restored below
+            tokens, positions, segment_ids = sequence.balance(layout, tokens, positions, segment_ids)
+        x = self.final_norm(self._run_blocks(self._embed(tokens, positions), positions, segment_ids))
+        return sequence.restore(layout, x, ("batch", "act_length", "act_embed")) if balanced else x
 
     def head(self, x: jax.Array) -> jax.Array:
         """Normalised hidden states -> logits over the vocabulary (the tied table or ``lm_head``)."""
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return constrain(logits, ("batch", "length", "act_vocab"))
+        return constrain(logits, ("batch", "act_length", "act_vocab"))
 
     def prefill(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                 cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -180,21 +184,23 @@ class Decoder(nnx.Module):
         to padding and nothing real attends to it) and the real tokens carry their own positions
         (0 at each row's first real token), so every row sees exactly its own prompt.
         """
-        x, cache = self._run_blocks(self._embed(tokens, positions), positions, segment_ids, cache)
-        return self._logits(x[:, -1:])[:, 0], cache
+        with replicated("act_length"):  # the cached path keeps the length whole (see _run_blocks_cached)
+            x, cache = self._run_blocks(self._embed(tokens, positions), positions, segment_ids, cache)
+            return self._logits(x[:, -1:])[:, 0], cache
 
     def decode(self, token: jax.Array, position: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One step: ``token`` and ``position`` ``[batch]`` -> next-token logits ``[batch, vocab]``
         and the cache holding this token's keys and values."""
         tokens, positions = token[:, None], position[:, None]
-        x, cache = self._run_blocks(self._embed(tokens, positions), positions, jnp.ones_like(tokens), cache)
-        return self._logits(x)[:, 0], cache
+        with replicated("act_length"):
+            x, cache = self._run_blocks(self._embed(tokens, positions), positions, jnp.ones_like(tokens), cache)
+            return self._logits(x)[:, 0], cache
 
     def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, ("batch", "act_length", "act_embed"))
 
     def _logits(self, x: jax.Array) -> jax.Array:
         return self.head(self.final_norm(x))
@@ -210,7 +216,8 @@ class Decoder(nnx.Module):
                            cache: KVCache) -> tuple[jax.Array, KVCache]:
         # The same blocks as training, unrolled even when stacked for scanning: a scan slices each
         # layer's weights with a dynamic index, which XLA materialises as a copy of every weight
-        # at every decode step; a constant slice is a view.
+        # at every decode step; a constant slice is a view. The length is not split over the
+        # sequence axis here (a decode step has one token); the cache is split like the batch.
         cache = cache.claim(segment_ids)
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)

@@ -86,13 +86,13 @@ class Encoder(nnx.Module):
             token_types = jnp.zeros_like(tokens)
         x = (self.embed(tokens) + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
              + jnp.take(self.type_embed[...], token_types, axis=0).astype(self.dtype))
-        x = constrain(self.embed_norm(x), ("batch", "length", "act_embed"))
+        x = constrain(self.embed_norm(x), ("batch", "act_length", "act_embed"))
         x = run_blocks(self.blocks, self.cfg, x, positions, segment_ids)
         return x if self.final_norm is None else self.final_norm(x)
 
     def head(self, x: jax.Array) -> jax.Array:
         """Hidden states -> MLM logits over the vocabulary (through the tied embedding table)."""
-        return constrain(self.mlm(x, self.embed), ("batch", "length", "act_vocab"))
+        return constrain(self.mlm(x, self.embed), ("batch", "act_length", "act_vocab"))
 
     def pooled(self, x: jax.Array) -> jax.Array:
         """BERT's pooler: ``tanh(dense(h[:, 0]))``, the [CLS] position's summary ``[batch, d_model]``."""
