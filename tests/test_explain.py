@@ -142,7 +142,7 @@ def test_targets_parse_slice_names_and_reject_bad_ones():
             explain.Target.parse(bad)
 
 
-@pytest.mark.parametrize("name,target", [("llama_7b_fsdp_tensor", "v5p-64")])
+@pytest.mark.parametrize("name,target", [("llama_7b_fsdp_tensor", "v5p-64"), ("llama_1b_long_context", "v5p-64")])
 def test_layout_configs_fit_their_slice_with_every_axis_used(name, target):
     """The shipped layouts, planned on an abstract mesh of their slice (shapes only)."""
     cfg = validate(getattr(slimjax.configs, name).get_config())

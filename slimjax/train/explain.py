@@ -178,15 +178,19 @@ def activation_table(cfg: Config, rules: Rules, mesh: Mesh | AbstractMesh, platf
     m = cfg.model
     rows_per_step = cfg.train.global_batch_size // cfg.train.microbatches
     b, t = rows_per_step, cfg.data.seq_len
+    # With the sequence split, the all-gather layout holds every key and value of the sequence and a
+    # score matrix against all of them; ring attention holds one key/value block of t / sequence.
+    ring = cfg.mesh.sequence > 1 and cfg.mesh.sequence_attention == "ring"
+    kv_len, tk = ("act_length", t // cfg.mesh.sequence) if ring else ("length", t)
     acts = [
-        ("residual", ("batch", "length", "act_embed"), (b, t, m.d_model)),
-        ("queries", ("batch", "length", "act_heads", "head_dim"), (b, t, m.n_heads, m.head_dim)),
-        ("keys", ("batch", "length", "act_kv_heads", "head_dim"), (b, t, m.n_kv_heads, m.head_dim)),
-        ("values", ("batch", "length", "act_kv_heads", "head_dim"), (b, t, m.n_kv_heads, m.head_dim)),
-        ("attention scores", ("batch", "act_heads", "length", None), (b, m.n_heads, t, t)),
-        ("attention output", ("batch", "length", "act_heads", "head_dim"), (b, t, m.n_heads, m.head_dim)),
-        ("mlp hidden", ("batch", "length", "act_mlp"), (b, t, m.d_ff)),
-        ("logits", ("batch", "length", "act_vocab"), (b, t, m.vocab_size)),
+        ("residual", ("batch", "act_length", "act_embed"), (b, t, m.d_model)),
+        ("queries", ("batch", "act_length", "act_heads", "head_dim"), (b, t, m.n_heads, m.head_dim)),
+        ("keys", ("batch", kv_len, "act_kv_heads", "head_dim"), (b, t, m.n_kv_heads, m.head_dim)),
+        ("values", ("batch", kv_len, "act_kv_heads", "head_dim"), (b, t, m.n_kv_heads, m.head_dim)),
+        ("attention scores", ("batch", "act_heads", "act_length", None), (b, m.n_heads, t, tk)),
+        ("attention output", ("batch", "act_length", "act_heads", "head_dim"), (b, t, m.n_heads, m.head_dim)),
+        ("mlp hidden", ("batch", "act_length", "act_mlp"), (b, t, m.d_ff)),
+        ("logits", ("batch", "act_length", "act_vocab"), (b, t, m.vocab_size)),
     ]
     itemsize = np.dtype(compute_dtype(m.dtype, platform)).itemsize
     rows = []
