@@ -1,0 +1,109 @@
+"""``slimjax tokenize`` and the ArrayRecord loader: batch-for-batch equality with the in-memory loader
+(one process and two real ``jax.distributed`` processes), kill -9 and resume, memory that does
+not grow with the corpus, and bad prepared directories through the CLI (one line, exit 2)."""
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_helpers import TINY_TRAIN, cli, mixed_corpus, one_line_error
+from helpers import child_env, run_processes
+from slimjax import config as C
+from slimjax.cli import main
+from slimjax.configs import base
+from slimjax.data import loader, pipeline, tokenized
+from test_fault import DRIVER, FLAGS, fingerprints, kill9_then_resume
+
+WORKER = os.path.join(os.path.dirname(__file__), "data_worker.py")
+# The data of tests/data_worker.py: two sources weighted 1:3, bytes, first-fit, 4 shards, batch 8.
+BATCH = 8
+
+
+def corpus_flags(corpus: str) -> list[str]:
+    sources = (f"({{'kind': 'text', 'path': '{corpus}/text/*.txt', 'weight': 1.0}}, "
+               f"{{'kind': 'jsonl', 'path': '{corpus}/jsonl/*.jsonl.zst', 'weight': 3.0}})")
+    return [f"--config.data.sources={sources}", "--config.data.tokenizer_kind=byte", "--config.data.packing=first_fit",
+            "--config.data.seq_len=32", "--config.data.shards=4", f"--config.train.global_batch_size={BATCH}"]
+
+
+def data_config(sources, **kw) -> C.DataConfig:
+    c = base.get_config()
+    c.data.sources = sources
+    c.data.tokenizer_kind, c.data.packing, c.data.seq_len, c.data.shards = "byte", "first_fit", 32, 4
+    for key, value in kw.items():
+        setattr(c.data, key, value)
+    c.train.global_batch_size = BATCH
+    return C.validate(c).data
+
+
+def tokenize(out: str, *flags: str) -> str:
+    status = main(["tokenize", *flags, f"--out={out}"])
+    assert status == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return mixed_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    return tokenize(str(tmp_path_factory.mktemp("p") / "prepared"), *corpus_flags(corpus))
+
+
+def both(corpus, prepared, workdir, vocab_size=512, **kw):
+    """(in-memory, prepared) data of the same corpus, config and seed."""
+    docs = ({"kind": "text", "path": f"{corpus}/text/*.txt", "weight": 1.0},
+            {"kind": "jsonl", "path": f"{corpus}/jsonl/*.jsonl.zst", "weight": 3.0})
+    made = []
+    for sources, sub in ((docs, "mem"), (({"kind": "prepared", "path": prepared},), "prep")):
+        cfg = data_config(sources, **kw)
+        made.append(loader.build(cfg, BATCH, seed=5, max_eval_batches=0, vocab_size=vocab_size,
+                                 workdir=os.path.join(workdir, sub)))
+    return made
+
+
+def assert_same_batches(a, b, steps):
+    for step in range(steps):
+        x, y = a[step], b[step]
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == y[key].dtype and np.array_equal(x[key], y[key]), (step, key)
+
+
+def test_prepared_rows_are_the_in_memory_loaders_batch_for_batch(corpus, prepared, tmp_path):
+    mem, prep = both(corpus, prepared, str(tmp_path))
+    assert_same_batches(mem.train, prep.train, 16)
+    assert len({mem.train[s]["inputs"].tobytes() for s in range(16)}) == 16
+    # Through Grain's prefetching iterator too, and resumed from its state as a checkpoint holds it.
+    it_mem, it_prep = pipeline.iterate(mem.train), pipeline.iterate(prep.train)
+    for _ in range(3):
+        assert_same_batches([next(it_mem)], [next(it_prep)], 1)
+    resumed = pipeline.iterate(prep.train, it_prep.get_state())
+    assert_same_batches([next(it_mem) for _ in range(3)], [next(resumed) for _ in range(3)], 3)
+    assert len(mem.eval) == len(prep.eval) >= 1
+    assert_same_batches(list(mem.eval), list(prep.eval), len(mem.eval))
+    for key in ("sources", "shards", "eval_documents", "eval_rows"):
+        assert mem.stats[key] == prep.stats[key]
+    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
+    assert manifest["shards"] == 4 and manifest["tokenizer"]["kind"] == "byte"
+    assert [len(s["rows"]) for s in manifest["sources"]] == [4, 4]
+    assert sorted(os.listdir(prepared)) == ["eval.array_record", "manifest.json", "train"]
+
+
+def test_a_trained_sentencepiece_tokenizer_travels_with_the_rows(corpus, tmp_path):
+    flags = [*corpus_flags(corpus), "--config.data.tokenizer_kind=sentencepiece", "--config.model.vocab_size=300",
+             "--config.data.packing=concat_split"]
+    prepared = tokenize(str(tmp_path / "spm"), *flags)
+    mem, prep = both(corpus, prepared, str(tmp_path), 300, tokenizer_kind="sentencepiece", packing="concat_split")
+    assert_same_batches(mem.train, prep.train, 6)
+    model = (tmp_path / "mem" / "tokenizer" / "spm.model").read_bytes()
+    assert (tmp_path / "prep" / "tokenizer" / "spm.model").read_bytes() == model  # cached in the run's workdir
+    assert open(os.path.join(prepared, "tokenizer", "spm.model"), "rb").read() == model
