@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_helpers import TINY_TRAIN, cli, mixed_corpus, one_line_error
-from helpers import child_env, run_processes
+from helpers import child_env, run_processes, snapshot
 from slimjax import config as C
 from slimjax.cli import main
 from slimjax.configs import base
@@ -186,3 +186,49 @@ def test_loader_memory_does_not_grow_with_the_corpus(tmp_path):
     # Holding the rows (as the in-memory loader does) would cost 12 bytes per token: > 100 MB more
     # at 10x. The prepared loader may grow by at most a fifth of that (reader buffers, noise).
     assert rss[10] - rss[1] < 12 * (tokens[10] - tokens[1]) / 5, (rss, tokens)
+
+
+def train_on(prepared: str, workdir: str, *extra: str) -> list[str]:
+    return ["train", *TINY_TRAIN, f"--config.data.sources=prepared:{prepared}", "--config.data.tokenizer_kind=byte",
+            "--config.data.packing=first_fit", "--config.data.shards=4", f"--workdir={workdir}", *extra]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no manifest", "is not a prepared directory (no manifest.json); make one with slimjax tokenize"),
+    ("seq_len", "was tokenized with data.seq_len=32 but the config says 64; set --config.data.seq_len=32"),
+    ("tokenizer", "was tokenized with data.tokenizer_kind=byte but the config says sentencepiece"),
+    ("shards", "was tokenized with data shards=4 but the config says 8"),
+    ("truncated", "shard-00001.array_record' has "),
+    ("mixed", "a 'prepared' source must be the only source"),
+])
+def test_bad_prepared_directories_are_one_line_errors_and_write_nothing(capsys, prepared, tmp_path, case, expected):
+    target, extra = prepared, []
+    if case == "no manifest":
+        target = str(tmp_path / "copy")
+        shutil.copytree(prepared, target)
+        os.remove(os.path.join(target, "manifest.json"))
+    elif case == "truncated":
+        target = str(tmp_path / "copy")
+        shutil.copytree(prepared, target)
+        shard = os.path.join(target, tokenized.shard_file(1, 1))
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+    extra = {"seq_len": ["--config.data.seq_len=64"], "tokenizer": ["--config.data.tokenizer_kind=sentencepiece"],
+             "shards": ["--config.data.shards=8"],
+             "mixed": [f"--config.data.sources=('prepared:{prepared}', 'shakespeare')"]}.get(case, [])
+    before = snapshot(target)
+    workdir = str(tmp_path / "run")
+    line = one_line_error(cli(capsys, *train_on(target, workdir, *extra)))
+    assert expected in line, line
+    assert not os.path.exists(workdir) and snapshot(target) == before
+
+
+def test_tokenize_refuses_an_existing_output_and_leaves_nothing_when_it_fails(capsys, corpus, prepared, tmp_path):
+    before = snapshot(prepared)
+    line = one_line_error(cli(capsys, "tokenize", *corpus_flags(corpus), f"--out={prepared}"))
+    assert f"--out '{prepared}' already exists" in line and snapshot(prepared) == before
+    out = str(tmp_path / "too_many_shards")
+    line = one_line_error(cli(capsys, "tokenize", *corpus_flags(corpus), "--config.data.shards=512",
+                              "--config.train.global_batch_size=512", f"--out={out}"))
+    assert "gives no rows of data.seq_len=32 in shard" in line and "lower data.shards" in line
+    assert os.listdir(tmp_path) == []  # neither the output nor its temporary directory
