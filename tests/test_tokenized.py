@@ -17,6 +17,7 @@ from slimjax import config as C
 from slimjax.cli import main
 from slimjax.configs import base
 from slimjax.data import loader, pipeline, tokenized
+from slimjax.errors import SlimjaxError
 from test_fault import DRIVER, FLAGS, fingerprints, kill9_then_resume
 
 WORKER = os.path.join(os.path.dirname(__file__), "data_worker.py")
@@ -106,6 +107,13 @@ def test_a_trained_sentencepiece_tokenizer_travels_with_the_rows(corpus, tmp_pat
     model = (tmp_path / "mem" / "tokenizer" / "spm.model").read_bytes()
     assert (tmp_path / "prep" / "tokenizer" / "spm.model").read_bytes() == model  # cached in the run's workdir
     assert open(os.path.join(prepared, "tokenizer", "spm.model"), "rb").read() == model
+    # A run that names another tokenizer file is refused before anything is read.
+    other = tmp_path / "other.model"
+    other.write_bytes(model[:-1] + b"x")
+    cfg = data_config(({"kind": "prepared", "path": prepared},), tokenizer_kind="sentencepiece",
+                      packing="concat_split", tokenizer=str(other))
+    with pytest.raises(SlimjaxError, match=f"data.tokenizer '{other}' is not the tokenizer prepared directory"):
+        loader.build(cfg, BATCH, 5, 0, 300, str(tmp_path / "other"))
 
 
 def test_two_processes_read_their_own_shards_into_the_in_memory_global_batches(corpus, prepared, tmp_path):
