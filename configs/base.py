@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Fine-tuning kinds: genre (bundled: Shakespeare passages labelled by genre, split by play),
     # labels (JSON Lines glob, fields "text" and "label", for slim.classify) and pairs (JSON Lines
     # glob, fields "prompt" and "response": supervised fine-tuning, loss on response tokens only).
+    # prepared ("prepared:DIR", the only source when used): rows pre-tokenized by `slimjax tokenize
+    # --out=DIR`, read from its ArrayRecord shards with random access (memory flat in the corpus size;
+    # data.seq_len, packing, shards and tokenizer_kind must be those it was tokenized with).
     d.sources = ({"kind": "shakespeare", "weight": 1.0},)
     d.eval_plays = ("hamlet", "the-tempest", "twelfth-night")  # shakespeare: plays held out for evaluation
     d.eval_fraction = 0.02  # other sources without eval_path: share of documents held out for evaluation

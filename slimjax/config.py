@@ -80,7 +80,8 @@ class MeshConfig:
     sequence_balance: bool = True  # reorder positions so every shard gets equal causal work
 
 
-SourceKind = Literal["shakespeare", "stdlib", "text", "jsonl", "slimpajama", "tfds", "genre", "labels", "pairs"]
+SourceKind = Literal["shakespeare", "stdlib", "text", "jsonl", "slimpajama", "tfds", "genre", "labels", "pairs",
+                     "prepared"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,8 @@ class SourceConfig:
     """One corpus of the training mixture: a ``data.sources`` entry (see configs/base.py)."""
 
     kind: SourceKind
-    path: str = ""  # glob (text, jsonl, slimpajama) or TFDS dataset name ("name" or "name:version")
+    path: str = ""  # glob (text, jsonl, slimpajama), TFDS dataset name ("name" or "name:version") or a
+    # prepared directory (`slimjax tokenize --out`)
     weight: float = 1.0  # share of training rows drawn from this source (normalised over sources)
     eval_path: str = ""  # glob (or TFDS split) of held-out documents; "" holds out data.eval_fraction
     set_name: str = ""  # jsonl: keep only documents whose meta.redpajama_set_name is this
@@ -412,7 +414,7 @@ def parse_source(key: str, entry: Any) -> SourceConfig:
     source = SourceConfig(**{f: _coerce(f"{key}.{f}", v, hints[f]) for f, v in entry.items()})
     if not source.weight > 0:
         raise SlimjaxError(f"config key '{key}.weight' must be > 0, got {source.weight}")
-    if source.kind in ("text", "jsonl", "slimpajama", "tfds", "labels", "pairs") and not source.path:
+    if source.kind in ("text", "jsonl", "slimpajama", "tfds", "labels", "pairs", "prepared") and not source.path:
         raise SlimjaxError(f"config key '{key}' (kind '{source.kind}') needs a path")
     return source
 
@@ -422,7 +424,12 @@ def _coerce_sources(key: str, value: Any) -> tuple[SourceConfig, ...]:
         value = (value,)
     if not isinstance(value, (list, tuple)) or not value:
         raise SlimjaxError(f"config key '{key}' must be a non-empty tuple of sources")
-    return tuple(parse_source(f"{key}[{i}]", entry) for i, entry in enumerate(value))
+    parsed = tuple(parse_source(f"{key}[{i}]", entry) for i, entry in enumerate(value))
+    if len(parsed) > 1 and any(s.kind == "prepared" for s in parsed):
+        # A prepared directory holds its own mixture (the sources it was tokenized from, with their weights).
+        raise SlimjaxError(f"config key '{key}': a 'prepared' source must be the only source (its directory holds "
+                           "the mixture it was tokenized from); tokenize all the sources into one directory")
+    return parsed
 
 
 def _check_cross_fields(cfg: Config) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+
+import numpy as np
+import zstandard
 
 from slimjax.config import DataConfig
 from slimjax.data import loader
@@ -49,3 +53,22 @@ def assert_held_out(data: DataConfig) -> int:
     held = loader.split_documents(data, "eval")
     assert held, f"the test corpus {[s.name for s in data.sources]} holds no document out; rename or add files"
     return len(held)
+
+
+def mixed_corpus(root: pathlib.Path) -> str:
+    """40 text files and two zstd JSON Lines files of pseudo-random words under ``root``; returns its path."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), int(n))) for n in rng.integers(2, 9, 300)]
+
+    def doc(n):
+        return " ".join(rng.choice(words, n)) + "\n"
+
+    (root / "text").mkdir()
+    for i in range(40):
+        (root / "text" / f"{i:02d}.txt").write_text(doc(int(rng.integers(20, 80))))
+    (root / "jsonl").mkdir()
+    for f in range(2):
+        lines = "".join(json.dumps({"text": doc(int(rng.integers(5, 60))), "meta": {"redpajama_set_name": "x"}}) + "\n"
+                        for _ in range(80))
+        (root / "jsonl" / f"part_{f}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    return str(root)

@@ -1,10 +1,11 @@
 """One process of a real multi-process data run (started by tests/test_data_distributed.py).
 
-Usage: python data_worker.py PROCESS_ID NUM_PROCESSES PORT CORPUS_DIR OUT_JSON
+Usage: python data_worker.py PROCESS_ID NUM_PROCESSES PORT CORPUS_DIR OUT_JSON [PREPARED_DIR]
 
 Builds the data for a small mixed corpus through ``loader.build`` with this process's index,
 assembles each global batch with ``jax.make_array_from_process_local_data`` and writes the
-SHA-256 of every fully gathered global batch.
+SHA-256 of every fully gathered global batch. With PREPARED_DIR (``slimjax tokenize`` of the same
+corpus and config), the data comes from that directory's ArrayRecord shards instead.
 """
 
 import hashlib
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # helpers.py, when started as a s
 from helpers import join_cpu_run  # noqa: E402
 
 
-def main(process_id: int, num_processes: int, port: int, corpus: str, out: str) -> None:
+def main(process_id: int, num_processes: int, port: int, corpus: str, out: str, prepared: str = "") -> None:
     join_cpu_run(process_id, num_processes, port)
     import numpy as np
     from jax.experimental import multihost_utils
@@ -32,6 +33,8 @@ def main(process_id: int, num_processes: int, port: int, corpus: str, out: str) 
     c = base.get_config()
     c.data.sources = ({"kind": "text", "path": f"{corpus}/text/*.txt", "weight": 1.0},
                       {"kind": "jsonl", "path": f"{corpus}/jsonl/*.jsonl.zst", "weight": 3.0})
+    if prepared:
+        c.data.sources = ({"kind": "prepared", "path": prepared},)
     c.data.tokenizer_kind, c.data.packing, c.data.seq_len, c.data.shards = "byte", "first_fit", 32, 4
     c.train.global_batch_size = 8
     cfg = C.validate(c)
@@ -55,4 +58,4 @@ def main(process_id: int, num_processes: int, port: int, corpus: str, out: str) 
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])

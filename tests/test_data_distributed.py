@@ -10,10 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-import zstandard
 
 import slimjax
-from data_helpers import assert_held_out
+from data_helpers import assert_held_out, mixed_corpus
 from helpers import child_env, run_processes, small_config, with_train
 from slimjax import config as C
 from slimjax.data import pipeline
@@ -25,22 +24,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "data_worker.py")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """40 text files and two zstd JSON Lines files of pseudo-random words."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghij"), int(n))) for n in rng.integers(2, 9, 300)]
-
-    def doc(n):
-        return " ".join(rng.choice(words, n)) + "\n"
-
-    (root / "text").mkdir()
-    for i in range(40):
-        (root / "text" / f"{i:02d}.txt").write_text(doc(int(rng.integers(20, 80))))
-    (root / "jsonl").mkdir()
-    for f in range(2):
-        lines = "".join(json.dumps({"text": doc(int(rng.integers(5, 60))), "meta": {"redpajama_set_name": "x"}}) + "\n"
-                        for _ in range(80))
-        (root / "jsonl" / f"part_{f}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
-    return str(root)
+    return mixed_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def test_two_processes_assemble_the_single_process_global_batches(corpus, tmp_path):

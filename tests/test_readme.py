@@ -45,6 +45,7 @@ TRAIN = ["--config.train.steps=2", "--config.train.global_batch_size=32", "--con
          "--config.train.log_every=1", "--config.checkpoint.every_steps=2"]
 OVERRIDES: dict[str, list[str]] = {
     "train": TRAIN,
+    "tokenize": [f for f in TRAIN if f.startswith(("--config.train.global_batch_size", "--config.data.seq_len"))],
     "eval": ["--max_docs=2", "--batch_size=8"],
     "generate": ["--max_new_tokens=4"],
     "prune": ["--calibration_samples=8", "--sequential=false"],  # one calibration pass, not one per block

@@ -10,7 +10,7 @@ import sys
 from typing import Callable, Sequence
 
 from slimjax.cli import (compress, distill, evaluate, explain, export, generate, hf_import, lowrank, prepare, prune,
-                         quantize, report, tokenizer, train)
+                         quantize, report, tokenize, tokenizer, train)
 from slimjax.cli.command import HELP, Command, describe, wants_help
 from slimjax.config import suggest
 from slimjax.errors import SlimjaxError, one_line
@@ -18,7 +18,7 @@ from slimjax.errors import SlimjaxError, one_line
 # name -> (handler(argv) -> exit status, the command's flags)
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], Command]] = {
     module.COMMAND.name: (module.run, module.COMMAND)
-    for module in (train, prepare, tokenizer, hf_import, export, evaluate, generate, prune, quantize, lowrank, report,
+    for module in (train, prepare, tokenize, tokenizer, hf_import, export, evaluate, generate, prune, quantize, lowrank, report,
                    distill, compress, explain)
 }
 

@@ -71,6 +71,11 @@ def expand(srcs: tuple[SourceConfig, ...]) -> list[SourceConfig]:
     return out
 
 
+def is_prepared(cfg: DataConfig) -> bool:
+    """Whether the run reads rows tokenized ahead (a ``prepared`` source, always the only one)."""
+    return any(src.kind == "prepared" for src in cfg.sources)
+
+
 def held_out(unit_name: str, record: int, fraction: float) -> bool:
     """A stable ``fraction`` of a source's records, chosen by the record's unit name and index.
 
@@ -203,19 +208,18 @@ def per_shard(cfg: DataConfig, srcs: list[SourceConfig], docs: list[list[list[st
               make: Callable[[list[str]], Any], what: str) -> list[list[Any]]:
     """``make(documents)`` (packed rows, sentence-pair pieces) for each source in each of this
     process's shards; a source that gives none in a shard is an error naming it."""
-    shards = []
-    for i, per_source in enumerate(docs):
-        shard = []
-        for src, source_docs in zip(srcs, per_source):
-            made = make(source_docs)
-            if len(made) == 0:
-                raise SlimjaxError(
-                    f"data source '{src.name}' gives no {what} of data.seq_len={cfg.seq_len} in shard "
-                    f"{layout.owned.start + i} of {layout.shards} ({len(source_docs)} documents); it is too "
-                    "small for that many shards: lower data.shards or drop the source")
-            shard.append(made)
-        shards.append(shard)
-    return shards
+    return [[nonempty(cfg, src, make(source_docs), layout.owned.start + i, layout.shards, len(source_docs), what)
+             for src, source_docs in zip(srcs, per_source)] for i, per_source in enumerate(docs)]
+
+
+def nonempty(cfg: DataConfig, src: SourceConfig, made: Any, shard: int, shards: int, n_docs: int, what: str) -> Any:
+    """``made`` (one source's rows in one shard) if it holds any; else the error naming the source."""
+    if len(made) == 0:
+        raise SlimjaxError(
+            f"data source '{src.name}' gives no {what} of data.seq_len={cfg.seq_len} in shard {shard} of "
+            f"{shards} ({n_docs} documents); it is too small for that many shards: lower data.shards or drop "
+            "the source")
+    return made
 
 
 def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, vocab_size: int,
@@ -224,7 +228,13 @@ def build(cfg: DataConfig, global_batch: int, seed: int, max_eval_batches: int, 
     """Everything the training loop reads. Raises SlimjaxError for any problem with the data.
 
     With ``pretrain`` (an encoder run) the rows are sentence pairs with masked tokens
-    (``slimjax.data.mlm``) instead of packed documents."""
+    (``slimjax.data.mlm``) instead of packed documents. A ``prepared`` source (rows tokenized ahead
+    by ``slimjax tokenize``) is read from its ArrayRecord shards instead (``slimjax.data.tokenized``)."""
+    if is_prepared(cfg):
+        from slimjax.data import tokenized  # it builds on this module: imported here, not at the top
+
+        return tokenized.load(cfg, global_batch, seed, max_eval_batches, vocab_size, workdir, process_index,
+                              process_count, pretrain)
     srcs = expand(cfg.sources)
     layout = Layout.make(cfg, global_batch, process_index, process_count)
     stats = sources.ReadStats()

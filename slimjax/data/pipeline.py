@@ -13,7 +13,7 @@ any process count dividing ``L``, and the batch for step ``s`` is a pure functio
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 from grain.experimental import ZipMapDataset
@@ -79,13 +79,18 @@ def _seed(seed: int, shard: int, source: int) -> int:
 def eval_batches(rows: PackedRows, global_batch: int, max_batches: int, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Held-out rows in fixed order, padded to whole batches; this process's slices only."""
-    out = []
-    for idx in eval_indices(len(rows), global_batch, max_batches, process_index, process_count):
-        valid = idx < len(rows)
-        picked = {k: v[np.minimum(idx, len(rows) - 1)] for k, v in dataclasses.asdict(rows).items()}
-        picked["segment_ids"] = np.where(valid[:, None], picked["segment_ids"], 0)  # pad rows: all masked
-        out.append(to_example(picked))
-    return out
+    columns = dataclasses.asdict(rows)
+    return [eval_batch(lambda i: {k: v[i] for k, v in columns.items()}, len(rows), idx)
+            for idx in eval_indices(len(rows), global_batch, max_batches, process_index, process_count)]
+
+
+def eval_batch(take: Callable[[np.ndarray], dict[str, np.ndarray]], n_rows: int, idx: np.ndarray
+               ) -> dict[str, np.ndarray]:
+    """The held-out batch of row indices ``idx`` (``eval_indices``); ``take(indices)`` gives those
+    rows' arrays. Indices past ``n_rows`` repeat the last row, fully masked."""
+    picked = take(np.minimum(idx, n_rows - 1))
+    picked["segment_ids"] = np.where((idx < n_rows)[:, None], picked["segment_ids"], 0)  # pad rows: all masked
+    return to_example(picked)
 
 
 def eval_indices(n_rows: int, global_batch: int, max_batches: int, process_index: int = 0,

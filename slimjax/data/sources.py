@@ -105,6 +105,9 @@ def units(src: SourceConfig, split: str = "train", eval_plays: tuple[str, ...] =
     units per split; the others list the same units for both and split records by key.
     """
     path = src.eval_path if split == "eval" and src.eval_path else src.path
+    if src.kind == "prepared":
+        raise SlimjaxError(f"data source '{describe(src)}' holds tokenized rows, not documents; only training reads "
+                           "it (give the sources it was tokenized from to commands that read documents)")
     if src.kind == "shakespeare":
         plays = shakespeare.list_plays()
         shakespeare.check_plays(eval_plays, plays)

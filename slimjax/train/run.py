@@ -159,9 +159,10 @@ def finished_summary(cfg: Config, workdir: str) -> tuple[int, dict] | None:
 def share_tokenizer(cfg: Config, workdir: str) -> None:
     """Multi-process runs that train their SentencePiece model: process 0 alone trains it (or reads
     the workdir's cached one) and sends the bytes to the others, so every host tokenizes alike and
-    only one writes. A host whose workdir is not shared writes the received copy into its own cache."""
+    only one writes. A host whose workdir is not shared writes the received copy into its own cache.
+    (A prepared directory carries the model its rows were made with: nothing to share.)"""
     d = cfg.data
-    if jax.process_count() == 1 or d.tokenizer_kind != "sentencepiece" or d.tokenizer:
+    if jax.process_count() == 1 or d.tokenizer_kind != "sentencepiece" or d.tokenizer or loader.is_prepared(d):
         return
     from jax.experimental import multihost_utils
 
