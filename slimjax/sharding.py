@@ -44,7 +44,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),  # key/value-head dimension of wk and wv
     "head_dim": (),  # per-head width of wq, wk, wv, wo and the KV cache
     "mlp": ("tensor",),  # hidden dimension of the MLP's up, gate and down weights
-    "layers": (),  # leading dimension of stacked (scanned) layer parameters
+    "layers": ("stage",),  # leading dimension of stacked (scanned) layer parameters: pipeline stages
     "norm": (),  # normalisation scales and biases
     "positions": (),  # rows of the learned position table (GPT-2, BERT)
     "types": (),  # rows of the encoder's token-type (segment A/B) table
@@ -267,6 +267,12 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_rules() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing :func:`activation_rules`, or None outside one: for code
+    below the models (a layer runner) that must place its own arrays."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
