@@ -151,18 +151,21 @@ def run_config(mesh):
     return with_pipeline(cfg, *mesh)
 
 
-PLAIN, GPIPE, CIRCULAR = (1, 4, 2, 1), (2, 2, 2, 1, "gpipe", 4), (4, 1, 2, 1, "circular", 4, 1)
+PLAIN, GPIPE, CIRCULAR = (1, 4, 2, 1), (2, 2, 2, 1, "gpipe", 4), (2, 2, 1, 2, "circular", 4, 2)
 
 
 def test_checkpoints_move_between_pipelined_and_plain_meshes(tmp_path):
     """A pipelined run trains like a plain one; each resumes from the other's checkpoint."""
     runs = {}
-    for name, mesh in (("plain", PLAIN), ("gpipe", GPIPE), ("circular", (2, 2, 2, 1, "circular", 4, 2))):
+    for name, mesh in (("plain", PLAIN), ("gpipe", GPIPE)):
         runs[name] = str(tmp_path / name)
-        train(run_config(mesh), runs[name])
+        summary = train(run_config(mesh), runs[name])
+        if name == "gpipe":  # 2 stages, 4 microbatches: 5 iterations, 1 of 5 idle per stage
+            assert summary["pipeline"] == {"schedule": "gpipe", "stages": 2, "microbatches": 4, "repeats": 1,
+                                           "iterations": 5, "bubble_fraction": pytest.approx(0.2)}
         np.testing.assert_allclose([v for _, v in losses(runs[name])], [v for _, v in losses(runs["plain"])],
                                    rtol=1e-5)
-    for source, target in (("plain", CIRCULAR), ("circular", PLAIN), ("gpipe", PLAIN)):
+    for source, target in (("plain", CIRCULAR), ("gpipe", PLAIN)):
         workdir = str(tmp_path / f"{source}-then")
         shutil.copytree(runs[source], workdir)
         shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))

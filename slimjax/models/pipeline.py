@@ -84,6 +84,17 @@ def schedule_of(mesh: MeshConfig, stages: int) -> Schedule | None:
     return Schedule(stages, mesh.pipeline_microbatches or stages, repeats)
 
 
+def describe(mesh: MeshConfig, stages: int) -> dict[str, Any] | None:
+    """The pipeline a run uses, for its summary (None without one): schedule, sizes, scan
+    iterations per forward pass and the bubble fraction."""
+    sched = schedule_of(mesh, stages)
+    if sched is None:
+        return None
+    return {"schedule": mesh.pipeline_schedule, "stages": sched.stages, "microbatches": sched.microbatches,
+            "repeats": sched.repeats, "iterations": sched.iterations,
+            "bubble_fraction": bubble_fraction(sched.stages, sched.microbatches, sched.repeats)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Traffic:
     """What one train step's pipeline does: scan iterations and bytes sent over ``stage``."""

@@ -30,6 +30,7 @@ from slimjax.infer.evaluate import classification_metrics, majority_baseline
 from slimjax.infer.generate import Generator, complete
 from slimjax.infer.scoring import eval_means
 from slimjax.logs import quiet_logging
+from slimjax.models.pipeline import describe as describe_pipeline
 from slimjax.sharding import Rules, make_mesh, path_str
 from slimjax.train import distributed, flops
 from slimjax.train.hooks import Hook, HookContext, check_hooks
@@ -363,6 +364,7 @@ def _summary(run: Run, tr: Tracker, peak: float, peak_source: str, wall: float) 
     return {
         "config": run.cfg.to_dict(),
         "mesh": dict(run.mesh.shape),
+        "pipeline": describe_pipeline(run.cfg.mesh, run.mesh.shape["stage"]),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "processes": jax.process_count(),
         "compute_dtype": str(np.dtype(run.dtype)),
