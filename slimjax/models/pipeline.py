@@ -24,11 +24,15 @@ and at the end the outputs). Hence ``(R-1)*P + M + S - 1`` iterations (a ``scan`
 stage is busy ``R*M``: :func:`bubble_fraction`.
 
 **Circular layout.** Groups ``s, s+S ...`` are not contiguous in the natural order, so the
-circular schedule regroups the stacked weights ``[L] -> [S, R, K]`` inside the step: one
-all-to-all of the layer weights over ``stage`` per forward pass (and of their gradients back).
-That is the price of keeping the live state and the checkpoints in natural order (no conversion
-at init, restore or save, and every other reader of the state -- evaluation, sampling, export --
-sees plain layers); GPipe pays nothing.
+circular schedule regroups the stacked weights ``[L] -> [S, R, K]`` inside the step: with ``S``
+dividing ``R``, one ``all_to_all`` over ``stage`` per forward pass (each device sends and receives
+its own ``L/S`` layers, ``(S-1)/S`` of them leaving it; the gradients go back the same way);
+otherwise the compiler's regrouping, which gathers the stacked weights over ``stage`` (choose
+``R`` a multiple of ``S`` for large models). That is the price of keeping the live state and the
+checkpoints in natural order: no conversion at init, restore or save, and every other reader of
+the state (evaluation, sampling, export, a plain mesh resuming the run) sees plain layers. A
+permuted live layout converted at those boundaries would save the per-step exchange; it is not
+built. GPipe pays nothing.
 """
 
 from __future__ import annotations
@@ -145,8 +149,7 @@ class Pipeline:
         P, T = self.schedule.period, self.schedule.iterations
         n_layers = jax.tree.leaves(stacked)[0].shape[0]
         K = n_layers // (S * R)
-        # [L, ...] -> [S, R, K, ...]: stage s, repeat r holds group r*S + s (layers (r*S + s)*K + k).
-        params = jax.tree.map(lambda a: _on_stages(a.reshape(R, S, K, *a.shape[1:]).swapaxes(0, 1)), stacked)
+        params = jax.tree.map(lambda a: _regroup(a, S, R, K), stacked)
         x_mb = _split(x, M)  # [M, mb, ...]
         rows_mb = tuple(_split(r, M) for r in rows)
         if P > M:  # idle slots (M < S): zeros, never read back as outputs
@@ -167,7 +170,7 @@ class Pipeline:
             slot = jnp.mod(item, P)
             repeat = jnp.clip(item // P, 0, R - 1)
             h = jnp.where(s == 0, buf_s[slot], h)
-            group_params = jax.tree.map(lambda a: a[repeat] if R > 1 else a[0], params_s)
+            group_params = jax.tree.map(lambda a: a[repeat] if R > 1 else a[0], params_s)  # [K, ...]
             first = (repeat * S + s) * K
             micro_rows = tuple(r[jnp.minimum(slot, M - 1)] for r in rows_mb)
 
@@ -219,15 +222,38 @@ def _place(x: jax.Array, lead: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*lead_spec, *spec)))
 
 
+def _regroup(a: jax.Array, stages: int, repeats: int, per_group: int) -> jax.Array:
+    """A stacked weight ``[L, ...]`` (natural order, contiguous blocks on ``stage``) as
+    ``[S, R, K, ...]``: stage s, repeat r holds group ``r*S + s`` (layers ``(r*S + s)*K + k``).
+
+    GPipe (``R = 1``) is a reshape. Circular with ``S | R`` is one ``all_to_all`` over ``stage``:
+    stage s' holds groups ``s'*R + j1*S + j2`` (``j1 < R/S``, ``j2 < S``) and sends group j2 of each
+    ``j1`` to stage ``j2``, which files it as repeat ``s'*R/S + j1``. Otherwise the compiler
+    regroups (it gathers the stacked weight over ``stage``)."""
+    rest = a.shape[1:]
+    if repeats == 1:
+        return _on_stages(a.reshape(stages, 1, per_group, *rest))
+    active = active_rules()
+    if active is None or active[0].shape[STAGE_AXIS] == 1 or repeats % stages:
+        return _on_stages(a.reshape(repeats, stages, per_group, *rest).swapaxes(0, 1))
+
+    def local(block):  # this stage's R*K contiguous layers
+        block = block.reshape(repeats // stages, stages, per_group, *rest)
+        block = jax.lax.all_to_all(block, STAGE_AXIS, split_axis=1, concat_axis=0, tiled=True)
+        return block.reshape(1, repeats, per_group, *rest)
+
+    return jax.shard_map(local, mesh=active[0], in_specs=PartitionSpec(STAGE_AXIS),
+                         out_specs=PartitionSpec(STAGE_AXIS), axis_names={STAGE_AXIS})(a)
+
+
 def _on_stages(a: jax.Array) -> jax.Array:
-    """Pins a ``[S, ...]`` weight's stage dimension to ``stage``, leaving the rest to propagation
-    (fsdp and tensor shard the weights' own dimensions)."""
+    """Pins a stacked weight's leading (stage) dimension to ``stage``, leaving the rest to
+    propagation (fsdp and tensor shard the weights' own dimensions)."""
     active = active_rules()
     if active is None:
         return a
-    mesh, _ = active
     rest = (PartitionSpec.UNCONSTRAINED,) * (a.ndim - 1)
-    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec(STAGE_AXIS, *rest)))
+    return jax.lax.with_sharding_constraint(a, NamedSharding(active[0], PartitionSpec(STAGE_AXIS, *rest)))
 
 
 def _shift(h: jax.Array, stages: int) -> jax.Array:
