@@ -19,7 +19,7 @@ from flax import nnx
 
 from helpers import build_state, run_steps, small_config, synthetic_batch, with_train
 from test_fault import FLAGS, fingerprints, kill9_then_resume
-from slimjax.models.pipeline import Schedule, bubble_fraction, pipelined, traffic
+from slimjax.models.pipeline import Schedule, bubble_fraction, make_schedule, pipelined, traffic
 from slimjax.sharding import Rules, activation_rules, build_mesh, path_str
 from slimjax.train.loop import train
 from slimjax.slim.spec import ModelSpec, build
@@ -121,13 +121,12 @@ def test_bubble_fraction_and_traffic():
     assert bubble_fraction(4, 8, 2) < bubble_fraction(4, 8, 1)
     # M < S: a microbatch re-enters stage 0 only every S iterations, so repeats add idle slots.
     assert Schedule(4, 2, 2).iterations == 4 + 2 + 3 and bubble_fraction(4, 2, 2) == pytest.approx(1 - 4 / 9)
-    cfg = with_pipeline(tiny(), 4, 2, 1, 1, "circular", 8, 2)
-    cfg = with_train(cfg, microbatches=2, global_batch_size=32)
-    t = traffic(cfg.mesh, cfg.model, 4, 32, 2, 16, 4)
-    assert t.iterations == 2 * 8 + 3 and t.passes == 2
-    assert t.permute_bytes == 4 * (32 // 2 // 8) * 16 * 32 * 4  # 4 stages each send a [2, 16, 32] f32 block
+    t = traffic(make_schedule("circular", 4, 8, 2), 16, 16, 32, 4, passes=2)  # 2 passes of 16 rows
+    assert t.iterations == 2 * 8 + 3 and t.passes == 2 and t.bubble == pytest.approx(3 / 19)
+    assert t.permute_bytes == 4 * 2 * 16 * 32 * 4  # 4 stages each send a [2, 16, 32] f32 block
     assert t.step_bytes == 2 * t.forward_bytes == 2 * 2 * (t.iterations + 1) * t.permute_bytes
-    assert traffic(cfg.mesh, cfg.model, 1, 32, 2, 16, 4) is None
+    assert make_schedule("gpipe", 4, 0, 2) == Schedule(4, 4, 1, "gpipe")  # one microbatch per stage; no repeats
+    assert traffic(make_schedule("gpipe", 1, 0, 1), 16, 16, 32, 4) is None
 
 
 def test_train_steps_with_gradient_accumulation_match_the_unpipelined_run():
@@ -218,3 +217,11 @@ def test_bad_pipeline_keys_are_one_line_exit_2(flags, expected, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("slimjax: error: ") and expected in lines[0], lines
     assert not workdir.exists()
 
+
+
+def test_the_encoder_pipelines_too():
+    """The encoder runs its stacked blocks through the same runner: equal losses over two steps."""
+    cfg = small_config("bert", n_layers=4, d_model=32, n_heads=4, n_kv_heads=4, d_ff=64)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=16))
+    plain = run_steps(with_pipeline(cfg, 1, 4, 2, 1), 2)
+    np.testing.assert_allclose(run_steps(with_pipeline(cfg, 2, 2, 2, 1, "circular", 4, 2), 2), plain, rtol=1e-5)

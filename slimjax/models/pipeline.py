@@ -43,13 +43,10 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
-from slimjax.config import MeshConfig, ModelConfig, check_pipeline
 from slimjax.models import scope
-from slimjax.sharding import active_rules
+from slimjax.sharding import STAGE_AXIS, constrain_staged, regroup_stages, shift_stages
 
-STAGE_AXIS = "stage"
 # Logical names of the hidden state a pipeline moves between stages.
 HIDDEN_AXES = ("batch", "length", "act_embed")
 
@@ -61,6 +58,7 @@ class Schedule:
     stages: int
     microbatches: int
     repeats: int = 1
+    name: str = "gpipe"  # mesh.pipeline_schedule, for reports
 
     @property
     def period(self) -> int:
@@ -72,31 +70,33 @@ class Schedule:
         """Scan iterations per forward pass (each: every stage computes, then one shift)."""
         return (self.repeats - 1) * self.period + self.microbatches + self.stages - 1
 
+    @property
+    def bubble(self) -> float:
+        """:func:`bubble_fraction` of this schedule."""
+        return 1.0 - self.repeats * self.microbatches / self.iterations
+
 
 def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
     """The share of stage-iterations spent idle: ``1 - R*M / ((R-1)*max(M,S) + M + S - 1)``;
     for ``M >= S`` that is ``(S-1) / (R*M + S-1)`` (GPipe: ``R = 1``)."""
-    s = Schedule(stages, microbatches, repeats)
-    return 1.0 - repeats * microbatches / s.iterations
+    return Schedule(stages, microbatches, repeats).bubble
 
 
-def schedule_of(mesh: MeshConfig, stages: int) -> Schedule | None:
-    """The schedule ``mesh``'s pipeline keys ask for on a mesh of ``stages`` stages (None: no pipeline)."""
+def make_schedule(name: str, stages: int, microbatches: int, repeats: int) -> Schedule | None:
+    """The schedule the ``mesh.pipeline_*`` keys ask for on ``stages`` stages (None: no pipeline);
+    ``microbatches`` 0 means one per stage, ``repeats`` apply to the circular schedule only."""
     if stages == 1:
         return None
-    repeats = mesh.pipeline_repeats if mesh.pipeline_schedule == "circular" else 1
-    return Schedule(stages, mesh.pipeline_microbatches or stages, repeats)
+    return Schedule(stages, microbatches or stages, repeats if name == "circular" else 1, name)
 
 
-def describe(mesh: MeshConfig, stages: int) -> dict[str, Any] | None:
-    """The pipeline a run uses, for its summary (None without one): schedule, sizes, scan
-    iterations per forward pass and the bubble fraction."""
-    sched = schedule_of(mesh, stages)
-    if sched is None:
+def describe(schedule: Schedule | None) -> dict[str, Any] | None:
+    """A run's pipeline for its summary (None without one): schedule, sizes, scan iterations per
+    forward pass and the bubble fraction."""
+    if schedule is None:
         return None
-    return {"schedule": mesh.pipeline_schedule, "stages": sched.stages, "microbatches": sched.microbatches,
-            "repeats": sched.repeats, "iterations": sched.iterations,
-            "bubble_fraction": bubble_fraction(sched.stages, sched.microbatches, sched.repeats)}
+    return {"schedule": schedule.name, "stages": schedule.stages, "microbatches": schedule.microbatches,
+            "repeats": schedule.repeats, "iterations": schedule.iterations, "bubble_fraction": schedule.bubble}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,23 +111,19 @@ class Traffic:
     bubble: float
 
 
-def traffic(mesh: MeshConfig, model: ModelConfig, stages: int, global_batch: int, grad_microbatches: int,
-            seq_len: int, itemsize: int) -> Traffic | None:
+def traffic(schedule: Schedule | None, rows: int, seq_len: int, d_model: int, itemsize: int,
+            passes: int = 1) -> Traffic | None:
     """Theoretical pipeline traffic of a train step (None without a pipeline), summed over the
-    mesh: per iteration each of the ``stages`` stages sends one microbatch's hidden state
-    ``[rows, seq_len, d_model]`` to the next (``iterations + 1`` shifts per forward pass, the last
-    delivering the final outputs), once per gradient-accumulation microbatch; the backward pass
-    sends the gradients of the same arrays back. ``rows`` counts a microbatch's rows over all
-    batch shards (each data/fsdp shard's pipeline moves its own share)."""
-    sched = schedule_of(mesh, stages)
-    if sched is None:
+    mesh, for ``passes`` forward passes (train.microbatches) of ``rows`` rows each: per iteration
+    every stage sends one microbatch's hidden state ``[rows / M, seq_len, d_model]`` to the next
+    (``iterations + 1`` shifts per pass, the last delivering the final outputs); the backward pass
+    sends the gradients of the same arrays back. Rows count over all batch shards (each data/fsdp
+    shard's pipeline moves its own share). The circular schedule's weight regrouping is extra."""
+    if schedule is None:
         return None
-    check_pipeline(mesh, stages, model, global_batch // grad_microbatches)
-    rows = global_batch // grad_microbatches // sched.microbatches
-    permute = stages * rows * seq_len * model.d_model * itemsize
-    forward = (sched.iterations + 1) * permute * grad_microbatches
-    return Traffic(sched.iterations, grad_microbatches, permute, forward, 2 * forward,
-                   bubble_fraction(sched.stages, sched.microbatches, sched.repeats))
+    permute = schedule.stages * (rows // schedule.microbatches) * seq_len * d_model * itemsize
+    forward = (schedule.iterations + 1) * permute * passes
+    return Traffic(schedule.iterations, passes, permute, forward, 2 * forward, schedule.bubble)
 
 
 @contextlib.contextmanager
@@ -149,14 +145,14 @@ class Pipeline:
         P, T = self.schedule.period, self.schedule.iterations
         n_layers = jax.tree.leaves(stacked)[0].shape[0]
         K = n_layers // (S * R)
-        params = jax.tree.map(lambda a: _regroup(a, S, R, K), stacked)
+        params = jax.tree.map(lambda a: regroup_stages(a, S, R, K), stacked)
         x_mb = _split(x, M)  # [M, mb, ...]
         rows_mb = tuple(_split(r, M) for r in rows)
         if P > M:  # idle slots (M < S): zeros, never read back as outputs
             x_mb = jnp.concatenate([x_mb, jnp.zeros((P - M, *x_mb.shape[1:]), x_mb.dtype)])
         # Only stage 0's buffer is used; one per stage keeps it on stage 0's devices (no broadcast).
-        buf = _place(jnp.broadcast_to(x_mb, (S, *x_mb.shape)), (STAGE_AXIS, None))
-        hidden = _place(jnp.zeros((S, *x_mb.shape[1:]), x.dtype), (STAGE_AXIS,))
+        buf = constrain_staged(jnp.broadcast_to(x_mb, (S, *x_mb.shape)), (STAGE_AXIS, None), HIDDEN_AXES)
+        hidden = constrain_staged(jnp.zeros((S, *x_mb.shape[1:]), x.dtype), (STAGE_AXIS,), HIDDEN_AXES)
 
         def stage_step(s, params_s, h, buf_s, t):
             # Stage 0 first stores what just wrapped round from the last stage (item t - S) ...
@@ -186,12 +182,13 @@ class Pipeline:
 
         def iteration(carry, t):
             h, buf_ = carry
-            h, buf_ = all_stages(jnp.arange(S), params, _shift(h, S), buf_, t)
-            return (_place(h, (STAGE_AXIS,)), _place(buf_, (STAGE_AXIS, None))), None
+            h, buf_ = all_stages(jnp.arange(S), params, shift_stages(h, S), buf_, t)
+            return (constrain_staged(h, (STAGE_AXIS,), HIDDEN_AXES),
+                    constrain_staged(buf_, (STAGE_AXIS, None), HIDDEN_AXES)), None
 
         (hidden, buf), _ = jax.lax.scan(iteration, (hidden, buf), jnp.arange(T))
         # The last item reaches stage 0 with one more shift; the buffer then holds the outputs.
-        last = _shift(hidden, S)
+        last = shift_stages(hidden, S)
         out = jax.lax.dynamic_update_index_in_dim(buf[0], last[0], (T - S) % P, 0)[:M]
         return _merge(out)
 
@@ -200,70 +197,10 @@ def _split(x: jax.Array, m: int) -> jax.Array:
     """``[B, ...] -> [m, B/m, ...]``, microbatch i taking rows i, i+m, ... so that every
     microbatch stays spread over all batch shards (as the train step's gradient accumulation)."""
     y = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
-    return _place(y, (None,))
+    return constrain_staged(y, (None,), HIDDEN_AXES)
 
 
 def _merge(y: jax.Array) -> jax.Array:
     """The inverse of :func:`_split`."""
     x = y.swapaxes(0, 1).reshape(y.shape[0] * y.shape[1], *y.shape[2:])
-    return _place(x, ())
-
-
-def _place(x: jax.Array, lead: tuple[str | None, ...]) -> jax.Array:
-    """Constrains ``x`` (leading dims ``lead``, then a hidden state's or a per-row array's
-    dims) to the active mesh; a no-op outside :func:`slimjax.sharding.activation_rules`."""
-    active = active_rules()
-    if active is None:
-        return x
-    mesh, rules = active
-    axes = HIDDEN_AXES[: x.ndim - len(lead)]
-    spec = rules.spec(axes, x.shape[len(lead):], mesh, what=f"pipeline {tuple(axes)}")
-    lead_spec = tuple(a if a is None or mesh.shape[a] > 1 else None for a in lead)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*lead_spec, *spec)))
-
-
-def _regroup(a: jax.Array, stages: int, repeats: int, per_group: int) -> jax.Array:
-    """A stacked weight ``[L, ...]`` (natural order, contiguous blocks on ``stage``) as
-    ``[S, R, K, ...]``: stage s, repeat r holds group ``r*S + s`` (layers ``(r*S + s)*K + k``).
-
-    GPipe (``R = 1``) is a reshape. Circular with ``S | R`` is one ``all_to_all`` over ``stage``:
-    stage s' holds groups ``s'*R + j1*S + j2`` (``j1 < R/S``, ``j2 < S``) and sends group j2 of each
-    ``j1`` to stage ``j2``, which files it as repeat ``s'*R/S + j1``. Otherwise the compiler
-    regroups (it gathers the stacked weight over ``stage``)."""
-    rest = a.shape[1:]
-    if repeats == 1:
-        return _on_stages(a.reshape(stages, 1, per_group, *rest))
-    active = active_rules()
-    if active is None or active[0].shape[STAGE_AXIS] == 1 or repeats % stages:
-        return _on_stages(a.reshape(repeats, stages, per_group, *rest).swapaxes(0, 1))
-
-    def local(block):  # this stage's R*K contiguous layers
-        block = block.reshape(repeats // stages, stages, per_group, *rest)
-        block = jax.lax.all_to_all(block, STAGE_AXIS, split_axis=1, concat_axis=0, tiled=True)
-        return block.reshape(1, repeats, per_group, *rest)
-
-    return jax.shard_map(local, mesh=active[0], in_specs=PartitionSpec(STAGE_AXIS),
-                         out_specs=PartitionSpec(STAGE_AXIS), axis_names={STAGE_AXIS})(a)
-
-
-def _on_stages(a: jax.Array) -> jax.Array:
-    """Pins a stacked weight's leading (stage) dimension to ``stage``, leaving the rest to
-    propagation (fsdp and tensor shard the weights' own dimensions)."""
-    active = active_rules()
-    if active is None:
-        return a
-    rest = (PartitionSpec.UNCONSTRAINED,) * (a.ndim - 1)
-    return jax.lax.with_sharding_constraint(a, NamedSharding(active[0], PartitionSpec(STAGE_AXIS, *rest)))
-
-
-def _shift(h: jax.Array, stages: int) -> jax.Array:
-    """Stage s's ``h[s]`` to stage s+1 (the last to stage 0): a ``ppermute`` over ``stage``."""
-    active = active_rules()
-    if active is None or active[0].shape[STAGE_AXIS] == 1:
-        return jnp.roll(h, 1, axis=0)
-    mesh = active[0]
-    ring = [(i, (i + 1) % stages) for i in range(stages)]
-    return jax.shard_map(lambda a: jax.lax.ppermute(a, STAGE_AXIS, ring), mesh=mesh,
-                         in_specs=PartitionSpec(STAGE_AXIS), out_specs=PartitionSpec(STAGE_AXIS),
-                         axis_names={STAGE_AXIS})(h)
-
+    return constrain_staged(x, (), HIDDEN_AXES)
