@@ -2,7 +2,9 @@
 
 The model only ever names axes logically (``embed``, ``heads``, ``batch`` ...). This module owns
 the one translation from those names to mesh axes (``data``, ``fsdp``, ``tensor``): partition
-specs for parameters, and sharding constraints for activations while a rules context is active.
+specs for parameters, and sharding constraints for activations while a rules context is active;
+and the few collectives over the ``stage`` axis a pipeline's layer runner needs (shift, regroup),
+so that the models themselves never see a mesh.
 """
 
 from __future__ import annotations
