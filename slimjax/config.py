@@ -491,6 +491,7 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.eval_batches < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")
+    _check_mesh_options(cfg)
     _check_objective(cfg.objective, m.family)
     _check_encoder(cfg)
     check_slim(cfg.slim)
@@ -510,6 +511,39 @@ def _check_cross_fields(cfg: Config) -> None:
                            f"got {dist.local_device_ids}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise SlimjaxError(f"optimizer.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
+
+
+def _check_mesh_options(cfg: Config) -> None:
+    """The pipeline keys against each other and the model; a stage axis of -1 (fill) is checked
+    once the mesh is built (:func:`check_pipeline`)."""
+    mesh = cfg.mesh
+    if mesh.pipeline_microbatches < 0 or mesh.pipeline_repeats < 1:
+        raise SlimjaxError(f"mesh.pipeline_microbatches must be >= 0 (0: one per stage) and mesh.pipeline_repeats "
+                           f">= 1, got {mesh.pipeline_microbatches}, {mesh.pipeline_repeats}")
+    if mesh.pipeline_schedule == "gpipe" and mesh.pipeline_repeats != 1:
+        raise SlimjaxError(f"mesh.pipeline_repeats={mesh.pipeline_repeats} needs mesh.pipeline_schedule='circular' "
+                           "(GPipe holds one group of layers per stage); set one or the other")
+    if mesh.stage > 1:
+        check_pipeline(mesh, mesh.stage, cfg.model, cfg.train.global_batch_size // cfg.train.microbatches)
+
+
+def check_pipeline(mesh: MeshConfig, stages: int, model: ModelConfig, rows: int) -> None:
+    """A pipeline of ``stages`` over ``model`` with ``rows`` rows per forward pass (the global batch
+    over train.microbatches) must split the layers and the rows evenly."""
+    if stages == 1:
+        return
+    if not model.scan_layers:
+        raise SlimjaxError(f"mesh.stage={stages} pipelines the stacked layers; set model.scan_layers=True")
+    groups = stages * (mesh.pipeline_repeats if mesh.pipeline_schedule == "circular" else 1)
+    if model.n_layers % groups:
+        what = (f"mesh.stage={stages} x mesh.pipeline_repeats={mesh.pipeline_repeats}"
+                if groups != stages else f"mesh.stage={stages}")
+        raise SlimjaxError(f"model.n_layers={model.n_layers} is not divisible by {what}; every stage holds the "
+                           "same number of layers")
+    micro = mesh.pipeline_microbatches or stages
+    if rows % micro:
+        raise SlimjaxError(f"mesh.pipeline_microbatches={micro} does not divide the {rows} rows of each step "
+                           "(train.global_batch_size / train.microbatches); pick a divisor")
 
 
 def _check_objective(obj: ObjectiveConfig, family: str) -> None:

@@ -2,7 +2,9 @@
 
 The model only ever names axes logically (``embed``, ``heads``, ``batch`` ...). This module owns
 the one translation from those names to mesh axes (``data``, ``fsdp``, ``tensor``): partition
-specs for parameters, and sharding constraints for activations while a rules context is active.
+specs for parameters, and sharding constraints for activations while a rules context is active;
+and the few collectives over the ``stage`` axis a pipeline's layer runner needs (shift, regroup),
+so that the models themselves never see a mesh.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),  # key/value-head dimension of wk and wv
     "head_dim": (),  # per-head width of wq, wk, wv, wo and the KV cache
     "mlp": ("tensor",),  # hidden dimension of the MLP's up, gate and down weights
-    "layers": (),  # leading dimension of stacked (scanned) layer parameters
+    "layers": ("stage",),  # leading dimension of stacked (scanned) layer parameters: pipeline stages
     "norm": (),  # normalisation scales and biases
     "positions": (),  # rows of the learned position table (GPT-2, BERT)
     "types": (),  # rows of the encoder's token-type (segment A/B) table
@@ -335,3 +337,68 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 def _fmt(sizes: Mapping[str, int]) -> str:
     return "(" + ", ".join(f"{a}={s}" for a, s in sizes.items()) + ")"
+
+
+# --- pipeline stages: the collectives a layer runner needs over the stage axis ----------------
+
+STAGE_AXIS = "stage"
+
+
+def constrain_staged(x: jax.Array, lead: Sequence[str | None], axes: Sequence[str]) -> jax.Array:
+    """Like :func:`constrain` for an array whose leading dims are ``lead`` (a mesh axis such as
+    :data:`STAGE_AXIS`, or None) followed by dims with the logical names ``axes`` (as many as
+    are left); a no-op outside :func:`activation_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    rest = tuple(axes[: x.ndim - len(lead)])
+    spec = rules.spec(rest, x.shape[len(lead):], mesh, what=f"activation {rest}")
+    lead_spec = tuple(a if a is None or mesh.shape[a] > 1 else None for a in lead)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*lead_spec, *spec)))
+
+
+def shift_stages(h: jax.Array, stages: int) -> jax.Array:
+    """``h[s]`` (stage s's part of a ``[stages, ...]`` array) to stage s+1, the last to stage 0: a
+    ``ppermute`` over :data:`STAGE_AXIS` inside ``shard_map`` (a roll without a mesh)."""
+    active = _ACTIVE.get()
+    if active is None or active[0].shape[STAGE_AXIS] == 1:
+        return jax.numpy.roll(h, 1, axis=0)
+    ring = [(i, (i + 1) % stages) for i in range(stages)]
+    return jax.shard_map(lambda a: jax.lax.ppermute(a, STAGE_AXIS, ring), mesh=active[0],
+                         in_specs=PartitionSpec(STAGE_AXIS), out_specs=PartitionSpec(STAGE_AXIS),
+                         axis_names={STAGE_AXIS})(h)
+
+
+def regroup_stages(a: jax.Array, stages: int, repeats: int, per_group: int) -> jax.Array:
+    """A stacked weight ``[L, ...]`` (natural layer order, contiguous blocks on :data:`STAGE_AXIS`)
+    as ``[S, R, K, ...]``: stage s, repeat r holds group ``r*S + s`` (layers ``(r*S + s)*K + k``).
+
+    ``R = 1`` (GPipe) is a reshape. With ``S | R`` it is one ``all_to_all`` over the stage axis:
+    stage s' holds groups ``s'*R + j1*S + j2`` (``j1 < R/S``, ``j2 < S``) and sends group j2 of each
+    ``j1`` to stage ``j2``, which files it as repeat ``s'*R/S + j1``. Otherwise the compiler
+    regroups (it gathers the stacked weight over the stage axis)."""
+    rest = a.shape[1:]
+    if repeats == 1:
+        return _on_stages(a.reshape(stages, 1, per_group, *rest))
+    active = _ACTIVE.get()
+    if active is None or active[0].shape[STAGE_AXIS] == 1 or repeats % stages:
+        return _on_stages(a.reshape(repeats, stages, per_group, *rest).swapaxes(0, 1))
+
+    def local(block):  # this stage's R*K contiguous layers
+        block = block.reshape(repeats // stages, stages, per_group, *rest)
+        block = jax.lax.all_to_all(block, STAGE_AXIS, split_axis=1, concat_axis=0, tiled=True)
+        return block.reshape(1, repeats, per_group, *rest)
+
+    return jax.shard_map(local, mesh=active[0], in_specs=PartitionSpec(STAGE_AXIS),
+                         out_specs=PartitionSpec(STAGE_AXIS), axis_names={STAGE_AXIS})(a)
+
+
+def _on_stages(a: jax.Array) -> jax.Array:
+    """Pins a stacked weight's leading (stage) dimension to the stage axis, leaving the rest to
+    propagation (fsdp and tensor shard the weights' own dimensions)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return a
+    rest = (PartitionSpec.UNCONSTRAINED,) * (a.ndim - 1)
+    return jax.lax.with_sharding_constraint(a, NamedSharding(active[0], PartitionSpec(STAGE_AXIS, *rest)))

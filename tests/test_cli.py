@@ -67,7 +67,7 @@ def test_second_run_resumes_from_the_checkpoint(finished_run, spm_path):
 
 BAD_INPUTS = {
     "unknown key": (["--config.train.stpes=3"], "unknown config key 'train.stpes' (did you mean 'train.steps'?)"),
-    "mesh does not divide devices": (["--config.mesh.data=3"], "mesh (data=3, fsdp=1, tensor=1) needs 3 devices"),
+    "mesh does not divide devices": (["--config.mesh.data=3"], "mesh (data=3, stage=1, fsdp=1, sequence=1, tensor=1) needs 3 devices"),
     "batch not divisible": (["--config.mesh.data=8", "--config.train.global_batch_size=12"],
                             "train.global_batch_size=12 is not divisible by data x fsdp (8)"),
     "sequence too long": (["--config.data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),

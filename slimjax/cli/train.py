@@ -41,5 +41,10 @@ def run(argv: Sequence[str]) -> int:
     if jax.process_index() == 0 and not summary.get("already_complete"):  # one line per run, not one per host
         print(f"done: step {summary['final_step']}, train loss {summary['final_train_loss']:.4f}, "
               f"eval loss {summary['final_eval_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
-              f"MFU {summary['mfu']:.1%} -> {os.path.abspath(workdir)}")
+              f"MFU {summary['mfu']:.1%}{_pipeline_note(summary.get('pipeline'))} -> {os.path.abspath(workdir)}")
     return 0
+
+
+def _pipeline_note(pipeline: dict | None) -> str:
+    """', pipeline bubble 27%' for a pipelined run (the share of stage time spent idle)."""
+    return "" if not pipeline else f", {pipeline['schedule']} pipeline bubble {pipeline['bubble_fraction']:.0%}"

@@ -8,6 +8,7 @@ weights. Remat wraps the per-layer function in ``jax.checkpoint`` with the confi
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -106,22 +107,27 @@ def stack_blocks(cfg: ModelConfig, rngs: nnx.Rngs, make: Callable[[nnx.Rngs], nn
 
 def run_blocks(blocks: nnx.Module, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array) -> jax.Array:
-    """``x`` through the blocks of :func:`stack_blocks`: scanned or unrolled, with ``cfg.remat``."""
-    # Each layer runs as a pure function of (its state, x) so scan and remat see plain arrays.
-    def one_layer(graphdef, state, h, index):
+    """``x`` through the blocks of :func:`stack_blocks`: scanned (or, stacked, through the active
+    :func:`slimjax.models.scope.layer_runner`, e.g. a pipeline) or unrolled, with ``cfg.remat``."""
+    # Each layer runs as a pure function of (its state, x, per-row inputs) so scan, remat and a
+    # layer runner (pipeline) see plain arrays.
+    def one_layer(graphdef, state, h, index, rows):
         with scope.layer_scope(index):  # each layer draws its own dropout masks
-            return nnx.merge(graphdef, state)(h, positions, segment_ids)
+            return nnx.merge(graphdef, state)(h, *rows)
 
     if cfg.remat != "none":
         one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+    rows = (positions, segment_ids)
     if cfg.scan_layers:
         graphdef, state = nnx.split(blocks)
+        if (runner := scope.active_runner()) is not None:
+            return runner(functools.partial(one_layer, graphdef), state, x, rows)
         index = jnp.arange(cfg.n_layers)
-        x, _ = jax.lax.scan(lambda h, si: (one_layer(graphdef, si[0], h, si[1]), None), x, (state, index))
+        x, _ = jax.lax.scan(lambda h, si: (one_layer(graphdef, si[0], h, si[1], rows), None), x, (state, index))
         return x
     for i, block in enumerate(blocks):
         graphdef, state = nnx.split(block)
-        x = one_layer(graphdef, state, x, i)
+        x = one_layer(graphdef, state, x, i, rows)
     return x
 
 

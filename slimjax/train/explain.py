@@ -162,7 +162,8 @@ def _with_rule_column(table: Table, rules: Rules, mesh: Mesh) -> Table:
     rows = []
     for row in table.rows:
         applied = [f"{name}->{'x'.join(f'{a}({mesh.shape[a]})' for a in rules.table[name])}"
-                   for name in row[i] if name is not None and rules.table.get(name)]
+                   for name in row[i] if name is not None and rules.table.get(name)
+                   and any(mesh.shape[a] > 1 for a in rules.table[name])]  # rules onto size-1 axes split nothing
         rows.append((*row[:i + 1], " ".join(applied) or "replicated", *row[i + 1:]))
     return Table((*table.columns[:i + 1], "rules", *table.columns[i + 1:]), tuple(rows), table.notes)
 

@@ -30,13 +30,14 @@ from slimjax.infer.evaluate import classification_metrics, majority_baseline
 from slimjax.infer.generate import Generator, complete
 from slimjax.infer.scoring import eval_means
 from slimjax.logs import quiet_logging
+from slimjax.models.pipeline import describe as describe_pipeline
 from slimjax.sharding import Rules, make_mesh, path_str
 from slimjax.train import distributed, flops
 from slimjax.train.hooks import Hook, HookContext, check_hooks
 from slimjax.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsWriter, plot_loss_curve,
                                    read_metrics, write_json)
 from slimjax.train.preemption import PreemptionWatch
-from slimjax.train.run import Run, build_run, check_batch, finished_summary
+from slimjax.train.run import Run, build_run, check_batch, finished_summary, pipeline_schedule
 from slimjax.slim import classify
 from slimjax.slim.spec import abstract_fn
 from slimjax.train.step import LEAF_FINITE, model_view, tree_bytes
@@ -363,6 +364,7 @@ def _summary(run: Run, tr: Tracker, peak: float, peak_source: str, wall: float) 
     return {
         "config": run.cfg.to_dict(),
         "mesh": dict(run.mesh.shape),
+        "pipeline": describe_pipeline(pipeline_schedule(run.cfg, run.mesh)),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "processes": jax.process_count(),
         "compute_dtype": str(np.dtype(run.dtype)),

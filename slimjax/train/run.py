@@ -18,12 +18,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slimjax.checkpoint import Checkpointer, resolve_source
-from slimjax.config import Config
+from slimjax.config import Config, check_pipeline
 from slimjax.data import finetune, loader, pipeline, tokenizer
 from slimjax.data.tokenizer import Tokenizer
 from slimjax.errors import SlimjaxError
 from slimjax.infer.scoring import make_eval_step
 from slimjax.models import compute_dtype
+from slimjax.models.pipeline import Schedule, make_schedule, pipelined
 from slimjax.sharding import BATCH_AXES, Rules, activation_rules, make_mesh
 from slimjax.slim import classify
 from slimjax.slim.spec import ModelSpec, build, rewrite_fn, spec_from_config, spec_of
@@ -84,6 +85,14 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
         raise SlimjaxError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by data x fsdp "
             f"({ways}) x train.microbatches ({t.microbatches}); pick a multiple of {ways * t.microbatches}")
+    rows = t.global_batch_size // t.microbatches
+    check_pipeline(cfg.mesh, mesh.shape["stage"], cfg.model, rows)  # mesh.stage may have been -1
+    micro = pipeline_schedule(cfg, mesh)
+    if micro is not None and (rows // micro.microbatches) % ways:
+        raise SlimjaxError(
+            f"a pipeline microbatch of {rows // micro.microbatches} rows (train.global_batch_size / "
+            f"train.microbatches / mesh.pipeline_microbatches) cannot be split over data x fsdp ({ways}); "
+            "use fewer pipeline microbatches or a larger batch")
     if t.global_batch_size % jax.process_count():
         raise SlimjaxError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
                            f"{jax.process_count()} processes")
@@ -276,7 +285,8 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
     opts = step_options(cfg)
     step_fn = make_train_step(setup.built, setup.tx, lr, opts)
     t0 = time.perf_counter()
-    with activation_rules(mesh, rules):  # constraints are resolved while tracing
+    # Constraints and the pipeline (mesh.stage > 1) are resolved while tracing.
+    with activation_rules(mesh, rules), pipelined(pipeline_schedule(cfg, mesh)):
         train_step = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
                              out_shardings=(setup.shardings, replicated), donate_argnums=0,
                              ).lower(setup.abstract, abstract_batch).compile()
@@ -286,6 +296,12 @@ def compile_steps(cfg: Config, setup: Setup, mesh: Mesh, rules: Rules, batch_sha
         eval_step = jax.jit(eval_fn, in_shardings=(setup.shardings, batch_sharding),
                             out_shardings=replicated).lower(setup.abstract, abstract_batch).compile()
     return train_step, eval_step, time.perf_counter() - t0
+
+
+def pipeline_schedule(cfg: Config, mesh: Mesh) -> Schedule | None:
+    """The pipeline schedule of ``cfg`` on ``mesh`` (None when mesh.stage is 1)."""
+    m = cfg.mesh
+    return make_schedule(m.pipeline_schedule, mesh.shape["stage"], m.pipeline_microbatches, m.pipeline_repeats)
 
 
 def step_options(cfg: Config) -> StepOptions:
