@@ -124,7 +124,7 @@ def layout(cfg: Config, devices: Sequence[jax.Device] | None = None, device_memo
     grad_bytes = per_device_bytes(setup.abstract.params)  # gradients: one per trainable leaf, sharded alike
     param_bytes = sum(params.column("per-device bytes"))
     slim_bytes = per_device_bytes(setup.abstract.slim)
-    act_bytes = activation_bytes(cfg, acts)
+    act_bytes = activation_bytes(cfg, acts, mesh)
     rows = [("parameters", param_bytes), ("gradients (trainable)", grad_bytes), ("optimizer state", opt_bytes),
             ("transform state", slim_bytes), ("activations (estimate)", act_bytes)]
     total = sum(b for _, b in rows)
@@ -178,7 +178,7 @@ def activation_table(cfg: Config, rules: Rules, mesh: Mesh | AbstractMesh, platf
     keeps only a per-row log-sum-exp instead)."""
     m = cfg.model
     rows_per_step = cfg.train.global_batch_size // cfg.train.microbatches
-    b, t = rows_per_step, cfg.data.seq_len
+    b, t = rows_per_step // pipeline_microbatches(cfg, mesh), cfg.data.seq_len
     # With the sequence split, the all-gather layout holds every key and value of the sequence and a
     # score matrix against all of them; ring attention holds one key/value block of t / sequence.
     ring = cfg.mesh.sequence > 1 and cfg.mesh.sequence_attention == "ring"
@@ -217,16 +217,28 @@ _KEPT = {
 }
 
 
-def activation_bytes(cfg: Config, acts: Table) -> int:
-    """Estimated peak activation bytes per device for one microbatch: what every layer keeps for
-    the backward pass under ``model.remat``, plus one layer's full set while it is recomputed
-    (full remat) and the logits with their gradient."""
+def pipeline_microbatches(cfg: Config, mesh: Mesh | AbstractMesh) -> int:
+    """Microbatches the pipeline cuts each step's rows into (1 without a pipeline)."""
+    stages = mesh.shape["stage"]
+    return 1 if stages == 1 else cfg.mesh.pipeline_microbatches or stages
+
+
+def activation_bytes(cfg: Config, acts: Table, mesh: Mesh | AbstractMesh) -> int:
+    """Estimated peak activation bytes per device for one (gradient-accumulation) microbatch: what
+    every layer on this device keeps for the backward pass under ``model.remat``, plus one layer's
+    full set while it is recomputed (full remat) and the logits with their gradient.
+
+    With a pipeline a device holds ``n_layers / stages`` layers but keeps their activations for
+    every pipeline microbatch (``acts`` describes one), plus stage 0's buffer of the microbatches'
+    inputs and outputs; the logits are computed after the pipeline, for all rows at once."""
     per = dict(zip(acts.column("activation"), acts.column("per-device bytes")))
+    micro, stages = pipeline_microbatches(cfg, mesh), mesh.shape["stage"]
     kept = sum(per[name] * k for name, k in _KEPT[cfg.model.remat].items())
     # Full remat rebuilds one block's intermediates at a time during the backward pass; "dots"
     # recomputes only elementwise ops, whose transients are small next to what it keeps.
     recompute = sum(per[n] * k for n, k in _KEPT["none"].items()) if cfg.model.remat == "full" else 0
-    return cfg.model.n_layers * kept + recompute + 2 * per["logits"]
+    buffers = 2 * micro * per["residual"] if stages > 1 else 0
+    return cfg.model.n_layers // stages * micro * kept + recompute + buffers + 2 * micro * per["logits"]
 
 
 def backend_memory(mesh: Mesh) -> int | None:
@@ -366,11 +378,38 @@ def expected_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str) -
                                         "reduce-scatter)")
         else:
             out["reduce-scatter (fsdp)"] = (sum(reduced.values()) // mesh.shape["fsdp"], "the gradients once")
+    if mesh.shape["stage"] > 1:
+        out.update(_pipeline_collectives(cfg, mesh, setup, platform))
     if mesh.shape["tensor"] > 1:
         m = cfg.model
         rows = cfg.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
         act = rows * cfg.data.seq_len * m.d_model * np.dtype(compute_dtype(m.dtype, platform)).itemsize
         out["all-reduce (tensor)"] = (4 * m.n_layers * act, "the residual twice per layer forward, twice backward")
+    return out
+
+
+def _pipeline_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str) -> dict[str, tuple[int, str]]:
+    """A pipeline's traffic per device: each iteration every stage passes one microbatch's hidden
+    state on (and its gradient back), stage 0 hands the finished outputs to every stage for the
+    head (and gets their gradient back), and the circular schedule regroups the layer weights
+    across stages (and the gradients back)."""
+    from slimjax.train.run import pipeline_schedule
+
+    schedule = pipeline_schedule(cfg, mesh)
+    m, passes = cfg.model, cfg.train.microbatches
+    rows = cfg.train.global_batch_size // (passes * mesh.shape["data"] * mesh.shape["fsdp"])
+    hidden = rows * (cfg.data.seq_len // mesh.shape["sequence"]) * m.d_model
+    hidden *= np.dtype(compute_dtype(m.dtype, platform)).itemsize
+    shift = hidden // schedule.microbatches
+    out = {"collective-permute (stage)": (2 * passes * (schedule.iterations + 1) * shift,
+                                          f"one microbatch's hidden state per iteration ({schedule.iterations + 1} "
+                                          "shifts a pass), forward and back"),
+           "all-reduce (stage)": (2 * passes * hidden, "the outputs handed to every stage, and their gradient")}
+    if schedule.repeats > 1:
+        layers = sum(per_device_bytes(part) for part in (setup.abstract.params, setup.abstract.frozen)
+                     for part in [{k: v for k, v in part.items() if k == "blocks"}])
+        out["all-to-all (stage)"] = (2 * passes * layers, "the layer weights regrouped for the circular schedule, "
+                                     "and their gradients back")
     return out
 
 
