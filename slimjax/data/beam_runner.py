@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import pickle
 import shlex
-from typing import Callable
+from typing import Any, Callable
 
 from slimjax.errors import SlimjaxError, one_line
 
 # --runner values and the Beam runner each selects ("local" is slimjax's own, in this process).
 BEAM_RUNNERS = {"direct": "DirectRunner", "prism": "PrismRunner", "dataflow": "DataflowRunner",
                 "flink": "FlinkRunner", "spark": "SparkRunner"}
+_GATHERED = "_beam_gathered.pickle"
 
 
 def check_runner(runner: str) -> None:
@@ -102,6 +105,33 @@ def run(runner: str, options, build: Callable) -> None:
             raise
         except Exception as e:  # a stage's SlimjaxError arrives wrapped by the runner
             raise _user_error(e) or SlimjaxError(f"the Beam pipeline failed: {one_line(e)[:500]}") from e
+
+
+def gather(pipeline, root: str, **parts) -> None:
+    """Sends singleton PCollections (``AsSingleton``-able: a ``ToList``, a global combine) back to
+    the driver: written together into a file in ``root`` (a directory every worker sees; the
+    pipeline's output directory), which :func:`gathered` reads once the pipeline has finished.
+    A pipeline's results cannot come back otherwise on a remote runner."""
+    apache_beam = beam()
+    from apache_beam.pvalue import AsSingleton
+
+    (pipeline | "gather" >> apache_beam.Create([None])
+     | "write gathered" >> apache_beam.Map(_write_gathered, root=root,
+                                           **{k: AsSingleton(v) for k, v in parts.items()}))
+
+
+def _write_gathered(_, root: str, **parts) -> None:
+    with open(os.path.join(root, _GATHERED), "wb") as f:
+        pickle.dump(parts, f)
+
+
+def gathered(root: str) -> dict[str, Any]:
+    """What :func:`gather` sent, by name; the file is removed (it is no part of the output)."""
+    path = os.path.join(root, _GATHERED)
+    with open(path, "rb") as f:
+        parts = pickle.load(f)
+    os.remove(path)
+    return parts
 
 
 @contextlib.contextmanager

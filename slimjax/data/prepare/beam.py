@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import shutil
 from typing import Any, Iterator
 
@@ -39,7 +38,6 @@ from slimjax.data.prepare.report import CONTAMINATED, DROPPED, HELDOUT, TRAIN
 from slimjax.data.prepare.run import Plan, empty_corpus, publish
 from slimjax.errors import SlimjaxError
 
-TALLY_FILE = "_beam_tally.pickle"
 _OUTCOME_NAMES = {code: name for name, code in report.OUTCOMES}
 
 
@@ -52,10 +50,7 @@ def prepare(plan: Plan, timer: report.Timer) -> dict[str, Any]:
     try:
         with timer("beam pipeline"):
             beam_runner.run(opts.runner, options, lambda pipeline: _build(pipeline, plan))
-        with open(os.path.join(plan.tmp, TALLY_FILE), "rb") as f:
-            parts = pickle.load(f)
-        os.remove(os.path.join(plan.tmp, TALLY_FILE))
-        tally, verified, files_written, unsettled = _tally(parts)
+        tally, verified, files_written, unsettled = _tally(beam_runner.gathered(plan.tmp))
         if not tally.docs or all(outcome == "short" for _, outcome in tally.docs):
             raise empty_corpus(opts)
         if unsettled:
@@ -117,9 +112,7 @@ def _build(p, plan: Plan) -> None:
                                                                                    "verified_pairs": v},
                                                                  AsSingleton(verified["candidate_pairs"]),
                                                                  AsSingleton(verified["verified_pairs"])))
-    (p | "tally" >> beam.Create([None])
-     | "write tally" >> beam.Map(_write_tally, root=plan.tmp,
-                                 **{k: AsSingleton(v) for k, v in parts.items()}))
+    beam_runner.gather(p, plan.tmp, **parts)
 
 
 def _count(pcoll, name: str):
@@ -263,11 +256,6 @@ def _sum_pairs(pairs) -> tuple[int, int]:
         docs += d
         nbytes += b
     return docs, nbytes
-
-
-def _write_tally(_, root: str, **parts) -> None:
-    with open(os.path.join(root, TALLY_FILE), "wb") as f:
-        pickle.dump(parts, f)
 
 
 def _tally(parts: dict[str, Any]) -> tuple[report.Tally, dict[str, int] | None, int, int]:
