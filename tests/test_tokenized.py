@@ -279,3 +279,16 @@ def test_tokenize_runner_mistakes_are_one_line_errors_writing_nothing(capsys, co
                               "--config.train.global_batch_size=512", "--runner=direct", f"--out={out}"))
     assert "gives no rows of data.seq_len=32 in shard" in line and "lower data.shards" in line
     assert os.listdir(tmp_path) == []
+
+
+@needs_beam
+def test_a_beam_shard_is_packed_in_the_local_order_whatever_order_its_group_arrives_in(corpus, tmp_path):
+    from slimjax.data import sources, tokenize_beam, tokenizer
+
+    cfg = data_config(({"kind": "text", "path": f"{corpus}/text/*.txt"},))
+    keyed = list(loader.documents(cfg, loader.expand(cfg.sources)[0], "train", lambda key: True, sources.ReadStats()))
+    tok = tokenizer.get_tokenizer("byte", "", str(tmp_path), 260, cfg.tokenizer_type, lambda: iter(()))
+    local = tokenized.write_shard(cfg, tok, 0, 2, keyed, str(tmp_path / "local"))
+    (_, beamed) = tokenize_beam._write_shard(((0, 2), keyed[::-1]), cfg, 260, {"file": None}, str(tmp_path / "beam"))
+    assert beamed == local and local["documents"] == len(keyed) > 1
+    assert snapshot(str(tmp_path / "beam")) == snapshot(str(tmp_path / "local"))
