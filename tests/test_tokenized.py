@@ -2,6 +2,7 @@
 (one process and two real ``jax.distributed`` processes), kill -9 and resume, memory that does
 not grow with the corpus, and bad prepared directories through the CLI (one line, exit 2)."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -240,3 +241,54 @@ def test_tokenize_refuses_an_existing_output_and_leaves_nothing_when_it_fails(ca
                               "--config.train.global_batch_size=512", f"--out={out}"))
     assert "gives no rows of data.seq_len=32 in shard" in line and "lower data.shards" in line
     assert os.listdir(tmp_path) == []  # neither the output nor its temporary directory
+
+
+needs_beam = pytest.mark.skipif(importlib.util.find_spec("apache_beam") is None,
+                                reason="apache-beam is not installed (pip install 'slimjax[beam]')")
+
+
+@needs_beam
+@pytest.mark.parametrize("kind, packing", [("byte", "first_fit"), ("sentencepiece", "concat_split")])
+def test_tokenize_on_beam_writes_the_local_runners_bytes(corpus, tmp_path, kind, packing):
+    # Two sources in 4 shards; some documents too short (skipped records travel back from the workers),
+    # and a SentencePiece model trained by the driver that every worker loads.
+    flags = [*corpus_flags(corpus), f"--config.data.tokenizer_kind={kind}", f"--config.data.packing={packing}",
+             "--config.model.vocab_size=300", "--config.data.min_doc_chars=120"]
+    local = tokenize(str(tmp_path / "local"), *flags)
+    beamed = tokenize(str(tmp_path / "beam"), *flags, "--runner=direct", "--beam_options=--direct_num_workers=1")
+    assert snapshot(beamed) == snapshot(local)  # every shard file, the tokenizer and the manifest, byte for byte
+    manifest = json.load(open(os.path.join(beamed, "manifest.json")))
+    assert [len(s["rows"]) for s in manifest["sources"]] == [4, 4] and all(
+        r > 0 for s in manifest["sources"] for r in s["rows"])
+    assert manifest["skipped"]["shorter than data.min_doc_chars=120"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["beam", "local"]  # no temporary directory left behind
+
+
+@needs_beam
+def test_tokenize_runner_mistakes_are_one_line_errors_writing_nothing(capsys, corpus, tmp_path):
+    out = str(tmp_path / "out")
+    for flags, expected in ((["--runner=dirct"], "unknown --runner 'dirct'; use local or a Beam runner: direct, "),
+                            (["--runner=direct", "--beam_options=--no_such_flag=1"],
+                             "Beam does not know --beam_options --no_such_flag"),
+                            (["--runner=direct", "--beam_options=--direct_num_workers=many"],
+                             "Beam rejected --beam_options: argument --direct_num_workers: invalid int value")):
+        line = one_line_error(cli(capsys, "tokenize", *corpus_flags(corpus), *flags, f"--out={out}"))
+        assert expected in line, line
+    # An error inside the pipeline (a shard no rows fall into) arrives as the local runner's line.
+    line = one_line_error(cli(capsys, "tokenize", *corpus_flags(corpus), "--config.data.shards=512",
+                              "--config.train.global_batch_size=512", "--runner=direct", f"--out={out}"))
+    assert "gives no rows of data.seq_len=32 in shard" in line and "lower data.shards" in line
+    assert os.listdir(tmp_path) == []
+
+
+@needs_beam
+def test_a_beam_shard_is_packed_in_the_local_order_whatever_order_its_group_arrives_in(corpus, tmp_path):
+    from slimjax.data import sources, tokenize_beam, tokenizer
+
+    cfg = data_config(({"kind": "text", "path": f"{corpus}/text/*.txt"},))
+    keyed = list(loader.documents(cfg, loader.expand(cfg.sources)[0], "train", lambda key: True, sources.ReadStats()))
+    tok = tokenizer.get_tokenizer("byte", "", str(tmp_path), 260, cfg.tokenizer_type, lambda: iter(()))
+    local = tokenized.write_shard(cfg, tok, 0, 2, keyed, str(tmp_path / "local"))
+    (_, beamed) = tokenize_beam._write_shard(((0, 2), keyed[::-1]), cfg, 260, {"file": None}, str(tmp_path / "beam"))
+    assert beamed == local and local["documents"] == len(keyed) > 1
+    assert snapshot(str(tmp_path / "beam")) == snapshot(str(tmp_path / "local"))

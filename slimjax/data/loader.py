@@ -93,9 +93,17 @@ def held_out(unit_name: str, record: int, fraction: float) -> bool:
 def documents(cfg: DataConfig, src: SourceConfig, split: str, want: Callable[[sources.Key], bool],
               stats: sources.ReadStats) -> Iterator[tuple[sources.Key, str]]:
     """(key, transformed text) of ``src``'s records in ``split`` that ``want`` keeps and the filters
-    pass; records the filters drop are counted in ``stats`` ("empty", "shorter than ...")."""
+    pass, in key order; records the filters drop are counted in ``stats`` ("empty", "shorter than ...")."""
     unit_list = sources.units(src, split, cfg.eval_plays)
-    names = None if sources.has_own_eval(src) else sources.unit_names(src, unit_list)
+    yield from unit_documents(cfg, src, split, unit_list, range(len(unit_list)), want, stats)
+
+
+def unit_documents(cfg: DataConfig, src: SourceConfig, split: str, unit_list: list[str], ids: Sequence[int],
+                   want: Callable[[sources.Key], bool], stats: sources.ReadStats) -> Iterator[tuple[sources.Key, str]]:
+    """:func:`documents` of the units ``ids`` of ``unit_list`` (``sources.units``) only: what one
+    worker of a distributed runner reads."""
+    chosen = [unit_list[u] for u in ids]
+    names = None if sources.has_own_eval(src) else dict(zip(ids, sources.unit_names(src, chosen)))
 
     def keep(key: sources.Key) -> bool:
         if names is not None and held_out(names[key[0]], key[1], cfg.eval_fraction) != (split == "eval"):
@@ -103,7 +111,7 @@ def documents(cfg: DataConfig, src: SourceConfig, split: str, want: Callable[[so
         return want(key)
 
     short = f"shorter than data.min_doc_chars={cfg.min_doc_chars}"
-    for record in sources.read(src, unit_list, keep, cfg.strict, stats):
+    for record in sources.read(src, chosen, keep, cfg.strict, stats, list(ids)):
         doc = text.nfc(record.text) if cfg.nfc else record.text
         if not doc:
             stats.drop("empty", record.where)

@@ -7,7 +7,8 @@ file ``train/source-KKK/shard-IIIII.array_record`` of that shard's packed rows o
 the order the in-memory loader packs them; ``eval.array_record`` with the held-out rows;
 ``tokenizer/`` with the tokenizer file (none for ``byte``); and ``manifest.json`` (format version,
 tokenizer kind and SHA-256, seq_len, packing, shard count, rows/documents/bytes per source and
-shard, a SHA-256 of every document tokenized, and the data config it was made with).
+shard, the corpus fingerprint: a SHA-256 over each (source, shard)'s SHA-256 of its documents in
+order, and the data config it was made with).
 
 Reading builds the same Grain pipeline as the in-memory loader (``pipeline.train_dataset``) over
 lazily read rows: each row is decoded when Grain asks for it, so a process opens only its own
@@ -19,8 +20,9 @@ A row is one record: ``tokens``, ``segment_ids`` and ``positions`` (each ``seq_l
 little-endian) concatenated. Files are written with ``group_size:1``, so reading a row
 decompresses only that row.
 
-The writing side is made of pure per-shard steps (:func:`shard_rows`: documents -> packed rows;
-:func:`write_rows`: rows -> one shard file) that a distributed runner can call per (source, shard).
+The writing side is made of pure per-shard steps (:func:`write_shard`: one (source, shard)'s
+documents -> its file and counts, through :func:`shard_rows` and :func:`write_rows`), run in this
+process or, with ``runner``, per (source, shard) on Apache Beam (``slimjax.data.tokenize_beam``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from slimjax.config import DataConfig, PretrainConfig, SourceConfig
-from slimjax.data import loader, pipeline, sources, tokenizer
+from slimjax.data import beam_runner, loader, pipeline, sources, tokenizer
 from slimjax.data.packing import PackedRows
 from slimjax.errors import SlimjaxError
 
@@ -87,20 +89,41 @@ def write_rows(path: str, rows: PackedRows) -> int:
     return os.path.getsize(path)
 
 
-def write(cfg: DataConfig, global_batch: int, vocab_size: int, out: str) -> dict[str, Any]:
+def write_shard(cfg: DataConfig, tok: tokenizer.Tokenizer, source: int, shard: int,
+                keyed_docs: collections.abc.Iterable[tuple[sources.Key, str]], root: str) -> dict[str, Any]:
+    """One (source, shard)'s documents, ``(key, text)`` in key order (the order the in-memory loader
+    packs them in), -> its file of packed rows under ``root``. Returns its counts (documents, rows,
+    bytes) and the SHA-256 of its documents the corpus fingerprint chains."""
+    digest = hashlib.sha256()
+    docs = []
+    for key, doc in keyed_docs:
+        digest.update(_document_digest(source, key, doc))
+        docs.append(doc)
+    rows = shard_rows(cfg, tok, docs)
+    size = write_rows(os.path.join(root, shard_file(source, shard)), rows)
+    return {"documents": len(docs), "rows": len(rows), "bytes": size, "sha256": digest.hexdigest()}
+
+
+def write(cfg: DataConfig, global_batch: int, vocab_size: int, out: str, runner: str = "local",
+          beam_options: str = "") -> dict[str, Any]:
     """Tokenizes and packs every source's training documents per logical shard, and the held-out
     rows, into the prepared directory ``out`` (built as ``out.tmp-PID``, renamed at the end: ``out``
     is complete or absent). Returns the manifest.
 
-    Memory: one source's documents at a time (each shard's are packed, written and dropped in turn)."""
+    ``runner``: ``local`` (this process; memory: one source's documents at a time, each shard's
+    packed, written and dropped in turn) or an Apache Beam runner (``beam_runner.BEAM_RUNNERS``,
+    with ``beam_options`` passed through; one worker per unit read and per shard written, the
+    tokenizer trained and the held-out rows written here). Both write the same bytes."""
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out):
         raise SlimjaxError(f"--out '{out}' already exists; give a new directory")
     if loader.is_prepared(cfg):
         raise SlimjaxError("data.sources names a prepared directory; tokenize the document sources it came from")
+    beam_runner.check_runner(runner)
+    options = None if runner == "local" else beam_runner.pipeline_options(runner, beam_options)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        manifest = _write(cfg, global_batch, vocab_size, tmp)
+        manifest = _write(cfg, global_batch, vocab_size, tmp, runner, options)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,7 +131,8 @@ def write(cfg: DataConfig, global_batch: int, vocab_size: int, out: str) -> dict
     return manifest
 
 
-def _write(cfg: DataConfig, global_batch: int, vocab_size: int, tmp: str) -> dict[str, Any]:
+def _write(cfg: DataConfig, global_batch: int, vocab_size: int, tmp: str, runner: str, options: Any
+           ) -> dict[str, Any]:
     srcs = loader.expand(cfg.sources)
     layout = loader.Layout.make(cfg, global_batch, 0, 1)
     stats = sources.ReadStats()
@@ -118,22 +142,21 @@ def _write(cfg: DataConfig, global_batch: int, vocab_size: int, tmp: str) -> dic
             raise error
     os.makedirs(tmp)
     tok, tok_meta = _tokenizer(cfg, vocab_size, tmp)
+    if runner == "local":
+        counts = _local_shards(cfg, srcs, layout, tok, tmp, stats)
+    else:
+        from slimjax.data import tokenize_beam  # it builds on this module: imported here, not at the top
+
+        counts = tokenize_beam.shards(cfg, srcs, layout, vocab_size, tok_meta, tmp, runner, options, stats)
     corpus = hashlib.sha256()
     source_meta = []
     for k, src in enumerate(srcs):
-        docs: list[list[str] | None] = [[] for _ in range(layout.shards)]
-        for key, doc in loader.documents(cfg, src, "train", lambda key: True, stats):
-            docs[layout.shard_of(key)].append(doc)
-            corpus.update(_document_digest(k, key, doc))
         entry: dict[str, Any] = {"name": src.name, "weight": src.weight, "documents": [], "rows": [], "bytes": []}
         for i in range(layout.shards):
-            shard_docs = docs[i]
-            rows = loader.nonempty(cfg, src, shard_rows(cfg, tok, shard_docs), i, layout.shards, len(shard_docs),
-                                   "rows")
-            entry["documents"].append(len(shard_docs))
-            entry["rows"].append(len(rows))
-            entry["bytes"].append(write_rows(os.path.join(tmp, shard_file(k, i)), rows))
-            docs[i] = None  # this shard is on disk: its documents and rows go
+            count = _nonempty(cfg, src, counts.get((k, i)), i, layout.shards)
+            for field in ("documents", "rows", "bytes"):
+                entry[field].append(count[field])
+            corpus.update(bytes.fromhex(count["sha256"]))
         source_meta.append(entry)
     eval_docs = [doc for src in srcs for _, doc in loader.documents(cfg, src, "eval", lambda key: True, stats)]
     if not eval_docs:
@@ -154,8 +177,31 @@ def _write(cfg: DataConfig, global_batch: int, vocab_size: int, tmp: str) -> dic
     return manifest
 
 
+def _local_shards(cfg: DataConfig, srcs: list[SourceConfig], layout: loader.Layout, tok: tokenizer.Tokenizer,
+                  tmp: str, stats: sources.ReadStats) -> dict[tuple[int, int], dict[str, Any]]:
+    """:func:`write_shard` of every (source, shard), in this process: ``{(source, shard): counts}``."""
+    counts = {}
+    for k, src in enumerate(srcs):
+        docs: list[list[tuple[sources.Key, str]] | None] = [[] for _ in range(layout.shards)]
+        for key, doc in loader.documents(cfg, src, "train", lambda key: True, stats):
+            docs[layout.shard_of(key)].append((key, doc))
+        for i in range(layout.shards):
+            counts[k, i] = _nonempty(cfg, src, write_shard(cfg, tok, k, i, docs[i], tmp), i, layout.shards)
+            docs[i] = None  # this shard is on disk: its documents and rows go
+    return counts
+
+
+def _nonempty(cfg: DataConfig, src: SourceConfig, count: dict[str, Any] | None, shard: int, shards: int
+              ) -> dict[str, Any]:
+    """A shard's counts if it holds rows; else the error naming the source (a shard no document
+    fell into has no counts from a Beam pipeline: no group was formed for it)."""
+    count = count or {"documents": 0, "rows": 0}
+    loader.nonempty(cfg, src, range(count["rows"]), shard, shards, count["documents"], "rows")  # raises if none
+    return count
+
+
 def _document_digest(source: int, key: sources.Key, doc: str) -> bytes:
-    """What the corpus fingerprint hashes for one document: where it sits and what it says."""
+    """What a shard's SHA-256 hashes for one document: where it sits and what it says."""
     return hashlib.sha256(f"{source}|{key[0]}|{key[1]}|".encode() + doc.encode("utf-8", "surrogatepass")).digest()
 
 

@@ -25,108 +25,32 @@ filesystem mounted on the workers).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import logging
 import os
-import pickle
-import shlex
 import shutil
 from typing import Any, Iterator
 
 import numpy as np
 
+from slimjax.data import beam_runner
 from slimjax.data.prepare import components, lsh, minhash, report, stages
 from slimjax.data.prepare.report import CONTAMINATED, DROPPED, HELDOUT, TRAIN
-from slimjax.data.prepare.run import BEAM_RUNNERS, Plan, empty_corpus, publish
-from slimjax.errors import SlimjaxError, one_line
+from slimjax.data.prepare.run import Plan, empty_corpus, publish
+from slimjax.errors import SlimjaxError
 
-TALLY_FILE = "_beam_tally.pickle"
 _OUTCOME_NAMES = {code: name for name, code in report.OUTCOMES}
-
-
-def _beam():
-    logging.disable(logging.WARNING)  # Beam warns at import about cloud clients a local run never uses
-    try:
-        import apache_beam
-    except ImportError as e:
-        raise SlimjaxError(f"--runner needs Apache Beam ({e}); pip install 'slimjax[beam]'") from None
-    finally:
-        logging.disable(logging.NOTSET)
-    return apache_beam
-
-
-def pipeline_options(runner: str, beam_options: str):
-    """Beam ``PipelineOptions`` for ``--runner`` plus ``--beam_options`` passed through unchanged.
-
-    Beam itself only warns about flags it does not know; here they are an error, as are values
-    its parser or the runner's validation rejects.
-    """
-    _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    try:
-        flags = shlex.split(beam_options)
-    except ValueError as e:
-        raise SlimjaxError(f"--beam_options '{beam_options}' does not parse: {e}") from None
-    if any(f == "--runner" or f.startswith("--runner=") for f in flags):
-        raise SlimjaxError("give the runner as --runner, not inside --beam_options")
-    options = PipelineOptions([f"--runner={BEAM_RUNNERS[runner]}", *flags])
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):  # argparse prints usage before exiting
-            known = options.get_all_options()
-            every = options.get_all_options(retain_unknown_options=True)
-    except SystemExit:
-        error = [line for line in stderr.getvalue().splitlines() if "error:" in line]
-        raise SlimjaxError(f"Beam rejected --beam_options: {(error or ['bad value'])[-1].split('error:', 1)[1].strip()}"
-                           ) from None
-    unknown = sorted(set(every) - set(known))
-    if unknown:
-        raise SlimjaxError(f"Beam does not know --beam_options {', '.join('--' + u for u in unknown)}; "
-                           "see the runner's pipeline options")
-    _validate(options, runner)
-    return options
-
-
-def _validate(options, runner: str) -> None:
-    """The runner's own checks of the options (e.g. Dataflow's project, region, temp location)."""
-    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
-    from apache_beam.runners.runner import create_runner
-
-    logging.disable(logging.WARNING)  # the one-line error says it all; Beam would also log it
-    try:
-        instance = create_runner(BEAM_RUNNERS[runner])
-        errors = PipelineOptionsValidator(options, instance).validate()
-    except (ImportError, ValueError) as e:
-        raise SlimjaxError(f"--runner={runner} is not usable here: {one_line(e)}") from None
-    finally:
-        logging.disable(logging.NOTSET)
-    if errors:
-        raise SlimjaxError(f"--runner={runner} rejected the options: {one_line('; '.join(errors))}")
 
 
 def prepare(plan: Plan, timer: report.Timer) -> dict[str, Any]:
     """Runs the recipe as a Beam pipeline; returns the report, as ``run.prepare`` does."""
     opts = plan.opts
-    options = pipeline_options(opts.runner, opts.beam_options)
-    beam = _beam()
+    options = beam_runner.pipeline_options(opts.runner, opts.beam_options)
     shutil.rmtree(plan.tmp, ignore_errors=True)
     os.makedirs(plan.tmp)
     try:
-        with timer("beam pipeline"), _quiet(opts.runner in ("direct", "prism")):
-            try:
-                with beam.Pipeline(options=options) as pipeline:
-                    _build(pipeline, plan)
-            except SlimjaxError:
-                raise
-            except Exception as e:  # a stage's SlimjaxError arrives wrapped by the runner
-                raise _user_error(e) or SlimjaxError(f"the Beam pipeline failed: {one_line(e)[:500]}") from e
-        with open(os.path.join(plan.tmp, TALLY_FILE), "rb") as f:
-            parts = pickle.load(f)
-        os.remove(os.path.join(plan.tmp, TALLY_FILE))
-        tally, verified, files_written, unsettled = _tally(parts)
+        with timer("beam pipeline"):
+            beam_runner.run(opts.runner, options, lambda pipeline: _build(pipeline, plan))
+        tally, verified, files_written, unsettled = _tally(beam_runner.gathered(plan.tmp))
         if not tally.docs or all(outcome == "short" for _, outcome in tally.docs):
             raise empty_corpus(opts)
         if unsettled:
@@ -139,35 +63,10 @@ def prepare(plan: Plan, timer: report.Timer) -> dict[str, Any]:
     return publish(plan.tmp, plan.out, result)
 
 
-@contextlib.contextmanager
-def _quiet(local: bool):
-    """On a local runner, Beam's own logging only repeats, with a traceback, the error the CLI
-    prints in one line; remote runners keep their logs (job links, worker errors)."""
-    logger = logging.getLogger("apache_beam")
-    level = logger.level
-    if local:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _user_error(e: BaseException) -> SlimjaxError | None:
-    """The ``SlimjaxError`` behind a runner's wrapped exception, if there is one."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, SlimjaxError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 # --- the pipeline -------------------------------------------------------------------------------
 
 def _build(p, plan: Plan) -> None:
-    beam = _beam()
+    beam = beam_runner.beam()
     from apache_beam.pvalue import AsSingleton
 
     opts, wopts = plan.opts, plan.wopts
@@ -213,13 +112,11 @@ def _build(p, plan: Plan) -> None:
                                                                                    "verified_pairs": v},
                                                                  AsSingleton(verified["candidate_pairs"]),
                                                                  AsSingleton(verified["verified_pairs"])))
-    (p | "tally" >> beam.Create([None])
-     | "write tally" >> beam.Map(_write_tally, root=plan.tmp,
-                                 **{k: AsSingleton(v) for k, v in parts.items()}))
+    beam_runner.gather(p, plan.tmp, **parts)
 
 
 def _count(pcoll, name: str):
-    beam = _beam()
+    beam = beam_runner.beam()
     return pcoll | f"count {name}" >> beam.combiners.Count.Globally()
 
 
@@ -258,7 +155,7 @@ def _bucket(kv) -> Iterator[np.ndarray]:
 def _verify(pairs, docs, plan: Plan):
     """Candidate pairs whose exact Jaccard reaches the threshold: the shingle sets are re-read from
     the tasks holding the candidates, then joined to each pair by id, one side after the other."""
-    beam = _beam()
+    beam = beam_runner.beam()
     ends = pairs | "pair ends" >> beam.FlatMap(lambda e: [(e[0], e), (e[1], e)])
     by_id = docs | "doc by id" >> beam.Map(lambda d: (d[0], (d[1], d[2])))
     wanted = (({"end": ends, "doc": by_id}) | "candidate docs" >> beam.CoGroupByKey()
@@ -284,7 +181,7 @@ def _shingle_sets(kv, tasks: list[stages.Task], wopts: stages.Options) -> Iterat
 
 def _components(edges, rounds: int):
     """``(child, root)`` for every non-root document, and the count of edges the last round moved."""
-    beam = _beam()
+    beam = beam_runner.beam()
     edges = (edges | "normalise" >> beam.FlatMap(lambda e: components.normalise([e]))
              | "distinct edges" >> beam.Distinct())
     previous = edges
@@ -308,7 +205,7 @@ def _components(edges, rounds: int):
 
 def _outcomes(docs, roots, heldout: float, seed: int):
     """``(doc, outcome)`` for every document: the local pool's ``_split``, as two joins."""
-    beam = _beam()
+    beam = beam_runner.beam()
     joined = (({"doc": docs | "key by id" >> beam.Map(lambda d: (d[0], d)), "root": roots})
               | "join roots" >> beam.CoGroupByKey())
     split = joined | "duplicates" >> beam.FlatMap(_drop_or_keep, heldout=heldout, seed=seed
@@ -359,11 +256,6 @@ def _sum_pairs(pairs) -> tuple[int, int]:
         docs += d
         nbytes += b
     return docs, nbytes
-
-
-def _write_tally(_, root: str, **parts) -> None:
-    with open(os.path.join(root, TALLY_FILE), "wb") as f:
-        pickle.dump(parts, f)
 
 
 def _tally(parts: dict[str, Any]) -> tuple[report.Tally, dict[str, int] | None, int, int]:

@@ -19,14 +19,10 @@ from typing import Any
 import numpy as np
 
 from slimjax.config import SourceConfig
+from slimjax.data import beam_runner
 from slimjax.data.prepare import lsh, minhash, report, stages
 from slimjax.data.prepare.report import CONTAMINATED, DROPPED, HELDOUT, TRAIN
 from slimjax.errors import SlimjaxError
-
-
-# --runner values and the Beam runner each selects.
-BEAM_RUNNERS = {"direct": "DirectRunner", "prism": "PrismRunner", "dataflow": "DataflowRunner",
-                "flink": "FlinkRunner", "spark": "SparkRunner"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +56,7 @@ class PrepareOptions:
             raise SlimjaxError(f"--heldout must lie in [0, 1), got {self.heldout}")
         if self.num_perm <= 0 or self.ngram <= 0 or self.min_chars < 0 or self.workers < 0:
             raise SlimjaxError("--num_perm and --ngram must be > 0, --min_chars and --workers >= 0")
-        if self.runner != "local" and self.runner not in BEAM_RUNNERS:
-            raise SlimjaxError(f"unknown --runner '{self.runner}'; use local or a Beam runner: "
-                               f"{', '.join(BEAM_RUNNERS)}")
+        beam_runner.check_runner(self.runner)
         if self.cc_rounds <= 0:
             raise SlimjaxError(f"--cc_rounds must be > 0, got {self.cc_rounds}")
         if (self.bands or self.rows) and (self.bands <= 0 or self.rows <= 0 or self.bands * self.rows > self.num_perm):
