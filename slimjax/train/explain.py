@@ -357,45 +357,68 @@ def expected_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str) -
     looked up, which needs no gather) and the scanned layers' weights again for the backward pass
     (the scan's backward loop needs each layer's weights once more; outside the scan XLA keeps the
     gathered copy), then reduce-scatters the gradients but the looked-up table's (the CPU backend
-    lowers that to an all-reduce of whole gradients); tensor parallelism all-reduces the residual twice per layer
-    forward and twice backward."""
+    lowers that to an all-reduce of whole gradients); tensor parallelism all-reduces the residual
+    twice per layer forward and twice backward.
+
+    Under a pipeline the layers' weights are used once per pipeline iteration, inside XLA's loop,
+    and XLA gathers them (FSDP) and reduces their gradients (data, FSDP) there: once per
+    iteration, not once per step (MaxText's default does the same; gathering once per step, at
+    the cost of holding a stage's whole weights, is not built)."""
     grads = per_device_bytes(setup.abstract.params)
+    schedule = _schedule(cfg, mesh)
+    per_iter = 1 if schedule is None else schedule.iterations * cfg.train.microbatches
+    block_grads = per_device_bytes(_blocks(setup.abstract.params))
     out: dict[str, tuple[int, str]] = {}
     if mesh.shape["data"] > 1:
-        out["all-reduce (data)"] = (grads, "the gradients once")
+        why = "the gradients once" if schedule is None else "the layers' gradients every pipeline iteration, the rest once"
+        out["all-reduce (data)"] = (grads + (per_iter - 1) * block_grads, why)
     if mesh.shape["fsdp"] > 1:
         weights = {**_unsplit_bytes(setup.abstract.params, "fsdp"), **_unsplit_bytes(setup.abstract.frozen, "fsdp")}
         looked_up = set() if cfg.model.tie_embeddings else {"embed/embedding"}
-        forward = sum(b for path, b in weights.items() if path not in looked_up)
+        times = lambda path: per_iter if path.startswith("blocks/") else 1  # noqa: E731
+        forward = sum(b * times(path) for path, b in weights.items() if path not in looked_up)
         again = cfg.model.scan_layers or cfg.model.remat != "none"
-        backward = sum(b for path, b in weights.items() if again and path.startswith("blocks/"))
-        out["all-gather (fsdp)"] = (forward + backward, "every weight forward, the scanned layers' again backward")
+        backward = sum(b * times(path) for path, b in weights.items() if again and path.startswith("blocks/"))
+        out["all-gather (fsdp)"] = (forward + backward, "every weight forward, the scanned layers' again backward"
+                                    + ("" if schedule is None else ", the layers' every pipeline iteration"))
         # The looked-up table's gradient needs no reduction: XLA moves the activation gradient to
         # the table's sharding with an all-to-all and scatters into the local rows.
-        reduced = {p: b for p, b in _unsplit_bytes(setup.abstract.params, "fsdp").items() if p not in looked_up}
+        reduced = sum(b * times(p) for p, b in _unsplit_bytes(setup.abstract.params, "fsdp").items()
+                      if p not in looked_up)
         if platform == "cpu":
-            out["all-reduce (fsdp)"] = (sum(reduced.values()), "the gradients, reduced whole (CPU's lowering of "
-                                        "reduce-scatter)")
+            out["all-reduce (fsdp)"] = (reduced, "the gradients, reduced whole (CPU's lowering of reduce-scatter)")
         else:
-            out["reduce-scatter (fsdp)"] = (sum(reduced.values()) // mesh.shape["fsdp"], "the gradients once")
-    if mesh.shape["stage"] > 1:
-        out.update(_pipeline_collectives(cfg, mesh, setup, platform))
+            out["reduce-scatter (fsdp)"] = (reduced // mesh.shape["fsdp"], "the gradients once")
+    if schedule is not None:
+        out.update(_pipeline_collectives(cfg, mesh, setup, platform, schedule))
     if mesh.shape["tensor"] > 1:
         m = cfg.model
         rows = cfg.train.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
         act = rows * cfg.data.seq_len * m.d_model * np.dtype(compute_dtype(m.dtype, platform)).itemsize
-        out["all-reduce (tensor)"] = (4 * m.n_layers * act, "the residual twice per layer forward, twice backward")
+        # A pipeline runs layers per stage and iteration on one microbatch's rows.
+        layer_runs = m.n_layers * act if schedule is None else (
+            m.n_layers // (schedule.stages * schedule.repeats) * per_iter * act // schedule.microbatches)
+        out["all-reduce (tensor)"] = (4 * layer_runs, "the residual twice per layer forward, twice backward")
     return out
 
 
-def _pipeline_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str) -> dict[str, tuple[int, str]]:
+def _schedule(cfg: Config, mesh: Mesh):
+    from slimjax.train.run import pipeline_schedule
+
+    return pipeline_schedule(cfg, mesh) if mesh.shape["stage"] > 1 else None
+
+
+def _blocks(tree: dict) -> dict:
+    """The stacked layers' part of a parameter tree."""
+    return {k: v for k, v in tree.items() if k == "blocks"}
+
+
+def _pipeline_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str, schedule
+                          ) -> dict[str, tuple[int, str]]:
     """A pipeline's traffic per device: each iteration every stage passes one microbatch's hidden
     state on (and its gradient back), stage 0 hands the finished outputs to every stage for the
     head (and gets their gradient back), and the circular schedule regroups the layer weights
     across stages (and the gradients back)."""
-    from slimjax.train.run import pipeline_schedule
-
-    schedule = pipeline_schedule(cfg, mesh)
     m, passes = cfg.model, cfg.train.microbatches
     rows = cfg.train.global_batch_size // (passes * mesh.shape["data"] * mesh.shape["fsdp"])
     hidden = rows * (cfg.data.seq_len // mesh.shape["sequence"]) * m.d_model
@@ -406,8 +429,7 @@ def _pipeline_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str) 
                                           "shifts a pass), forward and back"),
            "all-reduce (stage)": (2 * passes * hidden, "the outputs handed to every stage, and their gradient")}
     if schedule.repeats > 1:
-        layers = sum(per_device_bytes(part) for part in (setup.abstract.params, setup.abstract.frozen)
-                     for part in [{k: v for k, v in part.items() if k == "blocks"}])
+        layers = per_device_bytes(_blocks(setup.abstract.params)) + per_device_bytes(_blocks(setup.abstract.frozen))
         out["all-to-all (stage)"] = (2 * passes * layers, "the layer weights regrouped for the circular schedule, "
                                      "and their gradients back")
     return out
