@@ -245,3 +245,21 @@ def test_bad_layout_is_one_line_exit_2_from_the_cli(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slimjax: error: ") and expected in lines[0], result.stderr
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("attention", ["allgather", "ring"])
+def test_sequence_parallelism_inside_pipeline_stages_equals_the_plain_step(attention):
+    """stage 2 x sequence 2 x data 2: the pipeline's shard_map over stage nests the sequence layout."""
+    from helpers import synthetic_batch, with_mesh
+    from slimjax.train.run import build_fresh
+
+    def step(cfg):
+        _, state, train_step, _, sharding = build_fresh(cfg, make_mesh(cfg.mesh))
+        _, metrics = train_step(state, pipeline.to_global(synthetic_batch(cfg), sharding))
+        return float(metrics["loss"]), float(metrics["grad_norm"])
+
+    base = small_config("llama", n_layers=4)
+    nested = with_mesh(base, 2, 1, 1)
+    nested = dataclasses.replace(nested, mesh=dataclasses.replace(
+        nested.mesh, stage=2, sequence=2, sequence_attention=attention, pipeline_microbatches=2))
+    np.testing.assert_allclose(step(nested), step(with_mesh(base, 8, 1, 1)), rtol=1e-5)
