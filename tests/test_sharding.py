@@ -122,8 +122,8 @@ def test_hand_written_specs_on_the_2x4_mesh():
     _, _, _, state = build_state(cfg)
     p = state.params
     assert p["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
-    assert p["blocks"]["attn"]["wq"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
-    assert p["blocks"]["mlp"]["down"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
+    assert p["blocks"]["attn"]["wq"]["kernel"].sharding.spec == P("stage", "fsdp", "tensor")  # stage: size 1 here
+    assert p["blocks"]["mlp"]["down"]["kernel"].sharding.spec == P("stage", "tensor", "fsdp")
     assert p["final_norm"]["scale"].sharding.spec == P()
     local = p["blocks"]["attn"]["wq"]["kernel"].addressable_shards[0].data.shape
     assert local == (2, 64 // 2, 8 // 4, 8)
@@ -142,8 +142,8 @@ def test_an_override_changes_only_its_entry_and_the_leaves_follow_it():
         want = NamedSharding(mesh, expected_spec(EXPECTED_AXES["llama"][name], overrides))
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (name, leaf.sharding.spec, want.spec)
     p = state.params
-    assert p["blocks"]["mlp"]["up"]["kernel"].sharding.spec == P(None, None, ("fsdp", "tensor"))
-    assert p["blocks"]["attn"]["wq"]["kernel"].sharding.spec == P(None, None, "tensor")  # defaults elsewhere
+    assert p["blocks"]["mlp"]["up"]["kernel"].sharding.spec == P("stage", None, ("fsdp", "tensor"))
+    assert p["blocks"]["attn"]["wq"]["kernel"].sharding.spec == P("stage", None, "tensor")  # defaults elsewhere
     assert p["embed"]["embedding"].sharding.spec == P("tensor")
 
 
@@ -164,7 +164,8 @@ def test_a_checkpoint_that_saved_the_full_legacy_table_still_opens(tmp_path):
     ckpt.wait()
     ckpt.close()
     rd = open_run(str(tmp_path))
-    assert rd.rules.table == DEFAULT_RULES and rd.rules.table["lora_rank"] == ()
+    # The legacy table pinned "layers" to replicated (there was no stage axis); it keeps that.
+    assert rd.rules.table == {**DEFAULT_RULES, "layers": ()} and rd.rules.table["lora_rank"] == ()
     assert dataclasses.replace(rd.cfg, mesh=cfg.mesh) == cfg
     restored = flat(rd.restore_params())
     for name, leaf in flat(state.params).items():
@@ -181,13 +182,13 @@ LEGACY_RULES = (
 )
 
 
-def test_the_full_legacy_table_is_the_defaults():
+def test_the_full_legacy_table_is_the_defaults_but_for_layers():
     from slimjax import config as C
     from slimjax.configs import base
 
     c = base.get_config()
-    c.mesh.rules = LEGACY_RULES
-    assert Rules.from_config(C.validate(c).mesh).table == DEFAULT_RULES
+    c.mesh.rules = LEGACY_RULES  # every entry but "layers", which now defaults to the stage axis
+    assert Rules.from_config(C.validate(c).mesh).table == {**DEFAULT_RULES, "layers": ()}
     assert Rules.from_config(C.validate(base.get_config()).mesh).table == DEFAULT_RULES
 
 
@@ -228,7 +229,7 @@ def test_layout_table_explains_every_parameter():
     table = explain(setup.axes, setup.abstract.params, Rules.from_config(cfg.mesh), mesh)
     row = table.where("parameter", "blocks/attn/wq/kernel")
     assert row["logical axes"] == ("layers", "embed", "heads", "head_dim")
-    assert row["partition spec"] == str(P(None, "fsdp", "tensor"))
+    assert row["partition spec"] == str(P("stage", "fsdp", "tensor"))
     layers, embed, heads, head_dim = row["shape"]
     assert row["per-device shape"] == (layers, embed // 2, heads // 4, head_dim)
     assert row["per-device bytes"] == layers * embed // 2 * heads // 4 * head_dim * 4
