@@ -43,7 +43,7 @@ from slimjax.config import validate  # noqa: E402
 from slimjax.data import pipeline  # noqa: E402
 from slimjax.sharding import make_mesh  # noqa: E402
 from slimjax.train import explain  # noqa: E402
-from slimjax.train.run import build_fresh  # noqa: E402
+from slimjax.train.run import build_fresh, pipeline_schedule  # noqa: E402
 
 # name -> mesh.* overrides (axes not named stay 1; "data" fills the rest)
 LAYOUTS: dict[str, dict] = {
@@ -115,13 +115,9 @@ def pipeline_bubble(cfg, hlo_text: str) -> tuple[float, float]:
     """(theory, measured) bubble: the share of pipeline iterations that carry no microbatch. The
     measured one reads the iteration count from the compiled program (the loop whose body
     permutes activations between stages) against the microbatch-stage slots of useful work."""
-    from slimjax.models import pipeline as pp
-
-    m = cfg.mesh
-    micro = m.pipeline_microbatches or m.stage
-    repeats = m.pipeline_repeats if m.pipeline_schedule == "circular" else 1
+    schedule = pipeline_schedule(cfg, make_mesh(cfg.mesh))
     iterations = max(explain.permute_loop_trips(hlo_text))
-    return pp.bubble_fraction(m.stage, micro, repeats), 1 - micro * repeats / iterations
+    return schedule.bubble, 1 - schedule.microbatches * schedule.repeats / iterations
 
 
 def ring_memory(args: argparse.Namespace) -> list[dict]:

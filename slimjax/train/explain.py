@@ -219,8 +219,8 @@ _KEPT = {
 
 def pipeline_microbatches(cfg: Config, mesh: Mesh | AbstractMesh) -> int:
     """Microbatches the pipeline cuts each step's rows into (1 without a pipeline)."""
-    stages = mesh.shape["stage"]
-    return 1 if stages == 1 else cfg.mesh.pipeline_microbatches or stages
+    schedule = _schedule(cfg, mesh)
+    return 1 if schedule is None else schedule.microbatches
 
 
 def activation_bytes(cfg: Config, acts: Table, mesh: Mesh | AbstractMesh) -> int:
@@ -402,10 +402,11 @@ def expected_collectives(cfg: Config, mesh: Mesh, setup: Setup, platform: str) -
     return out
 
 
-def _schedule(cfg: Config, mesh: Mesh):
-    from slimjax.train.run import pipeline_schedule
+def _schedule(cfg: Config, mesh: Mesh | AbstractMesh):
+    """The run's pipeline schedule on ``mesh`` (None without a pipeline)."""
+    from slimjax.train.run import pipeline_schedule  # run pulls in the data stack: only when asked
 
-    return pipeline_schedule(cfg, mesh) if mesh.shape["stage"] > 1 else None
+    return pipeline_schedule(cfg, mesh)
 
 
 def _blocks(tree: dict) -> dict:
