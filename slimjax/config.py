@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping
 
 import ml_collections
 
+from slimjax.config_mesh import check_mesh_options, check_pipeline, check_sequence  # noqa: F401  (re-exported)
 from slimjax.config_slim import (  # noqa: F401  (re-exported: the slim sections are part of the config)
     FLOAT_BITS, QUANT_BITS, TRANSFORMS, ClassifyConfig, DistillConfig, LoraConfig, LowRankConfig, PruneConfig, QatConfig, QuantConfig,
     SlimConfig, check_slim, parse_layer_bits, parse_layer_ranks)
@@ -453,7 +454,7 @@ def _check_cross_fields(cfg: Config) -> None:
     if m.n_heads % m.n_kv_heads:
         raise SlimjaxError(
             f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}")
-    _check_sequence(cfg)
+    check_sequence(cfg)
     if m.rope_scaling != "none" and not m.rope_factor > 0:
         raise SlimjaxError(f"model.rope_factor must be > 0 with model.rope_scaling={m.rope_scaling!r}, "
                            f"got {m.rope_factor}")
@@ -491,7 +492,7 @@ def _check_cross_fields(cfg: Config) -> None:
     if t.eval_batches < 0 or o.weight_decay < 0 or o.clip_norm < 0 or o.warmup_steps < 0:
         raise SlimjaxError("train.eval_batches, optimizer.weight_decay, optimizer.clip_norm "
                            "and optimizer.warmup_steps must be >= 0")
-    _check_mesh_options(cfg)
+    check_mesh_options(cfg)
     _check_objective(cfg.objective, m.family)
     _check_encoder(cfg)
     check_slim(cfg.slim)
@@ -513,39 +514,6 @@ def _check_cross_fields(cfg: Config) -> None:
         raise SlimjaxError(f"optimizer.min_lr_ratio must lie in [0, 1], got {o.min_lr_ratio}")
 
 
-def _check_mesh_options(cfg: Config) -> None:
-    """The pipeline keys against each other and the model; a stage axis of -1 (fill) is checked
-    once the mesh is built (:func:`check_pipeline`)."""
-    mesh = cfg.mesh
-    if mesh.pipeline_microbatches < 0 or mesh.pipeline_repeats < 1:
-        raise SlimjaxError(f"mesh.pipeline_microbatches must be >= 0 (0: one per stage) and mesh.pipeline_repeats "
-                           f">= 1, got {mesh.pipeline_microbatches}, {mesh.pipeline_repeats}")
-    if mesh.pipeline_schedule == "gpipe" and mesh.pipeline_repeats != 1:
-        raise SlimjaxError(f"mesh.pipeline_repeats={mesh.pipeline_repeats} needs mesh.pipeline_schedule='circular' "
-                           "(GPipe holds one group of layers per stage); set one or the other")
-    if mesh.stage > 1:
-        check_pipeline(mesh, mesh.stage, cfg.model, cfg.train.global_batch_size // cfg.train.microbatches)
-
-
-def check_pipeline(mesh: MeshConfig, stages: int, model: ModelConfig, rows: int) -> None:
-    """A pipeline of ``stages`` over ``model`` with ``rows`` rows per forward pass (the global batch
-    over train.microbatches) must split the layers and the rows evenly."""
-    if stages == 1:
-        return
-    if not model.scan_layers:
-        raise SlimjaxError(f"mesh.stage={stages} pipelines the stacked layers; set model.scan_layers=True")
-    groups = stages * (mesh.pipeline_repeats if mesh.pipeline_schedule == "circular" else 1)
-    if model.n_layers % groups:
-        what = (f"mesh.stage={stages} x mesh.pipeline_repeats={mesh.pipeline_repeats}"
-                if groups != stages else f"mesh.stage={stages}")
-        raise SlimjaxError(f"model.n_layers={model.n_layers} is not divisible by {what}; every stage holds the "
-                           "same number of layers")
-    micro = mesh.pipeline_microbatches or stages
-    if rows % micro:
-        raise SlimjaxError(f"mesh.pipeline_microbatches={micro} does not divide the {rows} rows of each step "
-                           "(train.global_batch_size / train.microbatches); pick a divisor")
-
-
 def _check_objective(obj: ObjectiveConfig, family: str) -> None:
     weights = dataclasses.asdict(obj)
     for name, weight in weights.items():
@@ -559,31 +527,6 @@ def _check_objective(obj: ObjectiveConfig, family: str) -> None:
     if not any(weights[name] for name in own):
         raise SlimjaxError(f"every objective.* weight of the {family} family is 0: nothing to minimise; set "
                            f"objective.{own[0]}=1.0")
-
-
-def _check_sequence(cfg: Config) -> None:
-    """Sequence parallelism: the axis must split data.seq_len (in 2 x sequence chunks when a decoder
-    balances its causal work), and ring attention needs a layout its kernel can serve."""
-    mesh, m, seq_len = cfg.mesh, cfg.model, cfg.data.seq_len
-    if mesh.sequence <= 1:
-        return
-    balanced = mesh.sequence_balance and m.family == "decoder"  # only causal attention is unbalanced
-    chunks = 2 * mesh.sequence if balanced else mesh.sequence
-    if seq_len % chunks:
-        how = (f"2 x mesh.sequence={chunks} chunks (mesh.sequence_balance=True)" if balanced
-               else f"mesh.sequence={chunks} shards")
-        raise SlimjaxError(f"data.seq_len={seq_len} cannot be split into {how}; make data.seq_len a multiple "
-                           f"of {chunks}" + (" or set mesh.sequence_balance=False" if balanced else ""))
-    if mesh.sequence_attention != "ring":
-        return
-    if m.attention == "cudnn":
-        raise SlimjaxError("mesh.sequence_attention='ring' computes attention block by block with its own "
-                           "kernel, not cuDNN's; set model.attention to 'auto' or 'xla', or use "
-                           "mesh.sequence_attention='allgather'")
-    if mesh.tensor > 1 and m.n_kv_heads % mesh.tensor:
-        raise SlimjaxError(f"mesh.sequence_attention='ring' groups each device's query heads over its own "
-                           f"key/value heads, so mesh.tensor={mesh.tensor} must divide model.n_kv_heads="
-                           f"{m.n_kv_heads}; change one, or use mesh.sequence_attention='allgather'")
 
 
 def _check_encoder(cfg: Config) -> None:
