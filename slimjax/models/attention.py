@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slimjax.config import ModelConfig
-from slimjax.models import layers, sequence
+from slimjax.models import dense_attention, layers, sequence
 from slimjax.models.cache import LayerCache
 from slimjax.sharding import constrain
 
@@ -34,7 +34,8 @@ def attention_impl(name: str, dtype: jnp.dtype) -> str | None:
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query attention through ``jax.nn.dot_product_attention``; ``causal``
+    """Multi-head / grouped-query attention (``dense_attention.attend`` for "xla", cuDNN through
+    ``jax.nn.dot_product_attention``); ``causal``
     False (the encoder) lets every token see its whole segment."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, causal: bool = True):
@@ -77,6 +78,9 @@ class Attention(nnx.Module):
             # The query and key lengths differ and the mask is explicit: the XLA kernel takes
             # both; cuDNN's fused kernel is kept for the training shapes it is built for.
             mask, causal, impl = cache.mask(segment_ids), False, "xla"
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+        if impl == "xla":
+            out = dense_attention.attend(q, k, v, mask, causal)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
         out = self.wo(constrain(out, ("batch", "act_length", "act_heads", None)))
         return out if cache is None else (out, cache)

@@ -8,7 +8,6 @@ metadata tuple naming its dimensions; ``slimjax.sharding`` maps those names onto
 from __future__ import annotations
 
 import math
-import string
 from typing import Sequence
 
 import jax
@@ -28,6 +27,22 @@ def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None
 def const_param(shape: Sequence[int], axes: Sequence[str | None], value: float) -> nnx.Param:
     """A float32 parameter filled with ``value`` (norm scales, biases)."""
     return nnx.Param(jnp.full(tuple(shape), value, PARAM_DTYPE), axes=tuple(axes))
+
+
+def flat_matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """``x [..., *in] @ kernel [*in, *out] -> [..., *out]`` as one 2-D matrix product.
+
+    Leading dims of ``x`` merge into rows and the kernel's input/output dims into one each (free
+    reshapes of row-major arrays). Why not one einsum: with several leading dims (batch, length)
+    the weight gradient contracts two dims, and XLA's CPU pipeline then transposes the output
+    gradient ``[tokens, out] -> [out, tokens]`` through memory before its GEMM, which cost about a
+    third of a ``llama_20m`` step; on the flat form every product is a plain GEMM.
+    """
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    lead = x.shape[:x.ndim - n_in]
+    rows = jnp.reshape(x, (-1, math.prod(in_shape)))
+    y = jnp.dot(rows, jnp.reshape(kernel, (math.prod(in_shape), -1)))
+    return jnp.reshape(y, (*lead, *out_shape))
 
 
 class Dense(nnx.Module):
@@ -53,10 +68,7 @@ class Dense(nnx.Module):
         self.bias = const_param(out_shape, out_axes, 0.0) if use_bias else None
         self.dtype = dtype
         self.tap = nnx.data(None)
-        letters = iter(string.ascii_lowercase[1:])  # 'a' is reserved for leading dims
-        ins = "".join(next(letters) for _ in in_shape)
-        outs = "".join(next(letters) for _ in out_shape)
-        self.equation = f"...{ins},{ins}{outs}->...{outs}"
+        self.n_in = len(in_shape)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -67,7 +79,7 @@ class Dense(nnx.Module):
     def product(self, x: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
         """``x @ kernel + bias`` in the compute dtype (``kernel`` defaults to the stored one)."""
         kernel = self.kernel[...] if kernel is None else kernel
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

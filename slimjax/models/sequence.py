@@ -31,7 +31,7 @@ import numpy as np
 
 from slimjax import sharding
 from slimjax.errors import SlimjaxError
-from slimjax.models import ring
+from slimjax.models import dense_attention, ring
 from slimjax.sharding import Rules, constrain, per_device
 
 LENGTH = "act_length"
@@ -70,7 +70,7 @@ def _allgather(q, k, v, positions, segment_ids, causal):
                         constrain(positions, ("batch", None)), constrain(segment_ids, ("batch", None)), causal)
     mask = constrain(mask, ("batch", LENGTH, None))
     # The XLA kernel: a fused kernel (cuDNN) would not keep the queries split along the length.
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+    return dense_attention.attend(q, k, v, mask[:, None])
 
 
 def _ring(q, k, v, positions, segment_ids, causal, layout):
