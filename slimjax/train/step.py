@@ -123,28 +123,41 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, lr_schedule:
         objective = weighted(values)
         raw_grads = grads
         grads = apply_masks(grads, built.masks(state.slim))  # masked weights get no update
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ctx = UpdateContext(state.step, raw_grads, jax.random.fold_in(step_key, UPDATE_SALT))
-        params, slim = built.after_update(params, state.slim, ctx)
-        if masks := built.masks(slim):  # the masks after this step's update (RigL, gradual) hold from here
-            params = apply_masks(params, masks)
-            opt_state = mask_moments(tx, opt_state, params, masks)
-        leaf_finite = finite_leaves(state.params, grads, params)
-        ok = jnp.all(leaf_finite) & jnp.isfinite(objective)
-        # A non-finite step never reaches the state (either policy): the loop stops or counts it.
-        keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        params = jax.tree.map(keep_new, params, state.params)
-        opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
-        slim = jax.tree.map(keep_new, slim, state.slim)
-        skipped = state.skipped + (~ok).astype(jnp.int32) if opts.skip_nonfinite else state.skipped
+        grad_norm = optax.tree.norm(grads)
+
+        def update(old):
+            params, opt_state, slim = old
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            ctx = UpdateContext(state.step, raw_grads, jax.random.fold_in(step_key, UPDATE_SALT))
+            params, slim = built.after_update(params, slim, ctx)
+            if masks := built.masks(slim):  # the masks after this step's update (RigL, gradual) hold from here
+                params = apply_masks(params, masks)
+                opt_state = mask_moments(tx, opt_state, params, masks)
+            return params, opt_state, slim
+
+        # A step with a non-finite objective or gradient never reaches the state (either policy):
+        # the loop stops or counts it. A non-finite parameter makes the objective non-finite, so
+        # it is caught here too. The update runs inside the cond: XLA then updates the donated
+        # state in place, where a select between new and old values made it copy the optimizer
+        # moments (or, testing the updated values, write, reduce and re-read every leaf).
+        applied = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+        params, opt_state, slim = jax.lax.cond(applied, update, lambda old: old,
+                                               (state.params, state.opt_state, state.slim))
+        # An update that is itself non-finite (a corrupted optimizer state) is reported, not
+        # undone: "stop" ends the run before that state is saved.
+        ok = applied & all_finite(params)
+        # Per-leaf flags (to name the leaves in the error) only on a bad step.
+        leaf_finite = jax.lax.cond(ok, lambda: jnp.ones(len(jax.tree.leaves(params)), bool),
+                                   lambda: finite_leaves(grads, params))
+        skipped = state.skipped + (~applied).astype(jnp.int32) if opts.skip_nonfinite else state.skipped
         metrics = {
             "loss": values[task.primary],
             **{name: values[name] for name in ("z_loss", *task.accuracies) if name in values},
             "objective": objective,
             **{f"terms/{name}": v for name, v in values.items()
                if name not in BUILTIN_TERMS and name not in task.accuracies},
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
             "tokens": n_tokens,
             "nonfinite": (~ok).astype(jnp.float32),
@@ -178,11 +191,16 @@ def mask_moments(tx: optax.GradientTransformation, opt_state: Any, params: dict,
                                  is_leaf=lambda x: x is _UNMASKED)
 
 
-def finite_leaves(params: dict, grads: dict, new_params: dict) -> jax.Array:
-    """One bool per parameter leaf (``jax.tree.leaves`` order): the parameter, its gradient and its
-    updated value are all finite (the last catches a corrupted optimizer state)."""
-    return jnp.stack([jnp.all(jnp.isfinite(p)) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(n))
-                      for p, g, n in zip(*map(jax.tree.leaves, (params, grads, new_params)))])
+def finite_leaves(grads: dict, params: dict) -> jax.Array:
+    """One bool per parameter leaf (``jax.tree.leaves`` order): its gradient and its value are finite."""
+    return jnp.stack([jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(p))
+                      for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params))])
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite: ``x * 0`` is 0 for finite ``x`` and NaN
+    otherwise, so one plain sum per leaf decides (no overflow, unlike a sum of squares)."""
+    return jnp.isfinite(sum((jnp.sum(x * 0) for x in jax.tree.leaves(tree)), jnp.zeros(())))
 
 
 def tree_bytes(tree: Any) -> int:
