@@ -130,13 +130,13 @@ class Checkpointer:
         """Saves the array ``items``, ``meta`` plus their fingerprints, and ``json_args`` for ``step``:
         on the worker thread from a device snapshot, or (no worker) through Orbax on this thread."""
         self._settle()
-        if self._worker is not None:
-            # Dispatched, not waited for: later computations that donate the originals wait for
-            # these copies to have read them (the runtime orders the uses of a buffer).
-            items = jax.tree.map(_snapshot, items)
-        # The fingerprints are dispatched here too, on the arrays handed to Orbax: they describe
-        # exactly the bytes saved, and in several processes their collective keeps program order.
-        pending = {k: _fingerprint_start(v) for k, v in items.items()}
+        # The fingerprints are dispatched on this thread, from the bytes handed to Orbax: they
+        # describe exactly what is saved, and in several processes their collective keeps program order.
+        if self._worker is None:
+            pending = {k: _fingerprint_start(v) for k, v in items.items()}
+        else:
+            snapshots = {k: _snapshot(v) for k, v in items.items()}
+            items, pending = {k: c for k, (c, _) in snapshots.items()}, {k: f for k, (_, f) in snapshots.items()}
 
         def write() -> bool:
             full = dict(meta, fingerprints={k: _fingerprint_finish(*p) for k, p in pending.items()})
@@ -294,8 +294,45 @@ def _fingerprint_start(tree: Any) -> tuple[list[str], jax.Array | None]:
     if not flat:
         return [], None
     leaves = [x for _, x in flat]
-    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-    return [path_str(p) for p, _ in flat], _fingerprint_fn(mesh)(leaves)
+    return [path_str(p) for p, _ in flat], _fingerprint_fn(_mesh_of(leaves))(leaves)
+
+
+def _snapshot(tree: Any) -> tuple[Any, tuple[list[str], jax.Array | None]]:
+    """(a copy of ``tree`` that later writes to ``tree`` cannot reach, ``_fingerprint_start`` of it).
+
+    Device leaves are copied on device by one program that also computes the fingerprints: it is
+    dispatched, not waited for (XLA:CPU runs a program inline when it counts under 1000 flops, as
+    a bare copy does; the fingerprints' arithmetic makes this one asynchronous there too), and
+    later programs that donate or overwrite the originals wait for it to have read them (the
+    runtime orders the uses of a buffer). Host leaves are copied here.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not flat:
+        return tree, ([], None)
+    leaves = [x for _, x in flat]
+    on_device = tuple(i for i, x in enumerate(leaves) if isinstance(x, jax.Array))
+    copies, sums = _snapshot_fn(_mesh_of(leaves), tuple(leaves[i].sharding for i in on_device), on_device)(leaves)
+    out = [x.copy() if isinstance(x, np.ndarray) else x for x in leaves]  # other host leaves: immutable scalars
+    for i, c in zip(on_device, copies):
+        out[i] = c
+    return jax.tree.unflatten(treedef, out), ([path_str(p) for p, _ in flat], sums)
+
+
+@functools.lru_cache(maxsize=16)
+def _snapshot_fn(mesh: Mesh | None, shardings: tuple[jax.sharding.Sharding, ...], on_device: tuple[int, ...]):
+    """The jitted snapshot program: copies of the ``on_device`` leaves in their own shardings, and
+    the fingerprints of all leaves (replicated, as in ``_fingerprint_fn``)."""
+    def impl(leaves: list[Any]) -> tuple[list[jax.Array], jax.Array]:
+        return [jnp.copy(leaves[i]) for i in on_device], _fingerprint_impl(leaves)
+
+    if mesh is None:
+        return jax.jit(impl)
+    return jax.jit(impl, out_shardings=(list(shardings), NamedSharding(mesh, PartitionSpec())))
+
+
+def _mesh_of(leaves: list[Any]) -> Mesh | None:
+    """The mesh of the first leaf laid out on one (None: every leaf on one device or on host)."""
+    return next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
 
 
 def _fingerprint_finish(paths: list[str], sums: jax.Array | None) -> dict[str, list[int]]:
@@ -347,13 +384,6 @@ def resolve_source(path: str) -> tuple[str, int | None]:
     if base.isdigit() and os.path.isdir(path):
         return os.path.dirname(path), int(base)
     return path, None
-
-
-def _snapshot(x: Any) -> Any:
-    """A copy of one leaf that later writes to ``x`` cannot reach (device arrays copied on device)."""
-    if isinstance(x, jax.Array):
-        return jnp.copy(x)
-    return x.copy() if isinstance(x, np.ndarray) else x  # other leaves are immutable scalars
 
 
 def _split(state: dict[str, Any]) -> dict[str, Any]:
