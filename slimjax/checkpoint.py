@@ -9,8 +9,15 @@ and a fingerprint of every array leaf).
 
 Atomicity: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when every
 item is complete, so a checkpoint is either whole or invisible; a leftover temporary directory
-from a killed write is never listed as a step. Saves are asynchronous by default: ``save`` returns
-once the arrays are copied off the devices and the bytes are written by background threads.
+from a killed write is never listed as a step. Saves are asynchronous by default: in one process,
+``save`` dispatches an on-device copy of the state (a snapshot, so the next step may donate or
+overwrite the originals) and its fingerprints, and returns; a background thread then hands the
+snapshot to Orbax, which copies it to host and writes it with its own threads. Memory cost: one
+extra copy of the saved state on the devices from ``save`` until Orbax has copied it to host, on
+top of Orbax's host copy. With several processes, Orbax's save (its barriers are device
+collectives, which must be issued in the same order as the training step's on every process)
+stays on the calling thread and returns once the arrays are copied off the devices. An error in
+a background save is raised by the next ``save``, ``wait``, ``close`` or read of the checkpointer.
 
 Orbax does not checksum array bytes, so a flipped byte inside a data file can restore silently.
 Each save therefore records per-leaf fingerprints (two wrapping uint32 sums over the raw bits, the
@@ -23,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -69,13 +77,20 @@ class Checkpointer:
         handlers.update(meta=ocp.JsonCheckpointHandler(),
                         **{f"data_{i}": ocp.JsonCheckpointHandler() for i in range(jax.process_count())})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        # One worker: saves reach Orbax in order, and Orbax is only ever called by one thread at a time
+        # (every other method first waits for the worker, see _settle).
+        self._worker = (ThreadPoolExecutor(1, thread_name_prefix="slimjax-checkpoint")
+                        if cfg.async_save and jax.process_count() == 1 else None)
+        self._pending: Future | None = None
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
+        self._settle()
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         """Steps of every complete checkpoint on disk, ascending."""
+        self._settle()
         return sorted(self._manager.all_steps())
 
     def step_dir(self, step: int) -> str:
@@ -86,21 +101,16 @@ class Checkpointer:
              eval_metrics: dict[str, float] | None = None) -> bool:
         """Starts writing ``state`` (arrays), ``data_state`` and ``meta`` (JSON) for ``step``.
 
-        ``state`` has keys params, opt_state, step, rng, skipped. Device arrays are copied to host
-        before this returns, so the caller may donate them. ``data_state`` is this process's
-        data-iterator state (gathered from every process into ``data_<i>`` items). ``eval_metrics``
-        (this step's evaluation, if any) rank the checkpoint for ``keep_best`` by ``best_metric``.
+        ``state`` has keys params, opt_state, step, rng, skipped. When this returns the caller may
+        donate or overwrite the device arrays: the bytes saved are those of the call (a device
+        snapshot, or Orbax's host copy; see the module docstring for the memory this costs).
+        ``data_state`` is this process's data-iterator state (gathered from every process into
+        ``data_<i>`` items). ``eval_metrics`` (this step's evaluation, if any) rank the checkpoint
+        for ``keep_best`` by ``best_metric``. Returns True (Orbax's answer for a synchronous save).
         """
         items = {k: v for k, v in _split(state).items() if jax.tree.leaves(v)}
-        meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
-        args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
-                                  meta=ocp.args.JsonSave(meta), **_data_items(data_state))
         metrics = {k: float(v) for k, v in eval_metrics.items()} if eval_metrics else None
-        try:
-            return self._manager.save(step, args=args, force=True, metrics=metrics)
-        except OSError as e:
-            raise SlimjaxError(f"cannot write checkpoint {self.step_dir(step)}: {e.strerror or e}; "
-                               "free space or choose a writable --workdir") from None
+        return self._submit(step, items, meta, _data_items(data_state), metrics)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of ``step``: "step", "config" (resolved) and "fingerprints"."""
@@ -113,10 +123,41 @@ class Checkpointer:
         ``meta`` for ``step`` (an imported or pruned model has no optimizer state); such a
         checkpoint serves ``restore_params`` (eval, export, ``checkpoint.init_from``)."""
         items = {"params": params, **({"slim": slim} if slim and jax.tree.leaves(slim) else {})}
-        meta = dict(meta, fingerprints={k: fingerprints(v) for k, v in items.items()})
-        args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
-                                  meta=ocp.args.JsonSave(meta))
-        return self._manager.save(step, args=args, force=True)
+        return self._submit(step, items, meta, {}, None)
+
+    def _submit(self, step: int, items: dict[str, Any], meta: dict[str, Any], json_args: dict[str, Any],
+                metrics: dict[str, float] | None) -> bool:
+        """Saves the array ``items``, ``meta`` plus their fingerprints, and ``json_args`` for ``step``:
+        on the worker thread from a device snapshot, or (no worker) through Orbax on this thread."""
+        self._settle()
+        # The fingerprints are dispatched on this thread, from the bytes handed to Orbax: they
+        # describe exactly what is saved, and in several processes their collective keeps program order.
+        if self._worker is None:
+            pending = {k: _fingerprint_start(v) for k, v in items.items()}
+        else:
+            snapshots = {k: _snapshot(v) for k, v in items.items()}
+            items, pending = {k: c for k, (c, _) in snapshots.items()}, {k: f for k, (_, f) in snapshots.items()}
+
+        def write() -> bool:
+            full = dict(meta, fingerprints={k: _fingerprint_finish(*p) for k, p in pending.items()})
+            args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
+                                      meta=ocp.args.JsonSave(full), **json_args)
+            try:
+                return self._manager.save(step, args=args, force=True, metrics=metrics)
+            except OSError as e:
+                raise SlimjaxError(f"cannot write checkpoint {self.step_dir(step)}: {e.strerror or e}; "
+                                   "free space or choose a writable --workdir") from None
+
+        if self._worker is None:
+            return write()
+        self._pending = self._worker.submit(write)
+        return True
+
+    def _settle(self) -> None:
+        """Waits until the worker has handed its save to Orbax; raises that save's error, once."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def restore_slim(self, step: int, abstract_slim: dict[str, Any]) -> dict[str, Any] | None:
         """The transforms' state saved at ``step`` in the shapes and shardings of ``abstract_slim``,
@@ -168,6 +209,7 @@ class Checkpointer:
 
     def _saved_shapes(self, step: int, item: str) -> dict[str, tuple[int, ...]]:
         """{leaf path: shape} of a saved item ({} when the step did not write it)."""
+        self._settle()
         try:
             saved = self._manager.item_metadata(step)[item]
         except KeyError:
@@ -201,13 +243,21 @@ class Checkpointer:
                                "to a different model); use a new --workdir or a matching checkpoint")
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous writes are on disk."""
+        """Blocks until pending asynchronous writes are on disk; raises the error of one that failed."""
+        self._settle()
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        """Finishes pending writes and releases Orbax's threads; raises the error of a failed save."""
+        try:
+            self._settle()
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown()
+            self._manager.close()
 
     def _restore(self, step: int, **items: Any) -> Any:
+        self._settle()
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except SlimjaxError:
@@ -235,13 +285,62 @@ def fingerprints(tree: Any) -> dict[str, list[int]]:
 
     Integer sums are exact and order independent, so the value does not depend on the sharding.
     """
+    return _fingerprint_finish(*_fingerprint_start(tree))
+
+
+def _fingerprint_start(tree: Any) -> tuple[list[str], jax.Array | None]:
+    """(leaf paths, their fingerprints still on device): dispatched, not waited for."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
-        return {}
+        return [], None
     leaves = [x for _, x in flat]
-    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-    host = np.asarray(jax.device_get(_fingerprint_fn(mesh)(leaves)))
-    return {path_str(p): [int(a), int(b)] for (p, _), (a, b) in zip(flat, host)}
+    return [path_str(p) for p, _ in flat], _fingerprint_fn(_mesh_of(leaves))(leaves)
+
+
+def _snapshot(tree: Any) -> tuple[Any, tuple[list[str], jax.Array | None]]:
+    """(a copy of ``tree`` that later writes to ``tree`` cannot reach, ``_fingerprint_start`` of it).
+
+    Device leaves are copied on device by one program that also computes the fingerprints: it is
+    dispatched, not waited for (XLA:CPU runs a program inline when it counts under 1000 flops, as
+    a bare copy does; the fingerprints' arithmetic makes this one asynchronous there too), and
+    later programs that donate or overwrite the originals wait for it to have read them (the
+    runtime orders the uses of a buffer). Host leaves are copied here.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not flat:
+        return tree, ([], None)
+    leaves = [x for _, x in flat]
+    on_device = tuple(i for i, x in enumerate(leaves) if isinstance(x, jax.Array))
+    copies, sums = _snapshot_fn(_mesh_of(leaves), tuple(leaves[i].sharding for i in on_device), on_device)(leaves)
+    out = [x.copy() if isinstance(x, np.ndarray) else x for x in leaves]  # other host leaves: immutable scalars
+    for i, c in zip(on_device, copies):
+        out[i] = c
+    return jax.tree.unflatten(treedef, out), ([path_str(p) for p, _ in flat], sums)
+
+
+@functools.lru_cache(maxsize=16)
+def _snapshot_fn(mesh: Mesh | None, shardings: tuple[jax.sharding.Sharding, ...], on_device: tuple[int, ...]):
+    """The jitted snapshot program: copies of the ``on_device`` leaves in their own shardings, and
+    the fingerprints of all leaves (replicated, as in ``_fingerprint_fn``)."""
+    def impl(leaves: list[Any]) -> tuple[list[jax.Array], jax.Array]:
+        return [jnp.copy(leaves[i]) for i in on_device], _fingerprint_impl(leaves)
+
+    if mesh is None:
+        return jax.jit(impl)
+    return jax.jit(impl, out_shardings=(list(shardings), NamedSharding(mesh, PartitionSpec())))
+
+
+def _mesh_of(leaves: list[Any]) -> Mesh | None:
+    """The mesh of the first leaf laid out on one (None: every leaf on one device or on host)."""
+    return next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+
+
+def _fingerprint_finish(paths: list[str], sums: jax.Array | None) -> dict[str, list[int]]:
+    """The fingerprints of ``_fingerprint_start`` fetched to host (waits for them)."""
+    if sums is None:
+        return {}
+    host = np.asarray(jax.device_get(sums))
+    return {p: [int(a), int(b)] for p, (a, b) in zip(paths, host)}
 
 
 @functools.lru_cache(maxsize=8)
