@@ -1,18 +1,15 @@
 """Hugging Face model directories in and out: ``import_hf`` and ``export_hf``.
 
-Import checks every tensor name and shape against what ``config.json`` implies before using
+Import checks every tensor name and shape against what ``config.json`` implies before reading
 any data, then builds each parameter with ``jax.make_array_from_callback`` on its
 ``NamedSharding`` from the rules: each device's callback reads only its shard's slice of the
 memory-mapped tensors (layer by layer when layers are stacked), so no host ever holds the whole
-model. On a single CPU device, whose arrays are the host's buffers, whole parameters are read
-ahead while the model is traced (``sources.ReadAhead``) and dropped if the check fails. Export streams the other way, one Hugging Face tensor at a time.
+model. Export streams the other way, one Hugging Face tensor at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import os
 from typing import Any, Callable
 
@@ -27,7 +24,7 @@ from slimjax.config import ModelConfig, fit_to_model, validate
 from slimjax.configs import base
 from slimjax.errors import SlimjaxError
 from slimjax.interop import bert, hf_config, mapping
-from slimjax.interop.sources import ParamSource, ReadAhead, host_is_the_device
+from slimjax.interop.host_arrays import aligned_empty, fill_float32, fill_many
 from slimjax.interop.safetensors_io import TensorIndex, write_model
 from slimjax.models import abstract_params
 from slimjax.sharding import Rules
@@ -143,30 +140,29 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
     tensors = TensorIndex(hf_dir)
     prefix = "transformer." if any(n.startswith("transformer.") for n in tensors.names()) else ""
     links = links_for(cfg, arch, prefix)
-    sources = {mapping.slim_path(link, layer, cfg.scan_layers):
-               ParamSource(tensor_reader(tensors, link), layer, cfg.n_layers if stacked else None)
-               for link in links for stacked in [link.per_layer and cfg.scan_layers]
-               for layer in ([None] if stacked or not link.per_layer else range(cfg.n_layers))}
-    # One CPU device: convert while the model is traced (a wrong checkpoint's reads are dropped).
-    ahead = ReadAhead(sources) if host_is_the_device(mesh) else None
-    try:
-        _, axes, shapes = abstract_params(cfg)
-        if "classify" in full.slim.recipe:  # a sequence classifier: the classify transform's head, as it builds it
-            axes, shapes = with_classifier_head(axes, shapes, cfg.d_model, len(full.slim.classify.classes))
-        check_tensors(tensors, cfg, arch, links, shapes)
-    except BaseException:
-        if ahead is not None:
-            ahead.cancel()
-        raise
+    _, axes, shapes = abstract_params(cfg)
+    if "classify" in full.slim.recipe:  # a sequence classifier: the classify transform's head, as it builds it
+        axes, shapes = with_classifier_head(axes, shapes, cfg.d_model, len(full.slim.classify.classes))
+    check_tensors(tensors, cfg, arch, links, shapes)
     shardings = rules.tree_shardings(axes, shapes, mesh)
     params: dict = {}
-    for path, source in sources.items():
-        shape, sharding = mapping.get_at(shapes, path).shape, mapping.get_at(shardings, path)
-        if ahead is not None:
-            shard = functools.partial(operator.getitem, ahead.get(path))
-        else:
-            shard = functools.partial(source.shard, shape)
-        mapping.set_at(params, path, jax.make_array_from_callback(shape, sharding, shard))
+    for link in links:
+        read = tensor_reader(tensors, link)
+        stacked = link.per_layer and cfg.scan_layers
+        for layer in ([None] if stacked or not link.per_layer else range(cfg.n_layers)):
+            path = mapping.slim_path(link, layer, cfg.scan_layers)
+            shape, sharding = mapping.get_at(shapes, path).shape, mapping.get_at(shardings, path)
+
+            def shard(index, read=read, layer=layer, stacked=stacked, shape=shape):
+                dims = [len(range(n)[i]) for n, i in zip(shape, index)]
+                out = aligned_empty(tuple(dims))
+                if stacked:  # [layers, ...]: read each layer's tensor, only this shard's slice of it
+                    fill_many([(out[j], read(i)[index[1:]]) for j, i in enumerate(range(cfg.n_layers)[index[0]])])
+                else:
+                    fill_float32(out, read(layer)[index])
+                return out
+
+            mapping.set_at(params, path, jax.make_array_from_callback(shape, sharding, shard))
     if hf_config.layout(arch) == "bert":  # heads this architecture does not carry start at zero
         for link in bert.absent_links(cfg, arch):
             sharding = mapping.get_at(shardings, link.path)

@@ -33,8 +33,7 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on a ``DEVICE_ALIGNMENT`` boundary
-    (allocated by NumPy, which asks for transparent huge pages on large ones: fewer page faults)."""
+    """An uninitialised C-contiguous array whose data starts on a ``DEVICE_ALIGNMENT`` boundary."""
     dtype = np.dtype(dtype)
     n = math.prod(shape) * dtype.itemsize
     raw = np.empty(n + DEVICE_ALIGNMENT, np.uint8)
