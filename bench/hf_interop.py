@@ -3,9 +3,11 @@ jax.Arrays, and back one tensor at a time) against transformers' own ``from_pret
 ``save_pretrained`` (torch CPU) on the same random Llama-style checkpoint, side by side in one run.
 
 Each side's load is timed to a usable model (slimjax: parameters on the devices; transformers:
-the nn.Module in f32), and the logits of both on the same tokens are compared.
+the nn.Module in f32), and the logits of both on the same tokens are compared. The two sides
+alternate (slimjax, transformers, slimjax, ...) after one untimed call each, so load from other
+jobs on the machine falls on both alike; each figure is the median of ``--repeats`` calls.
 
-Usage: python bench/hf_interop.py [--layers=8] [--hidden=512] [--dtype=bfloat16] [--repeats=3]
+Usage: python bench/hf_interop.py [--layers=8] [--hidden=512] [--dtype=bfloat16] [--repeats=7]
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -41,13 +45,21 @@ def build_checkpoint(path: str, layers: int, hidden: int, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def alternating(sides: dict[str, Callable[[], object]], repeats: int,
+                tidy: Callable[[object], None] | None = None) -> tuple[dict[str, list[float]], dict]:
+    """Each side called once untimed, then ``repeats`` rounds of one timed call per side in turn;
+    returns every side's times and last result. ``tidy(result)``, untimed, clears a side's
+    previous result before its next call (a saved directory)."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    out = {name: fn() for name, fn in sides.items()}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, fn in sides.items():
+            if tidy is not None:
+                tidy(out[name])
+            t0 = time.perf_counter()
+            out[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return times, out
 
 
 def main() -> None:
@@ -55,7 +67,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
 
     import torch
@@ -79,8 +91,9 @@ def main() -> None:
         def hf_load():
             return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
 
-        t_import, (cfg, params) = timed(slimjax_load, args.repeats)
-        t_hf_load, hf_model = timed(hf_load, args.repeats)
+        load_before = os.getloadavg()[0]
+        load_times, loaded = alternating({"slimjax": slimjax_load, "transformers": hf_load}, args.repeats)
+        (cfg, params), hf_model = loaded["slimjax"], loaded["transformers"]
 
         def slimjax_save():
             out = tempfile.mkdtemp(dir=root)
@@ -93,8 +106,9 @@ def main() -> None:
             hf_model.save_pretrained(out)
             return out
 
-        t_export, _ = timed(slimjax_save, args.repeats)
-        t_hf_save, _ = timed(hf_save, args.repeats)
+        save_times, _ = alternating({"slimjax": slimjax_save, "transformers": hf_save}, args.repeats,
+                                    tidy=shutil.rmtree)
+        load_after = os.getloadavg()[0]
 
         from flax import nnx
 
@@ -110,18 +124,27 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     mb = size / 1e6
+    t_import, t_hf_load = (statistics.median(load_times[k]) for k in ("slimjax", "transformers"))
+    t_export, t_hf_save = (statistics.median(save_times[k]) for k in ("slimjax", "transformers"))
     rows = [
         {"operation": "load (file -> f32 model)", "slimjax_s": t_import, "transformers_s": t_hf_load,
          "speedup": t_hf_load / t_import, "slimjax_MB_per_s": mb / t_import},
         {"operation": "save (f32 model -> file)", "slimjax_s": t_export, "transformers_s": t_hf_save,
          "speedup": t_hf_save / t_export, "slimjax_MB_per_s": n_params * 4 / 1e6 / t_export},
     ]
+    targets = [{"name": "load speed vs transformers", "value": t_hf_load / t_import, "target": 1.0,
+                "met": t_hf_load / t_import >= 1.0}]
     print(f"random Llama, {n_params / 1e6:.1f}M parameters, {args.layers} layers, {args.dtype} file of {mb:.0f} MB; "
           f"logits max relative difference {rel:.2e}")
     print_table(rows, ["operation", "slimjax_s", "transformers_s", "speedup", "slimjax_MB_per_s"])
-    path = write_result("hf_interop", {"n_params": n_params, "layers": args.layers, "hidden": args.hidden,
-                                       "file_dtype": args.dtype, "file_mb": mb, "logits_rel_diff": rel,
-                                       "repeats": args.repeats, "rows": rows})
+    print_table(targets, ["name", "value", "target", "met"])
+    print(f"1-minute load average {load_before:.1f} before, {load_after:.1f} after")
+    path = write_result("hf_interop", {
+        "command": "python " + " ".join(sys.argv), "n_params": n_params, "layers": args.layers,
+        "hidden": args.hidden, "file_dtype": args.dtype, "file_mb": mb, "logits_rel_diff": rel,
+        "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "times_s": {"load": load_times, "save": save_times}, "rows": rows, "targets": targets})
     print(f"wrote {path}")
 
 

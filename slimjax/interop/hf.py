@@ -16,7 +16,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -25,6 +24,7 @@ from slimjax.config import ModelConfig, fit_to_model, validate
 from slimjax.configs import base
 from slimjax.errors import SlimjaxError
 from slimjax.interop import bert, hf_config, mapping
+from slimjax.interop.host_arrays import aligned_empty, fill_float32, fill_many
 from slimjax.interop.safetensors_io import TensorIndex, write_model
 from slimjax.models import abstract_params
 from slimjax.sharding import Rules
@@ -114,15 +114,6 @@ def tensor_reader(tensors: TensorIndex, link: mapping.Link) -> Callable[[int | N
     return read
 
 
-def fill_float32(dst: np.ndarray, src: np.ndarray) -> None:
-    """Writes ``src`` (any layout, any float dtype) into the float32 array ``dst`` in one pass;
-    bfloat16 (what released checkpoints hold) by a 16-bit shift, which is exact."""
-    if src.dtype == np.dtype(ml_dtypes.bfloat16):
-        np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
-    else:
-        np.copyto(dst, src, casting="same_kind")
-
-
 def with_classifier_head(axes: dict, shapes: dict, d_model: int, n_classes: int) -> tuple[dict, dict]:
     """Axes and shapes with the ``classifier`` head of ``slim.classify`` (kernel [embed, classes] and
     bias; ``tests/test_bert_interop.py`` checks them against the transform's own build). Interop
@@ -164,10 +155,9 @@ def import_hf(hf_dir: str, mesh: Mesh, rules: Rules, *, scan_layers: bool = True
 
             def shard(index, read=read, layer=layer, stacked=stacked, shape=shape):
                 dims = [len(range(n)[i]) for n, i in zip(shape, index)]
-                out = np.empty(dims, np.float32)
+                out = aligned_empty(tuple(dims))
                 if stacked:  # [layers, ...]: read each layer's tensor, only this shard's slice of it
-                    for j, i in enumerate(range(cfg.n_layers)[index[0]]):
-                        fill_float32(out[j], read(i)[index[1:]])
+                    fill_many([(out[j], read(i)[index[1:]]) for j, i in enumerate(range(cfg.n_layers)[index[0]])])
                 else:
                     fill_float32(out, read(layer)[index])
                 return out

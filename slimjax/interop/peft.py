@@ -29,7 +29,8 @@ from jax.experimental import multihost_utils
 from slimjax.config import ModelConfig
 from slimjax.errors import SlimjaxError
 from slimjax.interop import hf_config, mapping
-from slimjax.interop.hf import FLOAT_DTYPES, fill_float32
+from slimjax.interop.hf import FLOAT_DTYPES
+from slimjax.interop.host_arrays import fill_float32
 from slimjax.interop.safetensors_io import TensorFile, write_file
 from slimjax.models import abstract_params
 
