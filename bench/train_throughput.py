@@ -34,6 +34,9 @@ from slimjax.train import flops  # noqa: E402
 from slimjax.train.run import build_fresh  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# MFU targets (issue 18): CPU cases on one device against the paired f32 matmul; GPU against the
+# vendor bf16 peak.
+MFU_TARGETS = {"llama_20m": 0.70, "tiny": 0.40, "llama_1b": 0.50}
 
 
 def case_config(name: str, n_devices: int) -> C.Config:
@@ -152,7 +155,11 @@ def main() -> None:
               f"{r['model_flops_per_s'] / 1e9:8.1f} {r['peak_flops_per_s'] / 1e9:8.1f} {r['mfu']:6.1%} {r['compile_s']:9.1f}")
     payload = {"peak_source": peak_source, "device": jax.devices()[0].device_kind,
                "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-               "jax": jax.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+               "jax": jax.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "load_average_1min": os.getloadavg()[0], "command": " ".join(["python", *sys.argv]), "rows": rows,
+               "targets": [{"name": f"MFU {r['case']} x{r['devices']}", "value": r["mfu"],
+                            "target": MFU_TARGETS[r["case"]], "met": r["mfu"] >= MFU_TARGETS[r["case"]]}
+                           for r in rows if r["case"] in MFU_TARGETS and (r["devices"] == 1 or args.gpu)]}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(payload, f, indent=2)
