@@ -37,6 +37,9 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from table import print_table, write_result  # noqa: E402
 
 
+DECODE_TARGET = 3.0  # slimjax's decode tokens/s over transformers', per batch size (issue 18)
+
+
 def model_config() -> C.Config:
     c = base.get_config()
     m = c.model
@@ -108,6 +111,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     args = ap.parse_args()
 
+    load_before = os.getloadavg()  # the machine's other load as the run starts (1, 5, 15 minutes)
     cfg = model_config()
     model = Decoder(cfg.model, rngs=nnx.Rngs(params=0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -152,10 +156,14 @@ def main() -> None:
                                      "decode_ratio_best": best_ratio,
                                      "ttft_speedup": ttft_ratio, "first_tokens_agree": agree}
     print_table(rows, ["batch", "framework", "ttft ms", "decode tok/s", f"{args.new} tokens s", "best-of decode"])
+    targets = [{"name": f"decode tokens/s vs transformers, batch {b.split('_')[1]}", "value": r["decode_ratio"],
+                "target": DECODE_TARGET, "met": r["decode_ratio"] >= DECODE_TARGET} for b, r in results.items()]
+    print_table(targets, ["name", "value", "target", "met"])
     path = write_result("generate", {
         "command": "python " + " ".join(sys.argv), "n_params": n_params, "prompt_len": args.prompt_len,
         "new_tokens": args.new, "repeats": args.repeats, "jax": jax.__version__, "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(), "results": results})
+        "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
+        "load_average": os.getloadavg(), "results": results, "targets": targets})
     print(f"wrote {path}")
 
 

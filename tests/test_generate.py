@@ -124,6 +124,21 @@ def test_sampling_with_a_seed_is_reproducible():
     assert a != gen.generate(prompts, 12, s, seed=8).tokens
 
 
+def test_greedy_choice_is_numpys_argmax_including_ties():
+    """The first index of each row's maximum, as ``np.argmax``: random rows, ties (the first of the
+    tied indices wins), a maximum at the last index and all-equal rows."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 1000)).astype(np.float32)
+    logits[1, [7, 300, 999]] = 9.0
+    logits[2, 999] = 9.0
+    logits[3] = -2.0
+    logits[4, [0, 1]] = 9.0
+    logits[5] = np.round(logits[5])  # many ties at the top value
+    got = np.asarray(jax.jit(S.first_argmax)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got.dtype == np.int32 and list(got[1:5]) == [7, 999, 0, 0]
+
+
 def test_top_k_masks_exactly_the_k_largest():
     logits = jnp.asarray([[1.0, 5.0, 3.0, 4.0, 2.0], [0.5, -1.0, 2.5, 0.0, 9.0]])
     out = np.asarray(S.top_k_mask(logits, 2))

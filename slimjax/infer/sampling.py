@@ -83,9 +83,18 @@ def processed_logits(logits: jax.Array, seen: jax.Array | None, s: Sampling) -> 
     return top_p_mask(top_k_mask(logits, s.top_k), s.top_p)
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis (the first index of the maximum) as int32, computed as
+    two plain reductions: XLA's CPU argmax (one reduction over (value, index) pairs) cost about
+    0.6 ms per step on ``[8, 16000]`` logits, 5x the pair of reductions."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == top, index, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling, seen: jax.Array | None = None) -> jax.Array:
     """One token id per row ``[batch]`` (int32)."""
     logits = processed_logits(logits, seen, s)
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -58,8 +58,9 @@ class Attention(nnx.Module):
 
         Without a cache the mask is causal within each packed segment. With one, the new keys and
         values are written at the cache's index first and the queries attend to every written
-        slot of their own segment up to themselves; the result (and the updated cache) comes back
-        as a pair. The projections, RoPE and attention call are the same in both cases.
+        slot of their own segment up to themselves (``LayerCache.attend``: the same arithmetic as
+        the kernel, on the cache's own layouts); the result and the updated cache come back as a
+        pair. The projections and RoPE are the same in both cases.
         """
         q = constrain(self.wq(x), ("batch", "act_length", "act_heads", None))
         k = constrain(self.wk(x), ("batch", "act_length", "act_kv_heads", None))
@@ -67,20 +68,16 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             q = layers.rope(q, positions, self.rope_theta, self.rope_scaling)
             k = layers.rope(k, positions, self.rope_theta, self.rope_scaling)
-        if cache is None and (layout := sequence.active_layout()) is not None:
+        if cache is not None:
+            cache = cache.update(k, v)
+            return self.wo(constrain(cache.attend(q, segment_ids), ("batch", "act_length", "act_heads", None))), cache
+        if (layout := sequence.active_layout()) is not None:
             # The length is split over devices: masks from positions (the order may be balanced).
             out = sequence.attention(q, k, v, positions, segment_ids, self.causal, layout)
             return self.wo(constrain(out, ("batch", "act_length", "act_heads", None)))
-        if cache is None:
-            mask, causal, impl = segment_mask(segment_ids), self.causal, self.impl
+        mask = segment_mask(segment_ids)
+        if self.impl == "xla":
+            out = dense_attention.attend(q, k, v, mask, self.causal)
         else:
-            cache, k, v = cache.update(k, v)
-            # The query and key lengths differ and the mask is explicit: the XLA kernel takes
-            # both; cuDNN's fused kernel is kept for the training shapes it is built for.
-            mask, causal, impl = cache.mask(segment_ids), False, "xla"
-        if impl == "xla":
-            out = dense_attention.attend(q, k, v, mask, causal)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
-        out = self.wo(constrain(out, ("batch", "act_length", "act_heads", None)))
-        return out if cache is None else (out, cache)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.impl)
+        return self.wo(constrain(out, ("batch", "act_length", "act_heads", None)))

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from slimjax.config import ModelConfig
+from slimjax.models import dense_attention
 from slimjax.sharding import constrain
 
 CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")
@@ -80,22 +81,36 @@ class LayerCache:
     index: jax.Array  # scalar int32
     segment_ids: jax.Array  # [batch, max_len], already including the new tokens
 
-    def update(self, k_new: jax.Array, v_new: jax.Array) -> tuple["LayerCache", jax.Array, jax.Array]:
-        """Writes ``[batch, new, kv_heads, head_dim]`` keys/values at ``index``; returns the updated
-        view and the layer's full keys and values as ``[batch, max_len, kv_heads, head_dim]``
-        (transposed views of the stored layouts, which XLA folds into the attention matmuls)."""
+    def update(self, k_new: jax.Array, v_new: jax.Array) -> "LayerCache":
+        """Writes ``[batch, new, kv_heads, head_dim]`` keys/values at ``index`` (in place in a loop
+        carry); returns the updated view."""
         k_new = jnp.transpose(k_new, (0, 2, 1, 3)).astype(self.k.dtype)
         v_new = jnp.transpose(v_new, (0, 2, 3, 1)).astype(self.v.dtype)
         k = constrain(jax.lax.dynamic_update_slice(self.k, k_new, (0, 0, self.index, 0)), CACHE_AXES)
         v = constrain(jax.lax.dynamic_update_slice(self.v, v_new, (0, 0, 0, self.index)), V_CACHE_AXES)
-        return dataclasses.replace(self, k=k, v=v), jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 3, 1, 2))
+        return dataclasses.replace(self, k=k, v=v)
 
     def mask(self, query_segments: jax.Array) -> jax.Array:
-        """``[batch, 1, new, max_len]``: a query sees written slots of its own segment up to itself."""
+        """``[batch, new, max_len]``: a query sees written slots of its own segment up to itself."""
         n_new = query_segments.shape[1]
         q_slot = self.index + jnp.arange(n_new)
         k_slot = jnp.arange(self.segment_ids.shape[1])
         causal = k_slot[None, :] <= q_slot[:, None]
         same = query_segments[:, :, None] == self.segment_ids[:, None, :]
-        return (same & causal[None])[:, None]
+        return same & causal[None]
 
+    def attend(self, q: jax.Array, query_segments: jax.Array) -> jax.Array:
+        """Queries ``[batch, new, heads, head_dim]`` attending to this layer's written slots (after
+        :meth:`update`): ``[batch, new, heads, head_dim]``.
+
+        The same arithmetic as ``jax.nn.dot_product_attention``'s XLA path (query heads grouped
+        ``[kv_heads, group]``, logits and softmax in float32, masked logits at a large negative
+        value), but the contractions read the stored layouts directly: transposed to the kernel's
+        ``[batch, length, heads, head_dim]``, the value cache was copied whole at every step.
+        """
+        b, n, h, hd = q.shape
+        kv = self.k.shape[1]
+        allowed = self.mask(query_segments)[:, None, None]  # [batch, 1, 1, new, max_len]
+        out = dense_attention.softmax_attention(q.reshape(b, n, kv, h // kv, hd), self.k, self.v, allowed,
+                                                "bnkgd,bktd->bkgnt", "bkgnt,bkdt->bnkgd")
+        return out.reshape(b, n, h, hd).astype(q.dtype)
