@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02  # std of the normal initialiser (output projections scaled by 1/sqrt(2L))
     m.dtype = "auto"  # compute dtype: "auto" = bfloat16 on TPU/GPU, float32 on CPU
     m.scan_layers = True  # jax.lax.scan over stacked layers (fast compile) instead of unrolling
+    m.scan_unroll = 1  # layers per scan iteration (n_layers: unrolled code, stacked parameters kept)
     m.remat = "none"  # rematerialisation: "none", "dots" (save matmul outputs), "full"
     m.attention = "auto"  # jax.nn.dot_product_attention backend: "auto" (cuDNN on GPU), "xla", "cudnn"
     m.type_vocab_size = 2  # encoder: rows of the token-type (segment A/B) embedding

@@ -54,6 +54,7 @@ class ModelConfig:
     init_std: float
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     scan_layers: bool
+    scan_unroll: int
     remat: Literal["none", "dots", "full"]
     attention: Literal["auto", "xla", "cudnn"]
     type_vocab_size: int
@@ -438,7 +439,7 @@ def _check_cross_fields(cfg: Config) -> None:
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.head_dim": m.head_dim,
-        "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len, "model.scan_unroll": m.scan_unroll, "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
         "train.microbatches": t.microbatches, "train.log_every": t.log_every,
         "train.eval_every": t.eval_every, "checkpoint.every_steps": cfg.checkpoint.every_steps,

@@ -43,6 +43,14 @@ def test_scan_equals_unrolled(family):
     np.testing.assert_allclose(unrolled, scanned, rtol=1e-5)
 
 
+@pytest.mark.parametrize("unroll", [2, 99])
+def test_scan_unroll_does_not_change_the_loss(unroll):
+    # 2: two layers per loop iteration; 99 (more than the layers): no loop at all.
+    cfg = with_mesh(small_config("llama"), 2, 2, 2)
+    assert cfg.model.n_layers % 2 == 0 and cfg.model.n_layers < 99
+    np.testing.assert_allclose(run_steps(_model(cfg, scan_unroll=unroll), 2), run_steps(cfg, 2), rtol=1e-5)
+
+
 @pytest.mark.parametrize("remat", ["dots", "full"])
 def test_remat_presets_do_not_change_the_loss(remat):
     cfg = with_mesh(small_config("llama"), 2, 2, 2)

@@ -123,7 +123,10 @@ def run_blocks(blocks: nnx.Module, cfg: ModelConfig, x: jax.Array, positions: ja
         if (runner := scope.active_runner()) is not None:
             return runner(functools.partial(one_layer, graphdef), state, x, rows)
         index = jnp.arange(cfg.n_layers)
-        x, _ = jax.lax.scan(lambda h, si: (one_layer(graphdef, si[0], h, si[1], rows), None), x, (state, index))
+        # unroll > 1 puts several layers in each loop iteration (the parameters stay stacked);
+        # at n_layers the loop is gone and XLA slices weights and saved activations statically.
+        x, _ = jax.lax.scan(lambda h, si: (one_layer(graphdef, si[0], h, si[1], rows), None), x, (state, index),
+                            unroll=min(cfg.scan_unroll, cfg.n_layers))
         return x
     for i, block in enumerate(blocks):
         graphdef, state = nnx.split(block)
