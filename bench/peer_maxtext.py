@@ -153,22 +153,6 @@ def run_maxtext(python: str, remat: str, steps: int, warmup: int) -> dict:
                                   text=True, env=env, check=True).stdout.strip()}
 
 
-def matmul_flops(n: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of an f32 ``n x n`` matmul in this process (best of ``repeats``): the window's peak."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
-
-
 def summarise(run: dict, flops_per_token: float, peak: float) -> dict:
     step = statistics.median(run["step_times"])
     tokens = SHAPE["batch"] * SHAPE["seq_len"]
@@ -206,7 +190,7 @@ def main() -> None:
     runs: list[dict] = []
     for r in range(args.rounds):
         for side, setting in settings:
-            peak = matmul_flops()
+            peak = flops.measured_matmul_peak.__wrapped__(4096)  # measured again each window, not cached
             raw = (run_slimjax(args.slimjax_python, args.steps, args.warmup, unrolls[setting]) if side == "slimjax"
                    else run_maxtext(args.maxtext_python, setting, args.steps, args.warmup))
             row = summarise(raw, fpt, peak) | {"side": side, "setting": setting, "round": r}
