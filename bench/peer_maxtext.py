@@ -21,7 +21,7 @@ come from one formula (``slimjax.train.flops``), so MFU = model FLOP/s / that ma
 
 Differences that remain: MaxText's loop runs its own metrics, and its synthetic data iterator; the
 slimjax side feeds two pre-placed batches (its data path is measured in ``bench/data_loader.py``).
-Writes ``bench/results/peer_maxtext.json`` with the per-run figures and the ``targets`` entry.
+Writes ``bench/results/peer_maxtext.json`` (``--name``) with the per-run figures and the ``targets`` entry.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -37,7 +36,8 @@ import sys
 import tempfile
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from table import print_table, write_result
+
 
 # The issue's shape: 6 layers, d_model 256, 4 heads x 64, SwiGLU 1024, vocab 8192 untied,
 # sequence 256, global batch 16.
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(RESULTS, "peer_maxtext.json"))
+    ap.add_argument("--name", default="peer_maxtext", help="writes bench/results/NAME.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--unroll", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -209,25 +209,18 @@ def main() -> None:
     ratios = {u: {p: statistics.median(pick("slimjax", u, r)[0]["tokens_per_s"] / pick("maxtext", p, r)[0]["tokens_per_s"]
                                        for r in range(args.rounds)) for p in policies} for u in unrolls}
     fastest = max(policies, key=lambda p: statistics.median(x["tokens_per_s"] for x in pick("maxtext", p)))
-    header = f"{'side':>8} {'setting':>21} {'jax':>9} {'tok/s':>8} {'MFU':>6} {'first step s':>12}"
-    print("\n" + header + "\n" + "-" * len(header))
-    for row in summary:
-        print(f"{row['side']:>8} {row['setting']:>21} {row['jax']:>9} {row['tokens_per_s']:8.0f} {row['mfu']:6.1%} "
-              f"{row['first_step_s']:12.1f}")
+    print()
+    print_table(summary, ["side", "setting", "jax", "tokens_per_s", "mfu", "first_step_s", "load_1min"])
     for u in unrolls:
         print(f"slimjax ({u}) / MaxText: " + ", ".join(f"{p} {ratios[u][p]:.2f}x" for p in policies))
     targets = [{"name": f"slimjax ({u}) tokens/s / MaxText's at its fastest remat policy ({fastest})",
                 "value": ratios[u][fastest], "target": TARGET_RATIO, "met": ratios[u][fastest] >= TARGET_RATIO}
                for u in unrolls]
-    result = {"command": "python bench/peer_maxtext.py " + " ".join(sys.argv[1:]), "shape": SHAPE,
-              "machine": {"cpu_count": os.cpu_count(), "processor": platform.machine(),
-                          "python": platform.python_version()},
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "ratios": ratios, "summary": summary,
-              "runs": runs, "targets": targets}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"targets: {[(t['name'], round(t['value'], 3), t['met']) for t in targets]}; wrote {args.out}")
+    print_table(targets, ["name", "value", "target", "met"])
+    path = write_result(args.name, {"command": "python bench/peer_maxtext.py " + " ".join(sys.argv[1:]),
+                                    "shape": SHAPE, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "ratios": ratios,
+                                    "summary": summary, "runs": runs, "targets": targets})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
